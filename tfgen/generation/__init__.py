@@ -1,0 +1,1 @@
+"""Compiled decoding: options, the KV-cache forward pass, sampling and the decode loop."""

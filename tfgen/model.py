@@ -1,0 +1,196 @@
+"""GPT2LM: a Keras model around transformers' TFGPT2LMHeadModel, with its tokenizer and compiled generate."""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from transformers import GPT2Config, TFGPT2LMHeadModel
+
+from tfgen import checkpoint
+from tfgen.generation.decode import Decoder
+from tfgen.generation.kv_cache import positions_from_mask
+from tfgen.generation.options import resolve_options
+from tfgen.tokenizer import Tokenizer
+
+_HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
+
+    text: str
+    new_text: str
+    new_token_ids: list
+
+
+def _is_hub_id(name):
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
+
+
+def resolve_model_dir(name_or_path):
+    """A local checkpoint directory, or a hub id downloaded through huggingface_hub's cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if not _is_hub_id(str(name_or_path)):
+        raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory or a hub id such as skt/kogpt2-base-v2")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+    except Exception as error:  # the hub client raises many types for "offline"
+        raise OSError(
+            f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(error).__name__}: {error}); "
+            "check the network, or pass a local checkpoint directory"
+        ) from error
+
+
+def _load_weights(directory, tokenizer):
+    config = GPT2Config.from_pretrained(directory)
+    if (directory / checkpoint.TF_WEIGHTS_FILE).exists():
+        return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, use_safetensors=False), tokenizer)
+    if (directory / checkpoint.SAFETENSORS_FILE).exists():
+        lm = GPT2LM(config, tokenizer)
+        checkpoint.read_safetensors(lm.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
+        return lm
+    if (directory / checkpoint.PYTORCH_WEIGHTS_FILE).exists():
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                f"{directory / checkpoint.PYTORCH_WEIGHTS_FILE} is a PyTorch pickle, which needs torch to read: "
+                "pip install torch, or re-save the checkpoint as model.safetensors"
+            ) from None
+        return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, from_pt=True), tokenizer)
+    raise FileNotFoundError(
+        f"{directory} has no weights: expected {checkpoint.TF_WEIGHTS_FILE}, {checkpoint.SAFETENSORS_FILE} "
+        f"or {checkpoint.PYTORCH_WEIGHTS_FILE}"
+    )
+
+
+class GPT2LM(tf.keras.Model):
+    """A causal language model: `call` gives logits, `generate` decodes in one XLA program.
+
+    Wraps a transformers `TFGPT2LMHeadModel` (pass one, or a `GPT2Config` to
+    build a fresh one) and the `Tokenizer` that goes with it.
+    """
+
+    def __init__(self, gpt2_or_config, tokenizer=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(gpt2_or_config, TFGPT2LMHeadModel):
+            self.gpt2 = gpt2_or_config
+        else:
+            self.gpt2 = TFGPT2LMHeadModel(gpt2_or_config)
+        self.tokenizer = tokenizer
+        self.decoder = Decoder(self.gpt2)
+        self(tf.zeros([1, 1], tf.int32))  # builds the weights, so summary() and saving work at once
+
+    @property
+    def config(self):
+        return self.gpt2.config
+
+    def call(self, input_ids, attention_mask=None, training=False):
+        """Logits [batch, len, vocab]. Takes ids and a mask, or a dict with those keys (Keras-style inputs)."""
+        if isinstance(input_ids, dict):
+            input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask")
+        if attention_mask is None:
+            return self.gpt2(input_ids, training=training).logits
+        return self.gpt2(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(tf.cast(attention_mask, tf.int32)),
+            training=training,
+        ).logits
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it."""
+        directory = resolve_model_dir(name_or_path)
+        if not (directory / checkpoint.CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
+        try:
+            tokenizer = Tokenizer.from_pretrained(directory)
+        except FileNotFoundError:
+            tokenizer = None
+        return _load_weights(directory, tokenizer)
+
+    def save_pretrained(self, directory):
+        """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically."""
+        with checkpoint.atomic_directory(directory) as staging:
+            self.gpt2.save_pretrained(staging, safe_serialization=False)
+            checkpoint.write_safetensors(self.gpt2.weights, staging / checkpoint.SAFETENSORS_FILE)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.
+
+        Takes transformers' arguments (max_new_tokens, max_length, do_sample,
+        temperature, top_k, top_p, num_return_sequences, eos_token_id,
+        pad_token_id) plus `seed` for reproducible sampling.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
+        kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.asarray(attention_mask, dtype=np.int32).reshape(input_ids.shape)
+        longest_prompt = int(attention_mask.sum(axis=1).max())
+        options = resolve_options(input_ids.shape[1], **kwargs)
+        if longest_prompt + options.max_new_tokens > self.config.n_positions:
+            raise ValueError(
+                f"the prompt ({longest_prompt} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
+                f"model's context of {self.config.n_positions} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        repeats = options.num_return_sequences
+        return tf.constant(
+            self.decoder(np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0), options)
+        )
+
+    def complete(self, prompts, **kwargs):
+        """For each prompt, a list of num_return_sequences `Completion`s."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids to generate() instead")
+        input_ids, attention_mask = self.tokenizer.encode_batch(list(prompts))
+        sequences = self.generate(input_ids, attention_mask, **kwargs).numpy()
+        eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config.eos_token_id) or []).tolist())
+        repeats = len(sequences) // len(input_ids)
+        width = input_ids.shape[1]
+        results = []
+        for i, mask in enumerate(attention_mask):
+            prompt_ids = input_ids[i][mask == 1].tolist()
+            prompt_text = self.tokenizer.decode(prompt_ids)
+            completions = []
+            for row in sequences[i * repeats:(i + 1) * repeats]:
+                new_ids = row[width:].tolist()
+                ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
+                new_ids = new_ids[: ends[0] + 1] if ends else new_ids
+                text = self.tokenizer.decode(prompt_ids + new_ids)
+                new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.tokenizer.decode(new_ids)
+                completions.append(Completion(text, new_text, new_ids))
+            results.append(completions)
+        return results
+
+    def generate_text(self, prompts, return_full_text=True, **kwargs):
+        """Generates from a string or a list of strings.
+
+        Returns a string per prompt (a list of them when num_return_sequences > 1);
+        a single prompt gives a single result, a list gives a list.
+        """
+        single = isinstance(prompts, str)
+        results = [
+            [c.text if return_full_text else c.new_text for c in completions]
+            for completions in self.complete([prompts] if single else prompts, **kwargs)
+        ]
+        results = [texts[0] if len(texts) == 1 else texts for texts in results]
+        return results[0] if single else results
