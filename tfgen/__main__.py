@@ -1,0 +1,5 @@
+import sys
+
+from tfgen.cli import main
+
+sys.exit(main())
