@@ -87,6 +87,8 @@ class GPT2LM(tf.keras.Model):
             self.gpt2 = gpt2_or_config
         else:
             self.gpt2 = TFGPT2LMHeadModel(gpt2_or_config)
+            # Built in its own name scope, its weights get the names transformers' h5 loader expects.
+            self.gpt2.build_in_name_scope()
         self.tokenizer = tokenizer
         self.decoder = Decoder(self.gpt2)
         self(tf.zeros([1, 1], tf.int32))  # builds the weights, so summary() and saving work at once

@@ -1,0 +1,113 @@
+"""Shared fixtures: Korean text from the shared data folder and small tokenizers trained on it."""
+
+import io
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from tfgen import Tokenizer
+
+DATA_DIR = Path(
+    os.environ.get("TFGEN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko")
+)
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>"]
+
+
+def _every_nth(lines, step, count):
+    """``count`` non-empty lines, every ``step``-th, reading no further than needed."""
+    lines = (line.rstrip("\n") for line in lines)
+    return list(itertools.islice((line for line in itertools.islice(lines, 0, None, step) if line), count))
+
+
+def train_spm(lines, directory, vocab_size=1000):
+    """Train a small KoGPT2-v1-style SentencePiece model on ``lines`` and save it into ``directory``.
+
+    Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3. Identity normalisation
+    and byte fallback make ``decode(encode(text)) == text`` for any text.
+    Returns the loaded :class:`tfgen.Tokenizer`.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        # Below 1.0 so that ~2,000 distinct Hangul syllables fit a small
+        # vocabulary; the rare ones are spelled with byte pieces.
+        character_coverage=0.98,
+        num_threads=2,
+        minloglevel=2,
+    )
+    path = Path(directory) / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.save_pretrained(directory)  # adds the config files beside tokenizer.model
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def ko_data_dir():
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"Korean data not found at {DATA_DIR} (set TFGEN_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ko_lines(ko_data_dir):
+    """About 2,000 Korean lines: Wikipedia paragraphs, movie reviews and a short story."""
+    wiki_path = ko_data_dir / "HyundongHwang_PyTorchDeepLearningStart" / "kowiki_sample.txt"
+    with open(wiki_path, encoding="utf-8") as f:
+        wiki = _every_nth(f, 10, 900)
+    with open(ko_data_dir / "e9t_nsmc" / "ratings_reconstructed.txt", encoding="utf-8") as f:
+        next(f)  # header: id, document, label
+        reviews = [line.split("\t")[1] for line in itertools.islice(f, 0, 16_000, 20)]
+    with open(ko_data_dir / "NLP-kr_tensorflow-ml-nlp-tf2" / "finetune_data.txt", encoding="utf-8") as f:
+        story = _every_nth(f, 1, 300)
+    return wiki + [review for review in reviews if review] + story
+
+
+@pytest.fixture(scope="session")
+def spm_dir(ko_lines, tmp_path_factory):
+    """A directory with ``tokenizer.model`` (SentencePiece, vocab 1000) and its config files."""
+    directory = tmp_path_factory.mktemp("spm")
+    train_spm(ko_lines, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(ko_lines, tmp_path_factory):
+    """A directory with a BPE ``tokenizer.json`` (Metaspace, byte fallback) and ``tokenizer_config.json``."""
+    tokenizer = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, limit_alphabet=400, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tokenizer.train_from_iterator(ko_lines, trainer)
+    # The trainer does not add the <0xNN> pieces that byte fallback spells with.
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+
+    directory = tmp_path_factory.mktemp("hf")
+    (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = dict(zip(["bos_token", "eos_token", "pad_token", "unk_token"], SPECIAL_TOKENS))
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+# The trained tiny GPT-2 that model, generation and CLI tests share.
+from tiny_model import safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401

@@ -1,0 +1,265 @@
+"""Tokenizer for GPT-2 models: a SentencePiece model or a Hugging Face tokenizer.json.
+
+KoGPT2-v1 ships a SentencePiece model (``*.model`` / ``*.spiece``);
+skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
+interface. This module does not import TensorFlow.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import tokenizers
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# KoGPT2-v1 names, used when neither the configs nor the model name a token.
+_DEFAULT_SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+}
+_SP_SUFFIXES = (".model", ".spiece")
+_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class _SentencePiece:
+    filename = "tokenizer.model"
+
+    def __init__(self, path):
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+
+    @property
+    def vocab_size(self):
+        return self.sp.get_piece_size()
+
+    def builtin_special_tokens(self):
+        ids = {
+            "bos_token": self.sp.bos_id(),
+            "eos_token": self.sp.eos_id(),
+            "pad_token": self.sp.pad_id(),
+            "unk_token": self.sp.unk_id(),
+        }
+        return {key: self.sp.id_to_piece(i) for key, i in ids.items() if i >= 0}
+
+    def token_to_id(self, token):
+        i = self.sp.piece_to_id(token)
+        # piece_to_id answers unk_id for a piece it does not know.
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, token_id):
+        return self.sp.id_to_piece(token_id)
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids, skip_special_tokens):
+        if skip_special_tokens:
+            return self.sp.decode(ids)
+        # sp.decode drops control symbols such as <s>; write them out as text.
+        return "".join(
+            "".join(map(self.sp.id_to_piece, group)) if control else self.sp.decode(list(group))
+            for control, group in itertools.groupby(ids, key=self.sp.is_control)
+        )
+
+    def save(self, path):
+        path.write_bytes(self.sp.serialized_model_proto())
+
+
+class _HuggingFace:
+    filename = "tokenizer.json"
+
+    def __init__(self, path):
+        self.tok = tokenizers.Tokenizer.from_file(str(path))
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def builtin_special_tokens(self):
+        return {}
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, token_id):
+        token = self.tok.id_to_token(token_id)
+        if token is None:
+            raise IndexError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
+        return token
+
+    def encode(self, text):
+        # BOS is added by Tokenizer.encode, not by the file's post-processor.
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, path):
+        self.tok.save(str(path))
+
+
+class Tokenizer:
+    """Text <-> token ids for a GPT-2 model.
+
+    Build one with :meth:`from_file` or :meth:`from_pretrained`. The special
+    tokens (``bos_token`` ... ``unk_token``, ``None`` where the tokenizer has
+    none) and their ids are plain attributes.
+    """
+
+    def __init__(self, backend, special_tokens):
+        self._backend = backend
+        for key in _SPECIAL_TOKEN_KEYS:
+            token = special_tokens.get(key)
+            token_id = None if token is None else backend.token_to_id(token)
+            if token is not None and token_id is None:
+                raise ValueError(f"{key} {token!r} is not in the vocabulary")
+            setattr(self, key, token)
+            setattr(self, f"{key}_id", token_id)
+        self.all_special_ids = frozenset(
+            i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id) if i is not None
+        )
+
+    @classmethod
+    def from_file(cls, path):
+        """Load a SentencePiece ``.model``/``.spiece`` file or a ``tokenizer.json``.
+
+        Special tokens come from ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` beside the file (the latter wins, as in
+        transformers). Tokens they do not name come from the SentencePiece
+        model's own ids, else are ``<s> </s> <pad> <unk>`` where the vocabulary
+        has them.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer file at {path} (expected a SentencePiece *.model/*.spiece "
+                "file or a tokenizer.json)"
+            )
+        if path.suffix in _SP_SUFFIXES:
+            backend = _SentencePiece(path)
+        elif path.suffix == ".json":
+            backend = _HuggingFace(path)
+        else:
+            raise ValueError(f"{path}: expected a *.model, *.spiece or tokenizer.json file")
+
+        special_tokens = backend.builtin_special_tokens()
+        for key, token in _DEFAULT_SPECIAL_TOKENS.items():
+            if special_tokens.get(key) is None and backend.token_to_id(token) is not None:
+                special_tokens[key] = token
+        for name in _CONFIG_FILES:
+            special_tokens.update(_read_special_tokens(path.parent / name))
+        return cls(backend, special_tokens)
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """Load the tokenizer saved in ``directory``.
+
+        A SentencePiece model is preferred over ``tokenizer.json``:
+        ``tokenizer.model`` first, then the directory's only ``*.model`` or
+        ``*.spiece`` file. See :meth:`from_file` for the special tokens.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
+        if (directory / "tokenizer.model").is_file():
+            return cls.from_file(directory / "tokenizer.model")
+        sp_files = sorted(p for p in directory.iterdir() if p.suffix in _SP_SUFFIXES)
+        if len(sp_files) > 1:
+            names = ", ".join(p.name for p in sp_files)
+            raise ValueError(
+                f"{directory} holds several SentencePiece models ({names}); use Tokenizer.from_file"
+            )
+        if sp_files:
+            return cls.from_file(sp_files[0])
+        if (directory / "tokenizer.json").is_file():
+            return cls.from_file(directory / "tokenizer.json")
+        raise FileNotFoundError(
+            f"no tokenizer file in {directory} "
+            "(expected tokenizer.model, *.model, *.spiece or tokenizer.json)"
+        )
+
+    def save_pretrained(self, directory):
+        """Write the tokenizer file, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+        A SentencePiece model is written as ``tokenizer.model``, a Hugging Face
+        one as ``tokenizer.json`` (loadable by ``PreTrainedTokenizerFast``).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"directory {directory} does not exist")
+        self._backend.save(directory / self._backend.filename)
+        tokens = {key: getattr(self, key) for key in _SPECIAL_TOKEN_KEYS}
+        config = dict(tokens)  # explicit nulls keep "no such token" on reload
+        if isinstance(self._backend, _HuggingFace):
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        special_map = {key: token for key, token in tokens.items() if token is not None}
+        _write_json(directory / "tokenizer_config.json", config)
+        _write_json(directory / "special_tokens_map.json", special_map)
+
+    @property
+    def vocab_size(self):
+        return self._backend.vocab_size
+
+    def encode(self, text, add_bos=True):
+        """Token ids of ``text``, with the BOS id first if ``add_bos`` and the tokenizer has one."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._backend.encode(text)
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def encode_batch(self, texts, add_bos=True):
+        """Encode and left-pad ``texts``; returns int32 ``(input_ids, attention_mask)``, both ``[B, L]``.
+
+        Rows are padded with the pad id, else the EOS id, else 0.
+        """
+        rows = [self.encode(text, add_bos=add_bos) for text in texts]
+        length = max(map(len, rows), default=0)
+        pad_id = next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
+        input_ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int32)
+        for row, ids in enumerate(rows):
+            if ids:
+                input_ids[row, -len(ids):] = ids
+                attention_mask[row, -len(ids):] = 1
+        return input_ids, attention_mask
+
+    def decode(self, ids, skip_special_tokens=True):
+        """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.all_special_ids]
+        return self._backend.decode(ids, skip_special_tokens)
+
+    def decode_batch(self, rows, skip_special_tokens=True):
+        """:meth:`decode` for each row of ``rows``."""
+        return [self.decode(row, skip_special_tokens) for row in rows]
+
+    def id_to_token(self, token_id):
+        """The raw vocabulary piece of ``token_id``, e.g. ``'▁안녕'``."""
+        return self._backend.id_to_token(int(token_id))
+
+    def token_text(self, token_id):
+        """The piece of ``token_id`` as readable text: the word-start mark ``'▁'`` becomes a space."""
+        return self.id_to_token(token_id).replace("▁", " ")
+
+
+def _read_special_tokens(path):
+    """The special tokens a transformers config file names (a value may be a dict with "content")."""
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    tokens = {}
+    for key in _SPECIAL_TOKEN_KEYS:
+        if key in config:
+            value = config[key]
+            tokens[key] = value["content"] if isinstance(value, dict) else value
+    return tokens
+
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
