@@ -1,6 +1,7 @@
 """GPT2LM: a Keras model around transformers' TFGPT2LMHeadModel, with its tokenizer and compiled generate."""
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def resolve_model_dir(name_or_path):
         ) from error
 
 
+def _has_torch():
+    return importlib.util.find_spec("torch") is not None
+
+
 def _load_weights(directory, tokenizer):
     config = GPT2Config.from_pretrained(directory)
     if (directory / checkpoint.TF_WEIGHTS_FILE).exists():
@@ -60,13 +65,11 @@ def _load_weights(directory, tokenizer):
         checkpoint.read_safetensors(lm.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
         return lm
     if (directory / checkpoint.PYTORCH_WEIGHTS_FILE).exists():
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        if not _has_torch():
             raise ImportError(
                 f"{directory / checkpoint.PYTORCH_WEIGHTS_FILE} is a PyTorch pickle, which needs torch to read: "
                 "pip install torch, or re-save the checkpoint as model.safetensors"
-            ) from None
+            )
         return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, from_pt=True), tokenizer)
     raise FileNotFoundError(
         f"{directory} has no weights: expected {checkpoint.TF_WEIGHTS_FILE}, {checkpoint.SAFETENSORS_FILE} "

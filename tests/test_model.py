@@ -1,0 +1,107 @@
+"""GPT2LM as a Keras model and as an HF-layout checkpoint that transformers reads."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+from transformers import GPT2LMHeadModel, TFGPT2LMHeadModel
+
+import tfgen.model
+from tfgen import GPT2LM, checkpoint
+from tiny_model import tiny_config
+
+TEXTS = ["안녕하세요", "근육이 커지기 위해서는 단백질이 필요하다"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_lm):
+    return tiny_lm.tokenizer.encode_batch(TEXTS)
+
+
+def _pt_logits(directory, ids, mask):
+    model = GPT2LMHeadModel.from_pretrained(directory).eval()
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.numpy()
+
+
+def test_saved_checkpoint_gives_the_same_logits_in_transformers_tf_and_pytorch(tiny_lm, tiny_lm_dir, batch):
+    ids, mask = batch
+    ours = tiny_lm(ids, mask).numpy()
+    real = mask == 1
+    tf_model = TFGPT2LMHeadModel.from_pretrained(tiny_lm_dir, use_safetensors=False)
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    tf_logits = tf_model(ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    np.testing.assert_allclose(ours[real], tf_logits[real], atol=1e-4)
+    np.testing.assert_allclose(ours[real], _pt_logits(tiny_lm_dir, ids, mask)[real], atol=1e-4)
+
+
+def test_safetensors_checkpoint_loads_the_same_weights(tiny_lm, safetensors_only_dir, batch):
+    ids, mask = batch
+    loaded = GPT2LM.from_pretrained(safetensors_only_dir)
+    np.testing.assert_array_equal(loaded(ids, mask).numpy(), tiny_lm(ids, mask).numpy())
+    assert loaded.tokenizer.encode(TEXTS[1]) == tiny_lm.tokenizer.encode(TEXTS[1])
+
+
+def test_pytorch_bin_loads_with_torch_and_explains_without(tiny_lm, tiny_lm_dir, tmp_path, batch, monkeypatch):
+    directory = tmp_path / "pt"
+    GPT2LMHeadModel.from_pretrained(tiny_lm_dir).save_pretrained(directory, safe_serialization=False)
+    tiny_lm.tokenizer.save_pretrained(directory)
+    ids, mask = batch
+    loaded = GPT2LM.from_pretrained(directory)
+    np.testing.assert_allclose(loaded(ids, mask).numpy(), tiny_lm(ids, mask).numpy(), atol=1e-5)
+    monkeypatch.setattr(tfgen.model, "_has_torch", lambda: False)
+    with pytest.raises(ImportError, match="pip install torch"):
+        GPT2LM.from_pretrained(directory)
+
+
+def test_missing_paths_and_unreachable_hub_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        GPT2LM.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT2LM.from_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="could not fetch 'skt/kogpt2-base-v2'"):
+        GPT2LM.from_pretrained("skt/kogpt2-base-v2")
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary_files(tiny_lm, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    tiny_lm.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny_lm.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with pytest.raises(RuntimeError):
+        tiny_lm.save_pretrained(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_keras_api_summary_predict_and_weights(tiny_lm, tmp_path, batch, capsys):
+    tiny_lm.summary()
+    assert "Total params" in capsys.readouterr().out
+    ids, mask = batch
+    predicted = tiny_lm.predict({"input_ids": ids, "attention_mask": mask}, verbose=0)
+    np.testing.assert_allclose(predicted, tiny_lm(ids, mask).numpy(), atol=1e-5)
+
+    fresh = GPT2LM(tiny_config(tiny_lm.tokenizer), tiny_lm.tokenizer)
+    assert not np.allclose(fresh(ids, mask).numpy(), predicted, atol=1e-3)
+    tiny_lm.save_weights(tmp_path / "weights")
+    fresh.load_weights(tmp_path / "weights")
+    np.testing.assert_array_equal(fresh(ids, mask).numpy(), tiny_lm(ids, mask).numpy())
+
+
+def test_left_padding_does_not_change_a_rows_logits(tiny_lm):
+    ids = tiny_lm.tokenizer.encode(TEXTS[1])
+    alone = tiny_lm(tf.constant([ids])).numpy()[0]
+    pad = tiny_lm.tokenizer.pad_token_id
+    padded = tiny_lm(tf.constant([[pad] * 5 + ids]), tf.constant([[0] * 5 + [1] * len(ids)])).numpy()[0, 5:]
+    np.testing.assert_allclose(padded, alone, atol=1e-5)
