@@ -2,12 +2,12 @@
 
 import shutil
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from transformers import GPT2Config
 
-from tfgen import GPT2LM
+from tfgen import GPT2LM, Tokenizer
+from tfgen.training import document_batches
 
 
 def tiny_config(tokenizer, n_positions=128):
@@ -23,39 +23,19 @@ def tiny_config(tokenizer, n_positions=128):
     )
 
 
-def train_tiny_lm(tokenizer, lines, steps=300, batch_size=32, max_tokens=48, learning_rate=1e-2, seed=0):
-    """A 2-layer, 64-wide GPT-2 after `steps` Adam steps on `lines`, so its logits are far from uniform."""
+def train_tiny_lm(tokenizer, lines, epochs=5, max_tokens=48, learning_rate=1e-2, seed=0):
+    """A 2-layer, 64-wide GPT-2 after a few epochs of Keras fit on `lines`, so its logits are far from uniform."""
     tf.keras.utils.set_random_seed(seed)
     lm = GPT2LM(tiny_config(tokenizer), tokenizer)
-    optimizer = tf.keras.optimizers.Adam(learning_rate)
-    rng = np.random.default_rng(seed)
-
-    @tf.function
-    def train_step(ids, mask):
-        with tf.GradientTape() as tape:
-            logits = lm(ids[:, :-1], mask[:, :-1], training=True)
-            losses = tf.keras.losses.sparse_categorical_crossentropy(ids[:, 1:], logits, from_logits=True)
-            weights = tf.cast(mask[:, 1:], losses.dtype)
-            loss = tf.reduce_sum(losses * weights) / tf.reduce_sum(weights)
-        optimizer.apply_gradients(zip(tape.gradient(loss, lm.trainable_variables), lm.trainable_variables))
-        return loss
-
-    for _ in range(steps):
-        batch = [lines[i] for i in rng.choice(len(lines), batch_size)]
-        ids, mask = tokenizer.encode_batch(batch)
-        ids, mask = ids[:, -max_tokens:], mask[:, -max_tokens:]
-        pad = max_tokens - ids.shape[1]
-        ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id)
-        mask = np.pad(mask, ((0, 0), (pad, 0)))
-        train_step(tf.constant(ids), tf.constant(mask))
+    lm.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
+    inputs, labels, weights = document_batches(tokenizer, lines, max_tokens)
+    lm.fit(inputs, labels, sample_weight=weights, batch_size=32, epochs=epochs, verbose=0)
     return lm
 
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(spm_dir, ko_lines, tmp_path_factory):
     """A trained tiny GPT-2 saved by save_pretrained: config, tf_model.h5, model.safetensors, tokenizer."""
-    from tfgen import Tokenizer
-
     directory = tmp_path_factory.mktemp("tiny-lm")
     train_tiny_lm(Tokenizer.from_pretrained(spm_dir), ko_lines).save_pretrained(directory)
     return directory

@@ -14,6 +14,7 @@ from tfgen.generation.decode import Decoder
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
+from tfgen.training import MaskedLMLoss
 
 _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
@@ -112,6 +113,10 @@ class GPT2LM(tf.keras.Model):
             position_ids=positions_from_mask(tf.cast(attention_mask, tf.int32)),
             training=training,
         ).logits
+
+    def compile(self, optimizer="adam", loss=None, **kwargs):
+        """Keras compile; the loss defaults to cross-entropy over real (non-pad) target tokens."""
+        super().compile(optimizer=optimizer, loss=MaskedLMLoss() if loss is None else loss, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path):
