@@ -1,17 +1,15 @@
 """Shared fixtures: Korean text from the shared data folder and small tokenizers trained on it."""
 
-import io
 import itertools
 import json
 import os
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from tfgen import Tokenizer
+from tfgen.tokenizer import train_sentencepiece
 
 DATA_DIR = Path(
     os.environ.get("TFGEN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko")
@@ -23,39 +21,6 @@ def _every_nth(lines, step, count):
     """``count`` non-empty lines, every ``step``-th, reading no further than needed."""
     lines = (line.rstrip("\n") for line in lines)
     return list(itertools.islice((line for line in itertools.islice(lines, 0, None, step) if line), count))
-
-
-def train_spm(lines, directory, vocab_size=1000):
-    """Train a small KoGPT2-v1-style SentencePiece model on ``lines`` and save it into ``directory``.
-
-    Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3. Identity normalisation
-    and byte fallback make ``decode(encode(text)) == text`` for any text.
-    Returns the loaded :class:`tfgen.Tokenizer`.
-    """
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        byte_fallback=True,
-        # Below 1.0 so that ~2,000 distinct Hangul syllables fit a small
-        # vocabulary; the rare ones are spelled with byte pieces.
-        character_coverage=0.98,
-        num_threads=2,
-        minloglevel=2,
-    )
-    path = Path(directory) / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    tokenizer = Tokenizer.from_file(path)
-    tokenizer.save_pretrained(directory)  # adds the config files beside tokenizer.model
-    return tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +48,9 @@ def ko_lines(ko_data_dir):
 def spm_dir(ko_lines, tmp_path_factory):
     """A directory with ``tokenizer.model`` (SentencePiece, vocab 1000) and its config files."""
     directory = tmp_path_factory.mktemp("spm")
-    train_spm(ko_lines, directory)
+    # Coverage below 1.0 lets ~2,000 distinct Hangul syllables fit a 1,000-piece vocabulary;
+    # the rare ones are spelled with byte pieces.
+    train_sentencepiece(ko_lines, directory, vocab_size=1000, character_coverage=0.98)
     return directory
 
 

@@ -78,6 +78,7 @@ def test_unknown_option_and_missing_model_are_one_line_usage_errors(capsys):
     assert code == 2 and err.count("\n") == 1 and "--model" in err
 
 
+@pytest.mark.slow
 def test_non_utf8_stdin_in_a_real_process(tiny_lm_dir):
     result = subprocess.run(
         [sys.executable, "-m", "tfgen", "generate", "--model", str(tiny_lm_dir)],

@@ -45,6 +45,7 @@ def greedy_settings(tiny_lm, prompt_batch):
     return dict(max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=tiny_lm.tokenizer.pad_token_id)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["tf_model.h5", "model.safetensors"])
 def test_greedy_matches_transformers_token_for_token(weights, tiny_lm_dir, safetensors_only_dir, prompt_batch, greedy_settings):
     directory = tiny_lm_dir if weights == "tf_model.h5" else safetensors_only_dir
@@ -90,6 +91,7 @@ SAMPLING_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SAMPLING_CASES)
 def test_sampled_tokens_lie_in_the_set_transformers_allows(tiny_lm_dir, tiny_lm, prompt_batch, case):
     ids, mask = prompt_batch
@@ -129,6 +131,7 @@ def test_num_return_sequences_samples_several_per_prompt(tiny_lm, prompt_batch):
         tiny_lm.generate(ids, mask, max_new_tokens=4, num_return_sequences=2)
 
 
+@pytest.mark.slow
 def test_new_prompt_lengths_and_sampling_values_add_no_trace(tiny_lm):
     tok = tiny_lm.tokenizer
     settings = dict(max_new_tokens=10, do_sample=True)

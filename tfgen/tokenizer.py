@@ -5,6 +5,7 @@ skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
 interface. This module does not import TensorFlow.
 """
 
+import io
 import itertools
 import json
 from pathlib import Path
@@ -263,3 +264,35 @@ def _read_special_tokens(path):
 
 def _write_json(path, obj):
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def train_sentencepiece(texts, directory, vocab_size, model_type="unigram", character_coverage=0.9995):
+    """Trains a KoGPT2-v1-style SentencePiece tokenizer on an iterable of texts and saves it in `directory`.
+
+    Ids: <unk> 0, <s> 1, </s> 2, <pad> 3. Identity normalisation, kept
+    whitespace and byte fallback make decode(encode(text)) == text for any
+    text; characters below the coverage are spelled with byte pieces.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        character_coverage=character_coverage,
+        minloglevel=2,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _SentencePiece.filename
+    path.write_bytes(model.getvalue())
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.save_pretrained(directory)
+    return tokenizer

@@ -62,8 +62,8 @@ class Decoder:
         def choose(logits, step, temperature, top_k, top_p, seed):
             if not do_sample:
                 return tf.argmax(logits, axis=-1, output_type=tf.int32)
-            logits = sampling.filter_top_k_top_p(sampling.apply_temperature(logits, temperature), top_k, top_p)
-            return sampling.sample(logits, tf.stack([seed, tf.cast(step, tf.int64)]))
+            logits = sampling.apply_temperature(logits, temperature)
+            return sampling.sample_top_k_top_p(logits, top_k, top_p, tf.stack([seed, tf.cast(step, tf.int64)]))
 
         def decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_k, top_p, seed):
             self.trace_count += 1

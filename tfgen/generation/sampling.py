@@ -6,36 +6,62 @@ XLA with every setting a runtime tensor (a new value never retraces).
 
 import tensorflow as tf
 
-# Top-k and top-p usually keep a few dozen tokens: their threshold is found
-# among this many best logits, and only when the kept set does not fit there
-# is the whole vocabulary sorted.
-NUM_CANDIDATES = 64
+# Top-k and top-p usually keep a few dozen tokens: the kept set is looked for
+# among this many best logits, and only when it does not fit there is the
+# whole vocabulary sorted.
+NUM_CANDIDATES = 128
 
 NEG_INF = float("-inf")
+
+# On XLA's CPU backend, slicing top_k's output at a fixed index (a slice, or a
+# gather with constant indices) turns the top-k into a full sort, about 100 ms
+# at 8 x 51,200; so values are picked out of sorted rows by masked reductions.
 
 
 def apply_temperature(logits, temperature):
     return logits / tf.cast(temperature, logits.dtype)
 
 
-def _keep_threshold(sorted_desc, logits, top_k, top_p):
-    """Smallest logit that top-k then top-p keep, per row.
+def _clamp_top_k(top_k, vocab):
+    top_k = tf.cast(top_k, tf.int32)
+    return tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
+
+
+def _min_of_first(sorted_desc, count):
+    """The count-th largest value of each descending row: the smallest of the first `count`."""
+    first = tf.range(sorted_desc.shape[-1]) < count
+    return tf.reduce_min(tf.where(first, sorted_desc, float("inf")), axis=-1)
+
+
+def _threshold_in(sorted_desc, logits, top_k, top_p):
+    """Smallest logit that top-k then top-p keep, per row, as [batch, 1].
 
     `sorted_desc` holds each row's best logits in descending order: the whole
-    row, or a prefix of it when the kept set lies inside that prefix.
-    `top_k` is already clamped to [1, vocab]; `top_p` >= 1 means off.
+    row, or a prefix of it (then the answer is right only if the kept set lies
+    inside the prefix). `top_k` is clamped to [1, vocab]; `top_p` >= 1 means off.
     """
     vocab = logits.shape[-1]
-    width = sorted_desc.shape[-1]
-    kth = tf.gather(sorted_desc, tf.minimum(top_k, width) - 1, axis=-1)
-    kth = tf.where(top_k < vocab, kth, NEG_INF)[:, None]
+    kth = tf.where(top_k < vocab, _min_of_first(sorted_desc, top_k), NEG_INF)[:, None]
     # transformers' top-p: drop a token when the tokens ranked above it already reach top_p.
     log_norm = tf.reduce_logsumexp(tf.where(logits >= kth, logits, NEG_INF), axis=-1, keepdims=True)
     probs = tf.exp(tf.where(sorted_desc >= kth, sorted_desc, NEG_INF) - log_norm)
     mass_above = tf.math.cumsum(probs, axis=-1, exclusive=True)
-    kept = tf.reduce_sum(tf.cast(mass_above < top_p, tf.int32), axis=-1)
-    nucleus_edge = tf.gather(sorted_desc, tf.maximum(kept, 1) - 1, axis=-1, batch_dims=1)[:, None]
+    kept = tf.reduce_sum(tf.cast(mass_above < tf.cast(top_p, probs.dtype), tf.int32), axis=-1, keepdims=True)
+    nucleus_edge = _min_of_first(sorted_desc, tf.maximum(kept, 1))[:, None]
     return tf.where(top_p < 1.0, tf.maximum(nucleus_edge, kth), kth)
+
+
+def _candidates(logits, top_k, top_p):
+    """The best logits and their ids, the kept set's threshold, and whether the kept set lies among them."""
+    vocab = logits.shape[-1]
+    width = min(NUM_CANDIDATES, vocab)
+    best, best_ids = tf.math.top_k(logits, width)
+    threshold = _threshold_in(best, logits, top_k, top_p)
+    # Exact only if no logit outside the prefix reaches the threshold, and the
+    # top-k normaliser was computable (top-k cut inside the prefix, or off).
+    outside_below = tf.reduce_all(tf.reduce_min(best, axis=-1, keepdims=True) < threshold) if width < vocab else True
+    fits = tf.logical_and(tf.logical_or(top_k <= width, top_k >= vocab), outside_below)
+    return best, best_ids, threshold, fits
 
 
 def filter_top_k_top_p(logits, top_k, top_p):
@@ -44,35 +70,41 @@ def filter_top_k_top_p(logits, top_k, top_p):
     top_k <= 0 and top_p >= 1 switch each filter off; at least one token is always kept.
     """
     vocab = logits.shape[-1]
-    top_k = tf.cast(top_k, tf.int32)
-    top_k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
-    top_p = tf.cast(top_p, logits.dtype)
-    width = min(NUM_CANDIDATES, vocab)
-    best = tf.math.top_k(logits, width).values
-
-    # The prefix suffices when top-k's cut lies in it (or top-k is off) and the
-    # prefix already holds top_p of the (top-k filtered) probability mass.
-    kth = tf.where(top_k <= width, best[:, tf.minimum(top_k, width) - 1], NEG_INF)[:, None]
-    in_top_k = tf.where(logits >= kth, logits, NEG_INF)
-    prefix_mass = tf.reduce_sum(
-        tf.exp(tf.where(best >= kth, best, NEG_INF) - tf.reduce_logsumexp(in_top_k, axis=-1, keepdims=True)),
-        axis=-1,
-    )
-    nucleus_fits = tf.logical_or(top_p >= 1.0, tf.reduce_all(prefix_mass >= top_p))
-    fits = tf.logical_and(tf.logical_or(top_k <= width, top_k >= vocab), nucleus_fits)
+    top_k = _clamp_top_k(top_k, vocab)
+    _, _, threshold, fits = _candidates(logits, top_k, top_p)
+    both_off = tf.logical_and(top_k >= vocab, top_p >= 1.0)  # threshold is -inf: nothing to sort for
     threshold = tf.cond(
-        fits,
-        lambda: _keep_threshold(best, logits, top_k, top_p),
-        lambda: _keep_threshold(tf.sort(logits, axis=-1, direction="DESCENDING"), logits, top_k, top_p),
+        tf.logical_or(fits, both_off),
+        lambda: threshold,
+        lambda: _threshold_in(tf.sort(logits, axis=-1, direction="DESCENDING"), logits, top_k, top_p),
     )
     return tf.where(logits >= threshold, logits, NEG_INF)
 
 
 def sample(logits, seed):
-    """One token per row drawn from softmax(logits), by the Gumbel-max trick.
+    """One index per row drawn from softmax(logits), by inverting the cumulative distribution.
 
     `seed` is a shape-[2] int tensor for TF's stateless RNG: the same seed gives the same draw.
     """
-    uniform = tf.random.stateless_uniform(tf.shape(logits), seed=seed, minval=1e-20, maxval=1.0, dtype=tf.float32)
-    gumbel = -tf.math.log(-tf.math.log(uniform))
-    return tf.argmax(tf.cast(logits, tf.float32) + gumbel, axis=-1, output_type=tf.int32)
+    cdf = tf.math.cumsum(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), axis=-1)
+    total = tf.reduce_max(cdf, axis=-1, keepdims=True)
+    # 1 - U lies in (0, 1]: a zero-probability index is never chosen.
+    target = (1.0 - tf.random.stateless_uniform([tf.shape(logits)[0], 1], seed=seed)) * total
+    index = tf.reduce_sum(tf.cast(cdf < target, tf.int32), axis=-1)
+    return tf.minimum(index, cdf.shape[-1] - 1)
+
+
+def sample_top_k_top_p(logits, top_k, top_p, seed):
+    """One token per row from softmax(logits) after top-k and top-p filtering.
+
+    Draws among the best NUM_CANDIDATES logits when the kept set lies there,
+    from the whole filtered vocabulary otherwise.
+    """
+    top_k = _clamp_top_k(top_k, logits.shape[-1])
+    best, best_ids, threshold, fits = _candidates(logits, top_k, top_p)
+
+    def among_best():
+        choice = sample(tf.where(best >= threshold, best, NEG_INF), seed)
+        return tf.gather(best_ids, choice, axis=-1, batch_dims=1)
+
+    return tf.cond(fits, among_best, lambda: sample(filter_top_k_top_p(logits, top_k, top_p), seed))
