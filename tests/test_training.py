@@ -34,7 +34,8 @@ def test_document_batches_shift_labels_and_weight_real_targets(tiny_lm):
 def test_fit_lowers_the_masked_loss(tiny_lm, ko_lines):
     tok = tiny_lm.tokenizer
     inputs, labels, weights = document_batches(tok, ko_lines[:64], max_tokens=32)
+    tf.keras.utils.set_random_seed(0)
     lm = type(tiny_lm)(tiny_lm.config, tok)
     lm.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
-    history = lm.fit(inputs, labels, sample_weight=weights, batch_size=16, epochs=4, verbose=0).history["loss"]
-    assert history[-1] < 0.8 * history[0]
+    history = lm.fit(inputs, labels, sample_weight=weights, batch_size=16, epochs=8, verbose=0).history["loss"]
+    assert history[-1] < history[0] - 1.0  # nats, after 32 steps

@@ -142,8 +142,10 @@ class GPT2LM(tf.keras.Model):
         """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.
 
         Takes transformers' arguments (max_new_tokens, max_length, do_sample,
-        temperature, top_k, top_p, num_return_sequences, eos_token_id,
-        pad_token_id) plus `seed` for reproducible sampling.
+        temperature, top_k, top_p, num_return_sequences, eos_token_id (one id
+        or a list), pad_token_id, num_beams, early_stopping, length_penalty,
+        repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens)
+        plus `seed` for reproducible sampling.
         """
         input_ids = np.asarray(input_ids, dtype=np.int32)
         if input_ids.ndim == 1:
@@ -162,7 +164,7 @@ class GPT2LM(tf.keras.Model):
                 f"the prompt ({longest_prompt} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
                 f"model's context of {self.config.n_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
-        repeats = options.num_return_sequences
+        repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
         return tf.constant(
             self.decoder(np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0), options)
         )

@@ -1,17 +1,19 @@
-"""The decode loop: one XLA-compiled program from prompt to finished sequences.
+"""The decode loops: one XLA-compiled program from prompt to finished sequences.
 
 Prompts are left-padded to a bucket of BUCKET tokens and the new-token buffer is
 rounded up to one, so prompts of nearby lengths share a compiled program. Every
-sampling setting enters the program as a tensor: changing one never retraces.
+setting enters the program as a tensor (see `settings_tensors`): changing one
+never retraces. A program is chosen by (strategy, new-token buffer, beams).
 """
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from tfgen.generation import kv_cache, sampling
+from tfgen.generation import beam_search, kv_cache, processors, sampling
 
 BUCKET = 32
+EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 
 def round_up(n, multiple=BUCKET):
@@ -27,8 +29,27 @@ def left_pad(input_ids, attention_mask, width, pad_token_id):
     )
 
 
+def settings_tensors(options, first_column):
+    """The runtime settings of one call, as the tensors a compiled program takes."""
+    return {
+        "first_column": tf.constant(first_column, tf.int32),
+        "max_new_tokens": tf.constant(options.max_new_tokens, tf.int32),
+        "eos_ids": tf.constant(options.eos_token_ids, tf.int32, shape=[len(options.eos_token_ids)]),
+        "pad_id": tf.constant(options.pad_token_id, tf.int32),
+        "temperature": tf.constant(options.temperature, tf.float32),
+        "top_k": tf.constant(options.top_k, tf.int32),
+        "top_p": tf.constant(options.top_p, tf.float32),
+        "seed": tf.constant(options.seed, tf.int64),
+        "repetition_penalty": tf.constant(options.repetition_penalty, tf.float32),
+        "no_repeat_ngram_size": tf.constant(options.no_repeat_ngram_size, tf.int32),
+        "min_new_steps": tf.constant(options.min_new_steps, tf.int32),
+        "length_penalty": tf.constant(options.length_penalty, tf.float32),
+        "early_stopping": tf.constant(EARLY_STOPPING_CODES[options.early_stopping], tf.int32),
+    }
+
+
 class Decoder:
-    """Compiled decode programs for one TFGPT2LMHeadModel, one per (greedy or sampling, buffer size)."""
+    """Compiled decode programs for one TFGPT2LMHeadModel."""
 
     def __init__(self, gpt2):
         self.gpt2 = gpt2
@@ -36,67 +57,67 @@ class Decoder:
         self._programs = {}
 
     def __call__(self, input_ids, attention_mask, options):
-        """Returns [batch, len + steps] int32: the prompts as given, then the new tokens."""
+        """Returns [rows, len + steps] int32: the prompts as given, then the new tokens.
+
+        Greedy and sampling give one row per input row; beam search gives
+        num_return_sequences rows per input row.
+        """
         prompt_width = input_ids.shape[1]
         padded_ids, padded_mask = left_pad(input_ids, attention_mask, round_up(prompt_width), options.pad_token_id)
         new_capacity = round_up(options.max_new_tokens)
-        key = (options.do_sample, new_capacity)
+        strategy = "beam" if options.num_beams > 1 else "sample" if options.do_sample else "greedy"
+        key = (strategy, new_capacity, options.num_beams, options.num_return_sequences)
         if key not in self._programs:
-            self._programs[key] = tf.function(self._decode_program(*key), jit_compile=True)
-        tokens, steps = self._programs[key](
-            tf.constant(padded_ids, tf.int32),
-            tf.constant(padded_mask, tf.int32),
-            tf.constant(options.max_new_tokens, tf.int32),
-            tf.constant(options.eos_token_ids, tf.int32, shape=[len(options.eos_token_ids)]),
-            tf.constant(options.pad_token_id, tf.int32),
-            tf.constant(options.temperature, tf.float32),
-            tf.constant(options.top_k, tf.int32),
-            tf.constant(options.top_p, tf.float32),
-            tf.constant(options.seed, tf.int64),
-        )
-        return np.concatenate([input_ids, tokens.numpy()[:, : int(steps)]], axis=1).astype(np.int32)
+            self._programs[key] = tf.function(self._program(*key), jit_compile=True)
+        settings = settings_tensors(options, padded_ids.shape[1] - prompt_width)
+        sequences, steps = self._programs[key](tf.constant(padded_ids), tf.constant(padded_mask), settings)
+        prompt_columns = np.repeat(input_ids, len(sequences) // len(input_ids), axis=0)
+        new = sequences.numpy()[:, padded_ids.shape[1]: padded_ids.shape[1] + int(steps)]
+        return np.concatenate([prompt_columns, new], axis=1).astype(np.int32)
 
-    def _decode_program(self, do_sample, new_capacity):
+    def _program(self, strategy, new_capacity, num_beams, num_return_sequences):
         gpt2 = self.gpt2
+        if strategy == "beam":
+            def program(input_ids, attention_mask, settings):
+                self.trace_count += 1
+                return beam_search.search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams,
+                                          num_return_sequences)
+            return program
+        do_sample = strategy == "sample"
 
-        def choose(logits, step, temperature, top_k, top_p, seed):
+        def choose(scores, step, settings):
             if not do_sample:
-                return tf.argmax(logits, axis=-1, output_type=tf.int32)
-            logits = sampling.apply_temperature(logits, temperature)
-            return sampling.sample_top_k_top_p(logits, top_k, top_p, tf.stack([seed, tf.cast(step, tf.int64)]))
+                return tf.argmax(scores, axis=-1, output_type=tf.int32)
+            scores = sampling.apply_temperature(scores, settings["temperature"])
+            seed = tf.stack([settings["seed"], tf.cast(step, tf.int64)])
+            return sampling.sample_top_k_top_p(scores, settings["top_k"], settings["top_p"], seed)
 
-        def decode(input_ids, attention_mask, max_new_tokens, eos_ids, pad_id, temperature, top_k, top_p, seed):
+        def program(input_ids, attention_mask, settings):
             self.trace_count += 1
             batch, prompt_width = input_ids.shape
-            key_mask = tf.concat([attention_mask > 0, tf.ones([batch, new_capacity], tf.bool)], axis=1)
-            prompt_lengths = tf.reduce_sum(attention_mask, axis=1)
-            cache = kv_cache.empty_cache(gpt2.config, batch, prompt_width + new_capacity)
-            logits, cache = kv_cache.forward(
-                gpt2, input_ids, kv_cache.positions_from_mask(attention_mask), cache, 0, key_mask
-            )
+            pad_id, eos_ids = settings["pad_id"], settings["eos_ids"]
+            logits, cache, key_mask, prompt_lengths = kv_cache.prefill(gpt2, input_ids, attention_mask, new_capacity)
+            sequence = tf.concat([input_ids, tf.fill([batch, new_capacity], pad_id)], axis=1)
 
-            def emit(tokens, finished, logits, step):
-                token = choose(logits, step, temperature, top_k, top_p, seed)
-                token = tf.where(finished, pad_id, token)
-                tokens = xla.dynamic_update_slice(tokens, token[:, None], [0, step])
+            def emit(sequence, finished, logits, step):
+                length = prompt_width + step
+                scores = processors.process(logits, sequence, settings["first_column"], length, step, settings)
+                token = tf.where(finished, pad_id, choose(scores, step, settings))
+                sequence = xla.dynamic_update_slice(sequence, token[:, None], [0, length])
                 finished = tf.logical_or(finished, tf.reduce_any(token[:, None] == eos_ids[None, :], axis=1))
-                return tokens, finished
+                return sequence, finished
 
-            tokens, finished = emit(
-                tf.fill([batch, new_capacity], pad_id), tf.zeros([batch], tf.bool), logits, tf.constant(0)
-            )
+            sequence, finished = emit(sequence, tf.zeros([batch], tf.bool), logits, tf.constant(0))
 
-            def not_done(step, tokens, finished, cache):
-                return tf.logical_and(step < max_new_tokens, tf.logical_not(tf.reduce_all(finished)))
+            def not_done(step, sequence, finished, cache):
+                return tf.logical_and(step < settings["max_new_tokens"], tf.logical_not(tf.reduce_all(finished)))
 
-            def advance(step, tokens, finished, cache):
-                last = tf.gather(tokens, step - 1, axis=1)[:, None]
-                positions = (prompt_lengths + step - 1)[:, None]
-                logits, cache = kv_cache.forward(gpt2, last, positions, cache, prompt_width + step - 1, key_mask)
-                tokens, finished = emit(tokens, finished, logits, step)
-                return step + 1, tokens, finished, cache
+            def advance(step, sequence, finished, cache):
+                logits, cache = kv_cache.step_forward(gpt2, sequence, cache, key_mask, prompt_lengths, prompt_width, step)
+                sequence, finished = emit(sequence, finished, logits, step)
+                return step + 1, sequence, finished, cache
 
-            steps, tokens, _, _ = tf.while_loop(not_done, advance, (tf.constant(1), tokens, finished, cache))
-            return tokens, steps
+            steps, sequence, _, _ = tf.while_loop(not_done, advance, (tf.constant(1), sequence, finished, cache))
+            return sequence, steps
 
-        return decode
+        return program

@@ -75,3 +75,20 @@ def forward(gpt2, token_ids, positions, cache, start, key_mask):
         new_cache.append((cache_k, cache_v))
     h = main.ln_f(h[:, -1:])[:, 0]  # the layer was built for [batch, len, width]
     return tf.matmul(h, main.wte.embeddings, transpose_b=True), new_cache
+
+
+def prefill(gpt2, input_ids, attention_mask, new_capacity):
+    """Runs the prompts once: (next-token logits, cache, key mask, prompt lengths)."""
+    batch, prompt_width = input_ids.shape
+    key_mask = tf.concat([attention_mask > 0, tf.ones([batch, new_capacity], tf.bool)], axis=1)
+    cache = empty_cache(gpt2.config, batch, prompt_width + new_capacity)
+    positions = positions_from_mask(attention_mask)
+    logits, cache = forward(gpt2, input_ids, positions, cache, 0, key_mask)
+    return logits, cache, key_mask, tf.reduce_sum(attention_mask, axis=1)
+
+
+def step_forward(gpt2, sequence, cache, key_mask, prompt_lengths, prompt_width, step):
+    """Logits after the token generated at `step - 1`, fed at its buffer slot."""
+    last = tf.gather(sequence, prompt_width + step - 1, axis=1)[:, None]
+    positions = (prompt_lengths + step - 1)[:, None]
+    return forward(gpt2, last, positions, cache, prompt_width + step - 1, key_mask)

@@ -3,6 +3,10 @@
 import dataclasses
 import random
 
+import numpy as np
+
+from tfgen.generation.processors import MAX_NGRAM_SIZE
+
 DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
 
 
@@ -17,6 +21,16 @@ class GenerationOptions:
     eos_token_ids: tuple
     pad_token_id: int
     seed: int
+    num_beams: int
+    early_stopping: object  # True, False or "never"
+    length_penalty: float
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    min_new_steps: int  # EOS is banned before this many new tokens (min_length and min_new_tokens)
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _as_id_tuple(token_ids):
@@ -40,6 +54,13 @@ def resolve_options(
     eos_token_id=None,
     pad_token_id=None,
     seed=None,
+    num_beams=1,
+    early_stopping=False,
+    length_penalty=1.0,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    min_length=0,
+    min_new_tokens=0,
 ):
     """Checks generate()'s arguments for prompts `prompt_length` tokens wide; raises ValueError naming the fix."""
     if max_new_tokens is None:
@@ -62,10 +83,31 @@ def resolve_options(
         raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}; 0 switches top-k filtering off")
     if int(num_return_sequences) != num_return_sequences or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
+    if not _is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; pick one")
+    if num_beams > 1 and num_return_sequences > num_beams:
         raise ValueError(
-            "greedy decoding returns one sequence per prompt; num_return_sequences > 1 needs do_sample=True"
+            f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})"
         )
+    if num_return_sequences > 1 and num_beams == 1 and not do_sample:
+        raise ValueError(
+            "greedy decoding returns one sequence per prompt; num_return_sequences > 1 needs do_sample=True "
+            "or num_beams >= num_return_sequences"
+        )
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}; 1 switches it off")
+    no_repeat_ngram_size = no_repeat_ngram_size or 0
+    if not _is_int(no_repeat_ngram_size) or not 0 <= no_repeat_ngram_size <= MAX_NGRAM_SIZE:
+        raise ValueError(
+            f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NGRAM_SIZE}, got {no_repeat_ngram_size!r}"
+        )
+    for name, value in (("min_length", min_length), ("min_new_tokens", min_new_tokens)):
+        if not _is_int(value or 0) or (value or 0) < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     eos_token_ids = _as_id_tuple(eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
@@ -81,4 +123,10 @@ def resolve_options(
         eos_token_ids=eos_token_ids,
         pad_token_id=int(pad_token_id),
         seed=int(seed),
+        num_beams=int(num_beams),
+        early_stopping=early_stopping,
+        length_penalty=float(length_penalty),
+        repetition_penalty=float(repetition_penalty),
+        no_repeat_ngram_size=int(no_repeat_ngram_size),
+        min_new_steps=max(int(min_new_tokens or 0), int(min_length or 0) - prompt_length),
     )

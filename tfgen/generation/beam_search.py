@@ -1,0 +1,128 @@
+"""Beam search with transformers' semantics (its vectorised PyTorch algorithm), compiled.
+
+Per prompt, `num_beams` running beams and `num_beams` finished hypotheses are
+kept in fixed-shape tensors. Each step takes the best K = max(2, 1 + #EOS) x
+num_beams continuations over all beams; those that end (EOS or the length
+limit) compete for the finished slots, scored with the length penalty; the
+best num_beams others keep running. The KV cache lives as [batch x beams, ...]
+and is reordered by a gather each step.
+"""
+
+import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
+
+from tfgen.generation import kv_cache, processors
+
+NEVER_SCORE = -1.0e9  # transformers' stand-in for an impossible beam
+
+
+def _gather_beams(tensor, indices):
+    """tensor [batch, beams, ...] -> the beams at `indices` [batch, k], per batch row."""
+    return tf.gather(tensor, indices, axis=1, batch_dims=1)
+
+
+def _stop_heuristic_unsatisfied(unsatisfied, running_scores, beam_scores, is_finished, generated, settings):
+    """Can a running beam still beat the worst finished one? (transformers' _check_early_stop_heuristic)."""
+    length_penalty = settings["length_penalty"]
+    never = tf.logical_and(tf.equal(settings["early_stopping"], 2), length_penalty > 0.0)
+    best_length = tf.cast(tf.where(never, settings["max_new_tokens"], generated), tf.float32)
+    best_running = running_scores[:, :1] / best_length**length_penalty
+    worst_finished = tf.where(is_finished, tf.reduce_min(beam_scores, axis=1, keepdims=True), NEVER_SCORE)
+    return tf.logical_and(unsatisfied, tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True))
+
+
+def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, num_return_sequences):
+    """Returns (sequences [batch * num_return_sequences, width + new_capacity], steps)."""
+    batch, prompt_width = input_ids.shape
+    rows = batch * num_beams
+    capacity = prompt_width + new_capacity
+    vocab = gpt2.config.vocab_size
+    eos_ids, pad_id = settings["eos_ids"], settings["pad_id"]
+    keep = max(2, 1 + eos_ids.shape[0]) * num_beams
+    top_beams_mask = tf.range(keep) < num_beams
+    early_true = tf.equal(settings["early_stopping"], 1)
+
+    logits, cache, key_mask, prompt_lengths = kv_cache.prefill(
+        gpt2, tf.repeat(input_ids, num_beams, axis=0), tf.repeat(attention_mask, num_beams, axis=0), new_capacity
+    )
+    running = tf.reshape(
+        tf.concat([tf.repeat(input_ids, num_beams, axis=0), tf.fill([rows, new_capacity], pad_id)], axis=1),
+        [batch, num_beams, capacity],
+    )
+    state = dict(
+        running=running,
+        running_scores=tf.tile(tf.where(tf.range(num_beams) == 0, 0.0, NEVER_SCORE)[None], [batch, 1]),
+        finished=running,
+        finished_scores=tf.fill([batch, num_beams], NEVER_SCORE),
+        finished_lengths=tf.zeros([batch, num_beams], tf.int32),
+        is_finished=tf.zeros([batch, num_beams], tf.bool),
+        unsatisfied=tf.ones([batch, 1], tf.bool),
+        all_hit=tf.constant(False),
+    )
+
+    def select(state, logits, step):
+        """One beam step from next-token logits [rows, vocab]; returns the new state and each row's parent beam."""
+        length = prompt_width + step
+        flat_running = tf.reshape(state["running"], [rows, capacity])
+        log_probs = tf.nn.log_softmax(logits, axis=-1)
+        log_probs = processors.process(log_probs, flat_running, settings["first_column"], length, step, settings)
+        log_probs = tf.reshape(log_probs, [batch, num_beams, vocab]) + state["running_scores"][:, :, None]
+        top_scores, top_indices = tf.math.top_k(tf.reshape(log_probs, [batch, num_beams * vocab]), keep)
+        parent, token = top_indices // vocab, top_indices % vocab
+        candidates = xla.dynamic_update_slice(
+            _gather_beams(state["running"], parent), token[:, :, None], [0, 0, length]
+        )
+        hits = tf.logical_or(
+            tf.reduce_any(token[:, :, None] == eos_ids[None, None, :], axis=-1),
+            step + 1 >= settings["max_new_tokens"],
+        )
+
+        running_scores = top_scores + tf.cast(hits, tf.float32) * NEVER_SCORE
+        survivors = tf.math.top_k(running_scores, num_beams).indices
+
+        just_finished = tf.logical_and(hits, top_beams_mask[None, :])
+        scores = top_scores / tf.cast(step + 1, tf.float32) ** settings["length_penalty"]
+        full = tf.logical_and(tf.reduce_all(state["is_finished"], axis=-1, keepdims=True), early_true)
+        blocked = tf.logical_or(tf.logical_or(full, tf.logical_not(state["unsatisfied"])), tf.logical_not(just_finished))
+        scores += tf.cast(blocked, tf.float32) * NEVER_SCORE
+        merged_scores = tf.concat([state["finished_scores"], scores], axis=1)
+        best = tf.math.top_k(merged_scores, num_beams).indices
+
+        def merge(old, new):
+            return _gather_beams(tf.concat([old, new], axis=1), best)
+
+        new_state = dict(
+            running=_gather_beams(candidates, survivors),
+            running_scores=_gather_beams(running_scores, survivors),
+            finished=merge(state["finished"], candidates),
+            finished_scores=_gather_beams(merged_scores, best),
+            finished_lengths=merge(state["finished_lengths"], tf.fill([batch, keep], step + 1)),
+            is_finished=merge(state["is_finished"], just_finished),
+            all_hit=tf.reduce_all(hits),
+        )
+        new_state["unsatisfied"] = _stop_heuristic_unsatisfied(
+            state["unsatisfied"], new_state["running_scores"], new_state["finished_scores"],
+            new_state["is_finished"], step + 1, settings,
+        )
+        rows_parent = tf.reshape(_gather_beams(parent, survivors) + tf.range(batch)[:, None] * num_beams, [rows])
+        return new_state, rows_parent
+
+    def reorder(cache, rows_parent):
+        return [(tf.gather(k, rows_parent), tf.gather(v, rows_parent)) for k, v in cache]
+
+    def not_done(step, state, cache):
+        improvable = tf.reduce_any(state["unsatisfied"])
+        open_beam = tf.logical_not(tf.logical_and(tf.reduce_all(state["is_finished"]), early_true))
+        return tf.logical_and(tf.logical_and(improvable, open_beam), tf.logical_not(state["all_hit"]))
+
+    def advance(step, state, cache):
+        flat_running = tf.reshape(state["running"], [rows, capacity])
+        logits, cache = kv_cache.step_forward(gpt2, flat_running, cache, key_mask, prompt_lengths, prompt_width, step)
+        state, rows_parent = select(state, logits, step)
+        return step + 1, state, reorder(cache, rows_parent)
+
+    state, rows_parent = select(state, logits, tf.constant(0))
+    _, state, _ = tf.while_loop(not_done, advance, (tf.constant(1), state, reorder(cache, rows_parent)))
+    returned = state["finished"][:, :num_return_sequences]
+    steps = tf.reduce_max(state["finished_lengths"][:, :num_return_sequences])
+    return tf.reshape(returned, [batch * num_return_sequences, capacity]), steps

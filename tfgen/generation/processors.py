@@ -1,0 +1,74 @@
+"""Logits processors with transformers' semantics, as pure tensor functions.
+
+Each takes scores [batch, vocab] and the token history and returns new
+scores. The history is the decode loop's fixed-width buffer `sequence`
+[batch, width]: columns `first`..`length` hold what transformers would see
+as input_ids (the caller's prompt columns, pads included, then the new
+tokens); columns before `first` are bucket padding and count for nothing.
+Every setting is a runtime tensor, and each processor is a no-op at its
+neutral value (penalty 1, n-gram size 0, minimum 0), so the decode program
+applies them all unconditionally.
+"""
+
+import tensorflow as tf
+
+NEG_INF = float("-inf")
+
+# no_repeat_ngram_size is a runtime tensor; it may be at most this.
+MAX_NGRAM_SIZE = 8
+
+
+def _history_mask(sequence, first, length):
+    column = tf.range(sequence.shape[1])
+    return tf.logical_and(column >= first, column < length)
+
+
+def _mark(vocab, tokens, hit):
+    """A [batch, vocab] bool: True for each token that stands in `tokens` [batch, width] where `hit` holds."""
+    batch, width = tokens.shape
+    rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, width])
+    indices = tf.stack([tf.reshape(rows, [-1]), tf.reshape(tokens, [-1])], axis=1)
+    hit = tf.broadcast_to(hit, tokens.shape)
+    marks = tf.tensor_scatter_nd_max(
+        tf.zeros([batch, vocab], tf.int32), indices, tf.reshape(tf.cast(hit, tf.int32), [-1])
+    )
+    return marks > 0
+
+
+def repetition_penalty(scores, sequence, first, length, penalty):
+    """Divides positive scores of tokens already in the history by `penalty`, multiplies negative ones."""
+    seen = _mark(scores.shape[-1], sequence, _history_mask(sequence, first, length))
+    penalty = tf.cast(penalty, scores.dtype)
+    penalized = tf.where(scores < 0, scores * penalty, scores / penalty)
+    return tf.where(seen, penalized, scores)
+
+
+def no_repeat_ngram(scores, sequence, first, length, ngram_size):
+    """Bans every token that would repeat an n-gram of the history (n = ngram_size; 0 is off)."""
+    width = sequence.shape[1]
+    start = tf.range(width)  # the n-gram starting at each column
+    ngram_size = tf.cast(ngram_size, tf.int32)
+    # An n-gram whose first n-1 tokens equal the history's last n-1 bans its n-th token.
+    matches = tf.logical_and(start >= first, start + ngram_size <= length)[None, :]
+    for k in range(MAX_NGRAM_SIZE - 1):
+        in_prefix = k < ngram_size - 1
+        earlier = tf.gather(sequence, tf.minimum(start + k, width - 1), axis=1)
+        latest = tf.gather(sequence, tf.clip_by_value(length - ngram_size + 1 + k, 0, width - 1), axis=1)
+        matches = tf.logical_and(matches, tf.logical_or(tf.logical_not(in_prefix), earlier == latest[:, None]))
+    matches = tf.logical_and(matches, ngram_size > 0)
+    completions = tf.gather(sequence, tf.minimum(start + ngram_size - 1, width - 1), axis=1)
+    return tf.where(_mark(scores.shape[-1], completions, matches), NEG_INF, scores)
+
+
+def ban_tokens_before(scores, token_ids, step, min_steps):
+    """Bans `token_ids` (the EOS ids) while fewer than `min_steps` tokens have been generated."""
+    vocab = scores.shape[-1]
+    is_banned_id = tf.reduce_any(tf.range(vocab)[None, :] == token_ids[:, None], axis=0)
+    return tf.where(tf.logical_and(is_banned_id, step < min_steps)[None, :], NEG_INF, scores)
+
+
+def process(scores, sequence, first, length, step, settings):
+    """All processors, in transformers' order; each is a no-op at its neutral setting."""
+    scores = repetition_penalty(scores, sequence, first, length, settings["repetition_penalty"])
+    scores = no_repeat_ngram(scores, sequence, first, length, settings["no_repeat_ngram_size"])
+    return ban_tokens_before(scores, settings["eos_ids"], step, settings["min_new_steps"])
