@@ -7,11 +7,13 @@ import torch
 from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
 )
 
 from tfgen.generation import processors
+from tfgen.generation.decode import bad_word_tensors
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 
@@ -24,6 +26,7 @@ CASES = {
     "greedy-no-repeat-3": dict(no_repeat_ngram_size=3),
     "greedy-min-new-tokens": dict(min_new_tokens=12),
     "seed000-mix": dict(repetition_penalty=1.5, no_repeat_ngram_size=3, min_length=10),
+    "beam3-mix-two-eos": dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=2, eos_token_id=[2, 5]),
 }
 
 
@@ -37,7 +40,8 @@ def pt_model(tiny_lm_dir):
 def test_matches_pytorch_generate(name, tiny_lm, pt_model):
     ids, mask = tiny_lm.tokenizer.encode_batch(PROMPTS)
     settings = dict(max_new_tokens=20, eos_token_id=tiny_lm.tokenizer.eos_token_id,
-                    pad_token_id=tiny_lm.tokenizer.pad_token_id, **CASES[name])
+                    pad_token_id=tiny_lm.tokenizer.pad_token_id)
+    settings.update(CASES[name])
     ours = tiny_lm.generate(ids, mask, **settings).numpy()
     with torch.no_grad():
         expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -87,3 +91,27 @@ def test_bad_beam_settings_are_refused(tiny_lm):
         tiny_lm.generate(ids, max_new_tokens=4, num_beams=0)
     out = tiny_lm.generate(ids, max_new_tokens=4, length_penalty=0.5)  # accepted and ignored without beams
     np.testing.assert_array_equal(out.numpy(), tiny_lm.generate(ids, max_new_tokens=4).numpy())
+
+
+def test_bad_words_match_transformers():
+    rng = np.random.default_rng(3)
+    history = _history(rng, batch=4, vocab=4)
+    scores = rng.standard_normal((4, 4)).astype(np.float32)
+    words = [[1], [2, 3], [0, 1, 2]]
+    expected = NoBadWordsLogitsProcessor(words, eos_token_id=9)(torch.tensor(history[:, 2:]).long(), torch.tensor(scores))
+    settings = bad_word_tensors(tuple(tuple(w) for w in words))
+    ours = processors.bad_words(tf.constant(scores), tf.constant(history), 2, 12, settings["bad_words"],
+                                settings["bad_word_lengths"])
+    np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-6)
+    assert np.isinf(ours.numpy()).sum() > 4  # more than the single-token word alone
+
+
+def test_bad_words_are_never_generated(tiny_lm):
+    ids, mask = tiny_lm.tokenizer.encode_batch(PROMPTS)
+    free = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None).numpy()[:, ids.shape[1]:]
+    banned = [[int(free[0, 0])], [int(free[1, 2]), int(free[1, 3])]]
+    out = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None, bad_words_ids=banned).numpy()
+    new = out[:, ids.shape[1]:]
+    assert banned[0][0] not in new
+    pairs = {(int(a), int(b)) for row in new for a, b in zip(row[:-1], row[1:])}
+    assert tuple(banned[1]) not in pairs

@@ -45,6 +45,19 @@ def settings_tensors(options, first_column):
         "min_new_steps": tf.constant(options.min_new_steps, tf.int32),
         "length_penalty": tf.constant(options.length_penalty, tf.float32),
         "early_stopping": tf.constant(EARLY_STOPPING_CODES[options.early_stopping], tf.int32),
+        **bad_word_tensors(options.bad_words_ids),
+    }
+
+
+def bad_word_tensors(bad_words_ids):
+    """Bad words left-aligned in a [n_words, longest] matrix, with their lengths."""
+    longest = max((len(word) for word in bad_words_ids), default=1)
+    words = np.zeros((len(bad_words_ids), longest), np.int32)
+    for row, word in enumerate(bad_words_ids):
+        words[row, : len(word)] = word
+    return {
+        "bad_words": tf.constant(words),
+        "bad_word_lengths": tf.constant([len(word) for word in bad_words_ids], tf.int32, shape=[len(bad_words_ids)]),
     }
 
 

@@ -27,6 +27,7 @@ class GenerationOptions:
     repetition_penalty: float
     no_repeat_ngram_size: int
     min_new_steps: int  # EOS is banned before this many new tokens (min_length and min_new_tokens)
+    bad_words_ids: tuple  # of token-id tuples
 
 
 def _is_int(value):
@@ -39,6 +40,17 @@ def _as_id_tuple(token_ids):
     if isinstance(token_ids, int):
         return (token_ids,)
     return tuple(int(t) for t in token_ids)
+
+
+def _bad_words(bad_words_ids, eos_token_ids):
+    """Checked bad words; like transformers, a single-token bad word that is an EOS id is dropped."""
+    if not bad_words_ids:
+        return ()
+    if not isinstance(bad_words_ids, (list, tuple)) or not all(
+        isinstance(word, (list, tuple)) and word and all(_is_int(t) and t >= 0 for t in word) for word in bad_words_ids
+    ):
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
+    return tuple(tuple(int(t) for t in word) for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_token_ids))
 
 
 def resolve_options(
@@ -61,6 +73,7 @@ def resolve_options(
     no_repeat_ngram_size=0,
     min_length=0,
     min_new_tokens=0,
+    bad_words_ids=None,
 ):
     """Checks generate()'s arguments for prompts `prompt_length` tokens wide; raises ValueError naming the fix."""
     if max_new_tokens is None:
@@ -109,6 +122,7 @@ def resolve_options(
         if not _is_int(value or 0) or (value or 0) < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     eos_token_ids = _as_id_tuple(eos_token_id)
+    bad_words_ids = _bad_words(bad_words_ids, eos_token_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     if seed is None:
@@ -129,4 +143,5 @@ def resolve_options(
         repetition_penalty=float(repetition_penalty),
         no_repeat_ngram_size=int(no_repeat_ngram_size),
         min_new_steps=max(int(min_new_tokens or 0), int(min_length or 0) - prompt_length),
+        bad_words_ids=bad_words_ids,
     )

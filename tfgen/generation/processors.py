@@ -5,8 +5,8 @@ scores. The history is the decode loop's fixed-width buffer `sequence`
 [batch, width]: columns `first`..`length` hold what transformers would see
 as input_ids (the caller's prompt columns, pads included, then the new
 tokens); columns before `first` are bucket padding and count for nothing.
-Every setting is a runtime tensor, and each processor is a no-op at its
-neutral value (penalty 1, n-gram size 0, minimum 0), so the decode program
+Every setting is a runtime tensor (the bad-word list's shape aside), and each processor is a no-op at its
+neutral value (penalty 1, n-gram size 0, no bad words, minimum 0), so the decode program
 applies them all unconditionally.
 """
 
@@ -60,6 +60,24 @@ def no_repeat_ngram(scores, sequence, first, length, ngram_size):
     return tf.where(_mark(scores.shape[-1], completions, matches), NEG_INF, scores)
 
 
+def bad_words(scores, sequence, first, length, words, word_lengths):
+    """Bans the last token of each bad word whose other tokens end the history.
+
+    `words` [n_words, longest] holds the bad words left-aligned; `word_lengths` their lengths.
+    """
+    width, longest = sequence.shape[1], words.shape[1]
+    prefix_lengths = word_lengths - 1
+    offset = tf.range(longest - 1)
+    columns = length - prefix_lengths[:, None] + offset[None, :]  # [n_words, longest - 1]
+    history = tf.gather(sequence, tf.clip_by_value(columns, 0, width - 1), axis=1)  # [batch, n_words, longest - 1]
+    in_prefix = offset[None, :] < prefix_lengths[:, None]
+    same = tf.logical_or(tf.logical_not(in_prefix)[None], history == words[None, :, : longest - 1])
+    matches = tf.logical_and(tf.reduce_all(same, axis=-1), (length - prefix_lengths >= first)[None, :])
+    last_tokens = tf.gather(words, prefix_lengths, axis=1, batch_dims=1)
+    return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, matches.shape), matches),
+                    NEG_INF, scores)
+
+
 def ban_tokens_before(scores, token_ids, step, min_steps):
     """Bans `token_ids` (the EOS ids) while fewer than `min_steps` tokens have been generated."""
     vocab = scores.shape[-1]
@@ -71,4 +89,5 @@ def process(scores, sequence, first, length, step, settings):
     """All processors, in transformers' order; each is a no-op at its neutral setting."""
     scores = repetition_penalty(scores, sequence, first, length, settings["repetition_penalty"])
     scores = no_repeat_ngram(scores, sequence, first, length, settings["no_repeat_ngram_size"])
+    scores = bad_words(scores, sequence, first, length, settings["bad_words"], settings["bad_word_lengths"])
     return ban_tokens_before(scores, settings["eos_ids"], step, settings["min_new_steps"])
