@@ -115,3 +115,35 @@ def test_bad_words_are_never_generated(tiny_lm):
     assert banned[0][0] not in new
     pairs = {(int(a), int(b)) for row in new for a, b in zip(row[:-1], row[1:])}
     assert tuple(banned[1]) not in pairs
+
+
+@pytest.mark.slow
+def test_scores_are_the_chosen_tokens_log_probabilities(tiny_lm, pt_model):
+    ids, mask = tiny_lm.tokenizer.encode_batch(PROMPTS[:2])
+    settings = dict(max_new_tokens=6, eos_token_id=tiny_lm.tokenizer.eos_token_id,
+                    pad_token_id=tiny_lm.tokenizer.pad_token_id, return_dict_in_generate=True, output_scores=True)
+    greedy = tiny_lm.generate(ids, mask, repetition_penalty=1.3, **settings)
+    with torch.no_grad():
+        expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                     do_sample=False, repetition_penalty=1.3, **settings)
+    transition = pt_model.compute_transition_scores(expected.sequences, expected.scores, normalize_logits=True)
+    np.testing.assert_array_equal(greedy.sequences.numpy(), expected.sequences.numpy())
+    new = greedy.sequences.numpy()[:, ids.shape[1]:]
+    ended = np.cumsum(new == tiny_lm.tokenizer.eos_token_id, axis=1) - (new == tiny_lm.tokenizer.eos_token_id) > 0
+    ours = greedy.token_logprobs.numpy()
+    np.testing.assert_allclose(ours[~ended], transition.numpy()[~ended], atol=1e-4)
+    assert ended.any() and (ours[ended] == 0).all()  # after EOS: 0 (transformers scores the pad there)
+
+    beams = tiny_lm.generate(ids, mask, num_beams=3, num_return_sequences=2, **settings)
+    with torch.no_grad():
+        expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                                     num_beams=3, num_return_sequences=2, **settings)
+    np.testing.assert_array_equal(beams.sequences.numpy(), expected.sequences.numpy())
+    np.testing.assert_allclose(beams.sequences_scores.numpy(), expected.sequences_scores.numpy(), atol=1e-4)
+    # With length_penalty 1 a beam's score is its summed token log-probabilities over its length.
+    lengths = (beams.token_logprobs.numpy() != 0).sum(-1)
+    np.testing.assert_allclose(beams.token_logprobs.numpy().sum(-1) / lengths, beams.sequences_scores.numpy(),
+                               atol=1e-4)
+
+    sampled = tiny_lm.generate(ids, mask, do_sample=True, top_k=5, seed=0, **settings)
+    assert (sampled.token_logprobs.numpy() <= 0).all() and (sampled.token_logprobs.numpy() > np.log(1 / 5) - 5).all()

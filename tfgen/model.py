@@ -21,6 +21,15 @@ _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.saf
 
 
 @dataclasses.dataclass
+class GenerationOutput:
+    """generate(..., return_dict_in_generate=True): sequences, and with output_scores their scores."""
+
+    sequences: tf.Tensor
+    token_logprobs: tf.Tensor = None
+    sequences_scores: tf.Tensor = None
+
+
+@dataclasses.dataclass
 class Completion:
     """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
 
@@ -138,8 +147,13 @@ class GPT2LM(tf.keras.Model):
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
 
-    def generate(self, input_ids, attention_mask=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.
+
+        With return_dict_in_generate, a `GenerationOutput`; output_scores adds
+        each new token's log-probability (under the processed and warped
+        distribution it was chosen from, 0 after EOS) and, for beams, the
+        sequence scores.
 
         Takes transformers' arguments (max_new_tokens, max_length, do_sample,
         temperature, top_k, top_p, num_return_sequences, eos_token_id (one id
@@ -165,8 +179,14 @@ class GPT2LM(tf.keras.Model):
                 f"model's context of {self.config.n_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
         repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
-        return tf.constant(
-            self.decoder(np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0), options)
+        out = self.decoder(np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0), options)
+        if not return_dict_in_generate:
+            return tf.constant(out["sequences"])
+        scores = out["sequences_scores"]
+        return GenerationOutput(
+            sequences=tf.constant(out["sequences"]),
+            token_logprobs=tf.constant(out["token_logprobs"]) if output_scores else None,
+            sequences_scores=tf.constant(scores) if output_scores and scores is not None else None,
         )
 
     def complete(self, prompts, **kwargs):

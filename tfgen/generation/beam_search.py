@@ -32,7 +32,9 @@ def _stop_heuristic_unsatisfied(unsatisfied, running_scores, beam_scores, is_fin
 
 
 def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, num_return_sequences):
-    """Returns (sequences [batch * num_return_sequences, width + new_capacity], steps)."""
+    """Returns the best num_return_sequences finished beams per prompt: a dict with `sequences`
+    [batch * num_return_sequences, width + new_capacity], `steps`, `token_logprobs` [.., new_capacity]
+    (each token's processed log-probability) and `sequences_scores` (length-penalised beam scores)."""
     batch, prompt_width = input_ids.shape
     rows = batch * num_beams
     capacity = prompt_width + new_capacity
@@ -53,6 +55,8 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
         running=running,
         running_scores=tf.tile(tf.where(tf.range(num_beams) == 0, 0.0, NEVER_SCORE)[None], [batch, 1]),
         finished=running,
+        running_logprobs=tf.zeros([batch, num_beams, new_capacity]),
+        finished_logprobs=tf.zeros([batch, num_beams, new_capacity]),
         finished_scores=tf.fill([batch, num_beams], NEVER_SCORE),
         finished_lengths=tf.zeros([batch, num_beams], tf.int32),
         is_finished=tf.zeros([batch, num_beams], tf.bool),
@@ -66,11 +70,17 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
         flat_running = tf.reshape(state["running"], [rows, capacity])
         log_probs = tf.nn.log_softmax(logits, axis=-1)
         log_probs = processors.process(log_probs, flat_running, settings["first_column"], length, step, settings)
-        log_probs = tf.reshape(log_probs, [batch, num_beams, vocab]) + state["running_scores"][:, :, None]
-        top_scores, top_indices = tf.math.top_k(tf.reshape(log_probs, [batch, num_beams * vocab]), keep)
+        log_probs = tf.reshape(log_probs, [batch, num_beams * vocab])
+        totals = tf.reshape(log_probs, [batch, num_beams, vocab]) + state["running_scores"][:, :, None]
+        top_scores, top_indices = tf.math.top_k(tf.reshape(totals, [batch, num_beams * vocab]), keep)
         parent, token = top_indices // vocab, top_indices % vocab
         candidates = xla.dynamic_update_slice(
             _gather_beams(state["running"], parent), token[:, :, None], [0, 0, length]
+        )
+        candidate_logprobs = xla.dynamic_update_slice(
+            _gather_beams(state["running_logprobs"], parent),
+            tf.gather(log_probs, top_indices, batch_dims=1)[:, :, None],
+            [0, 0, step],
         )
         hits = tf.logical_or(
             tf.reduce_any(token[:, :, None] == eos_ids[None, None, :], axis=-1),
@@ -93,6 +103,8 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
 
         new_state = dict(
             running=_gather_beams(candidates, survivors),
+            running_logprobs=_gather_beams(candidate_logprobs, survivors),
+            finished_logprobs=merge(state["finished_logprobs"], candidate_logprobs),
             running_scores=_gather_beams(running_scores, survivors),
             finished=merge(state["finished"], candidates),
             finished_scores=_gather_beams(merged_scores, best),
@@ -123,6 +135,15 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
 
     state, rows_parent = select(state, logits, tf.constant(0))
     _, state, _ = tf.while_loop(not_done, advance, (tf.constant(1), state, reorder(cache, rows_parent)))
-    returned = state["finished"][:, :num_return_sequences]
-    steps = tf.reduce_max(state["finished_lengths"][:, :num_return_sequences])
-    return tf.reshape(returned, [batch * num_return_sequences, capacity]), steps
+    def best(name):
+        value = state[name][:, :num_return_sequences]
+        return tf.reshape(value, [batch * num_return_sequences, *value.shape[2:]])
+
+    lengths = best("finished_lengths")
+    after_end = tf.range(new_capacity)[None, :] >= lengths[:, None]
+    return {
+        "sequences": best("finished"),
+        "steps": tf.reduce_max(lengths),
+        "token_logprobs": tf.where(after_end, 0.0, best("finished_logprobs")),
+        "sequences_scores": best("finished_scores"),
+    }

@@ -70,10 +70,13 @@ class Decoder:
         self._programs = {}
 
     def __call__(self, input_ids, attention_mask, options):
-        """Returns [rows, len + steps] int32: the prompts as given, then the new tokens.
+        """Returns a dict of numpy arrays.
 
-        Greedy and sampling give one row per input row; beam search gives
-        num_return_sequences rows per input row.
+        `sequences` [rows, len + steps]: the prompts as given, then the new
+        tokens; `token_logprobs` [rows, steps]: each new token's log-probability
+        under the distribution it was chosen from (0 after EOS);
+        `sequences_scores` [rows]: beam scores (None without beams). Greedy and
+        sampling give one row per input row, beam search num_return_sequences.
         """
         prompt_width = input_ids.shape[1]
         padded_ids, padded_mask = left_pad(input_ids, attention_mask, round_up(prompt_width), options.pad_token_id)
@@ -83,10 +86,15 @@ class Decoder:
         if key not in self._programs:
             self._programs[key] = tf.function(self._program(*key), jit_compile=True)
         settings = settings_tensors(options, padded_ids.shape[1] - prompt_width)
-        sequences, steps = self._programs[key](tf.constant(padded_ids), tf.constant(padded_mask), settings)
-        prompt_columns = np.repeat(input_ids, len(sequences) // len(input_ids), axis=0)
-        new = sequences.numpy()[:, padded_ids.shape[1]: padded_ids.shape[1] + int(steps)]
-        return np.concatenate([prompt_columns, new], axis=1).astype(np.int32)
+        out = self._programs[key](tf.constant(padded_ids), tf.constant(padded_mask), settings)
+        steps = int(out["steps"])
+        prompt_columns = np.repeat(input_ids, len(out["sequences"]) // len(input_ids), axis=0)
+        new = out["sequences"].numpy()[:, padded_ids.shape[1]: padded_ids.shape[1] + steps]
+        return {
+            "sequences": np.concatenate([prompt_columns, new], axis=1).astype(np.int32),
+            "token_logprobs": out["token_logprobs"].numpy()[:, :steps],
+            "sequences_scores": out["sequences_scores"].numpy() if "sequences_scores" in out else None,
+        }
 
     def _program(self, strategy, new_capacity, num_beams, num_return_sequences):
         gpt2 = self.gpt2
@@ -100,7 +108,8 @@ class Decoder:
 
         def choose(scores, step, settings):
             if not do_sample:
-                return tf.argmax(scores, axis=-1, output_type=tf.int32)
+                token = tf.argmax(scores, axis=-1, output_type=tf.int32)
+                return token, sampling.chosen_logprob(scores, token)
             scores = sampling.apply_temperature(scores, settings["temperature"])
             seed = tf.stack([settings["seed"], tf.cast(step, tf.int64)])
             return sampling.sample_top_k_top_p(scores, settings["top_k"], settings["top_p"], seed)
@@ -111,26 +120,28 @@ class Decoder:
             pad_id, eos_ids = settings["pad_id"], settings["eos_ids"]
             logits, cache, key_mask, prompt_lengths = kv_cache.prefill(gpt2, input_ids, attention_mask, new_capacity)
             sequence = tf.concat([input_ids, tf.fill([batch, new_capacity], pad_id)], axis=1)
+            logprobs = tf.zeros([batch, new_capacity])
 
-            def emit(sequence, finished, logits, step):
+            def emit(sequence, logprobs, finished, logits, step):
                 length = prompt_width + step
                 scores = processors.process(logits, sequence, settings["first_column"], length, step, settings)
-                token = tf.where(finished, pad_id, choose(scores, step, settings))
+                token, logprob = choose(scores, step, settings)
+                token = tf.where(finished, pad_id, token)
                 sequence = xla.dynamic_update_slice(sequence, token[:, None], [0, length])
+                logprobs = xla.dynamic_update_slice(logprobs, tf.where(finished, 0.0, logprob)[:, None], [0, step])
                 finished = tf.logical_or(finished, tf.reduce_any(token[:, None] == eos_ids[None, :], axis=1))
-                return sequence, finished
+                return sequence, logprobs, finished
 
-            sequence, finished = emit(sequence, tf.zeros([batch], tf.bool), logits, tf.constant(0))
+            state = emit(sequence, logprobs, tf.zeros([batch], tf.bool), logits, tf.constant(0))
 
-            def not_done(step, sequence, finished, cache):
-                return tf.logical_and(step < settings["max_new_tokens"], tf.logical_not(tf.reduce_all(finished)))
+            def not_done(step, state, cache):
+                return tf.logical_and(step < settings["max_new_tokens"], tf.logical_not(tf.reduce_all(state[2])))
 
-            def advance(step, sequence, finished, cache):
-                logits, cache = kv_cache.step_forward(gpt2, sequence, cache, key_mask, prompt_lengths, prompt_width, step)
-                sequence, finished = emit(sequence, finished, logits, step)
-                return step + 1, sequence, finished, cache
+            def advance(step, state, cache):
+                logits, cache = kv_cache.step_forward(gpt2, state[0], cache, key_mask, prompt_lengths, prompt_width, step)
+                return step + 1, emit(*state, logits, step), cache
 
-            steps, sequence, _, _ = tf.while_loop(not_done, advance, (tf.constant(1), sequence, finished, cache))
-            return sequence, steps
+            steps, (sequence, logprobs, _), _ = tf.while_loop(not_done, advance, (tf.constant(1), state, cache))
+            return {"sequences": sequence, "steps": steps, "token_logprobs": logprobs}
 
         return program

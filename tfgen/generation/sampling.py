@@ -94,8 +94,13 @@ def sample(logits, seed):
     return tf.minimum(index, cdf.shape[-1] - 1)
 
 
+def chosen_logprob(logits, index):
+    """log softmax(logits) at one index per row."""
+    return tf.gather(logits, index, axis=-1, batch_dims=1) - tf.reduce_logsumexp(logits, axis=-1)
+
+
 def sample_top_k_top_p(logits, top_k, top_p, seed):
-    """One token per row from softmax(logits) after top-k and top-p filtering.
+    """One token per row from softmax(logits) after top-k and top-p filtering, with its log-probability.
 
     Draws among the best NUM_CANDIDATES logits when the kept set lies there,
     from the whole filtered vocabulary otherwise.
@@ -104,7 +109,13 @@ def sample_top_k_top_p(logits, top_k, top_p, seed):
     best, best_ids, threshold, fits = _candidates(logits, top_k, top_p)
 
     def among_best():
-        choice = sample(tf.where(best >= threshold, best, NEG_INF), seed)
-        return tf.gather(best_ids, choice, axis=-1, batch_dims=1)
+        kept = tf.where(best >= threshold, best, NEG_INF)
+        choice = sample(kept, seed)
+        return tf.gather(best_ids, choice, axis=-1, batch_dims=1), chosen_logprob(kept, choice)
 
-    return tf.cond(fits, among_best, lambda: sample(filter_top_k_top_p(logits, top_k, top_p), seed))
+    def among_all():
+        kept = filter_top_k_top_p(logits, top_k, top_p)
+        token = sample(kept, seed)
+        return token, chosen_logprob(kept, token)
+
+    return tf.cond(fits, among_best, among_all)
