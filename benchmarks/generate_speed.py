@@ -43,13 +43,19 @@ FRAMEWORK_ENV = {
 }
 GREEDY = {"do_sample": False}
 SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
+BLOCKING = {**SAMPLING, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+BEAM = {"do_sample": False, "num_beams": 4}
 # case -> (batch, sampling settings); "bandwidth" is measured in the parent process.
 CASES = {
     "greedy-b1": (1, GREEDY),
     "sample-b8": (8, SAMPLING),
+    "sample-b8-blocking": (8, BLOCKING),
+    "beam4-b1": (1, BEAM),
     "first-call": (1, GREEDY),
     "new-length": (1, GREEDY),
 }
+# transformers' TF no-repeat-n-gram processor runs only eagerly, so XLA generate cannot take it.
+UNSUPPORTED = {("tf-xla", "sample-b8-blocking")}
 ALL_CASES = list(CASES) + ["bandwidth"]
 PROMPT_SEED = 0
 BANDWIDTH_BYTES = 2**30
@@ -210,7 +216,8 @@ def measure_new_length(generate, case, new_tokens, args, config):
     return {"batch": batch, "first_call_s": first_s, "new_prompt_s": new_prompt_s, **summary(batch, new_tokens, times)}
 
 
-MEASURES = {"greedy-b1": measure_warm, "sample-b8": measure_warm, "first-call": measure_first_call,
+MEASURES = {"greedy-b1": measure_warm, "sample-b8": measure_warm, "sample-b8-blocking": measure_warm,
+            "beam4-b1": measure_warm, "first-call": measure_first_call,
             "new-length": measure_new_length}
 
 
@@ -229,6 +236,8 @@ def run_implementation(args):
     load_s = time.perf_counter() - start
     rows = []
     for case in args.cases:
+        if (args.only, case) in UNSUPPORTED:
+            continue
         for new_tokens in args.new_tokens[:1] if case == "first-call" else args.new_tokens:
             traces_before = trace_count()
             row = MEASURES[case](generate, case, new_tokens, args, config)
@@ -351,7 +360,9 @@ def run_benchmark(args):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=ALL_CASES, default=ALL_CASES,
-                        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95; first-call: a fresh "
+                        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95; sample-b8-blocking: the "
+                             "same with repetition_penalty 1.2 and no_repeat_ngram_size 3 (not tf-xla); beam4-b1: "
+                             "batch 1, 4 beams; first-call: a fresh "
                              "process's first call; new-length: a call at an unseen prompt length; bandwidth: the "
                              "memory-bandwidth bound for batch-1 decoding (default: all)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS)
