@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import subprocess
 import sys
 
@@ -89,3 +90,58 @@ def test_non_utf8_stdin_in_a_real_process(tiny_lm_dir):
     assert result.returncode == 2
     err = result.stderr.decode()
     assert "standard input is not UTF-8" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_beam_flags_reach_generate(tiny_lm, tiny_lm_dir, capsys):
+    prompts = ["안녕하세요", "근육이 커지기 위해서는"]
+    code, out, err = _run(capsys, "generate", *prompts, "--model", str(tiny_lm_dir), "--max-new-tokens", "8",
+                          "--num-beams", "3", "--num-return-sequences", "2", "--no-repeat-ngram-size", "2",
+                          "--early-stopping", "true", "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    expected = tiny_lm.complete(prompts, max_new_tokens=8, num_beams=3, num_return_sequences=2,
+                                no_repeat_ngram_size=2, early_stopping=True)
+    for record, completions in zip(records, expected, strict=True):
+        assert len(record["completions"]) == 2
+        assert record["token_ids"] == [c.new_token_ids for c in completions]
+    assert expected != tiny_lm.complete(prompts, max_new_tokens=8)  # the flags changed the result
+
+
+def test_score_json_matches_the_python_api(tiny_lm, tiny_lm_dir, capsys, monkeypatch):
+    texts = ["안녕하세요", "근육이 커지기 위해서는"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(texts).encode())))
+    code, out, err = _run(capsys, "score", "--model", str(tiny_lm_dir), "--json")
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"text": text, **result} for text, result in zip(texts, tiny_lm.score(texts))
+    ]
+
+
+def test_score_readable_output(tiny_lm, tiny_lm_dir, capsys):
+    code, out, err = _run(capsys, "score", "안녕하세요", "--model", str(tiny_lm_dir))
+    assert code == 0, err
+    result = tiny_lm.score("안녕하세요")
+    lines = out.splitlines()
+    assert lines[0] == f"안녕하세요\tperplexity {result['perplexity']:.4f}"
+    assert len(lines) == 1 + len(result["tokens"])
+    token, probability = lines[2].split()
+    assert token == result["tokens"][1].replace(" ", "▁")
+    assert float(probability) == pytest.approx(math.exp(result["token_logprobs"][0]), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "이때", "--num-beams", "0"], "num_beams must be a positive integer"),
+        (["generate", "이때", "--num-beams", "2", "--num-return-sequences", "3"], "must be at most num_beams (2)"),
+        (["generate", "이때", "--early-stopping", "maybe"], "invalid choice: 'maybe'"),
+        (["generate", "이때", "--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer"),
+        (["generate", "이때", "--min-new-tokens", "-2"], "min_new_tokens must be a non-negative integer"),
+        (["score", ""], "text 1 is empty"),
+        (["score", "가 " * 200], "more than the model's context"),
+    ],
+)
+def test_bad_beam_and_score_input_exits_2_with_one_line(tiny_lm_dir, capsys, args, message):
+    code, out, err = _run(capsys, *args, "--model", str(tiny_lm_dir))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and err.startswith("tfgen: error:")

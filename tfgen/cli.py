@@ -5,10 +5,12 @@ Bad input ends with exit code 2 and a one-line message naming the problem; no tr
 
 import argparse
 import json
+import math
 import sys
 
 EXIT_USAGE = 2
 _BATCH = 16  # prompts decoded together
+_EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 
 
 class UsageError(Exception):
@@ -20,27 +22,27 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _read_prompts(args_prompts):
-    if args_prompts:
-        prompts = args_prompts
-        for i, prompt in enumerate(prompts, 1):
+def _read_texts(args_texts, noun="prompt"):
+    """The texts given as arguments, else one per line from stdin; `noun` names them in errors."""
+    if args_texts:
+        texts = args_texts
+        for i, text in enumerate(texts, 1):
             try:
-                prompt.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:
-                raise UsageError(f"prompt {i} is not valid UTF-8; pass UTF-8 text") from None
+                raise UsageError(f"{noun} {i} is not valid UTF-8; pass UTF-8 text") from None
     else:
         data = sys.stdin.buffer.read()
         try:
-            text = data.decode("utf-8")
+            texts = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as error:
             raise UsageError(f"standard input is not UTF-8 (bad byte at offset {error.start}); convert it to UTF-8") from None
-        prompts = text.splitlines()
-        if not prompts:
-            raise UsageError("no prompt: give prompts as arguments or one per line on standard input")
-    for i, prompt in enumerate(prompts, 1):
-        if not prompt.strip():
-            raise UsageError(f"prompt {i} is empty; give some text to continue")
-    return prompts
+        if not texts:
+            raise UsageError(f"no {noun}: give {noun}s as arguments or one per line on standard input")
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            raise UsageError(f"{noun} {i} is empty; give some text")
+    return texts
 
 
 def _generation_kwargs(args):
@@ -52,6 +54,12 @@ def _generation_kwargs(args):
         top_p=args.top_p,
         num_return_sequences=args.num_return_sequences,
         seed=args.seed,
+        num_beams=args.num_beams,
+        early_stopping=_EARLY_STOPPING[args.early_stopping],
+        length_penalty=args.length_penalty,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens,
     )
 
 
@@ -67,7 +75,7 @@ def _load_model(name_or_path):
 def _generate(args):
     from tfgen.generation.options import resolve_options
 
-    prompts = _read_prompts(args.prompts)
+    prompts = _read_texts(args.prompts)
     kwargs = _generation_kwargs(args)
     resolve_options(1, **kwargs)  # fail on bad settings before loading the model
     lm = _load_model(args.model)
@@ -88,25 +96,65 @@ def _generate(args):
                     print(f"[{i}] {completion.text}", flush=True)
 
 
+def _print_score(text, result):
+    print(f"{text}\tperplexity {result['perplexity']:.4f}")
+    print(f"  {result['tokens'][0]}")  # context only: the first token has no probability
+    for token, logprob in zip(result["tokens"][1:], result["token_logprobs"]):
+        print(f"  {token.replace(' ', '▁')}  {math.exp(logprob):.4f}")  # '▁' keeps a leading space visible
+
+
+def _score(args):
+    texts = _read_texts(args.texts, noun="text")
+    lm = _load_model(args.model)
+    for text, result in zip(texts, lm.score(texts)):
+        if args.json:
+            print(json.dumps({"text": text, **result}, ensure_ascii=False))
+        else:
+            _print_score(text, result)
+
+
+def _add_model_argument(parser):
+    parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. skt/kogpt2-base-v2)")
+
+
 def _add_generate(subparsers):
     p = subparsers.add_parser("generate", help="continue prompts with a GPT-2 model")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; none: one prompt per line from stdin")
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. skt/kogpt2-base-v2)")
+    _add_model_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens when sampling (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this probability (1: off)")
-    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="sequences per prompt: sampled, or the best beams (at most --num-beams)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
+    p.add_argument("--early-stopping", choices=list(_EARLY_STOPPING), default="false",
+                   help="when beam search stops, as transformers' early_stopping")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are divided by length to this power")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already present (1: off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0: off)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many new tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(run=_generate)
+
+
+def _add_score(subparsers):
+    p = subparsers.add_parser("score", help="per-token probabilities and perplexity of texts")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="text to score; none: one text per line from stdin")
+    _add_model_argument(p)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per text per line: text, tokens, token_logprobs, logprob, perplexity")
+    p.set_defaults(run=_score)
 
 
 def build_parser():
     parser = _Parser(prog="tfgen", description="GPT-2 text generation for TensorFlow/Keras")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(subparsers)
+    _add_score(subparsers)
     return parser
 
 

@@ -226,3 +226,27 @@ class GPT2LM(tf.keras.Model):
         ]
         results = [texts[0] if len(texts) == 1 else texts for texts in results]
         return results[0] if single else results
+
+    def score(self, texts):
+        """How likely the model finds each text (a str gives one dict, a list a list of dicts).
+
+        Each dict has `tokens` (the token texts of `tokenizer.encode(text)`, BOS
+        first where the tokenizer has one), `token_logprobs` (the natural-log
+        probability of each token after the first given those before it),
+        `logprob` (their sum) and `perplexity` (exp of minus their mean).
+        """
+        from tfgen import scoring
+
+        if isinstance(texts, str):
+            return scoring.score(self, [texts])[0]
+        return scoring.score(self, list(texts))
+
+    def top_choices(self, prompt, steps=8, k=5):
+        """Greedy decoding laid open: one dict per step with `input` (the text so far) and `choices`.
+
+        `choices` are the k likeliest next tokens as (token_text, probability),
+        best first; the first is the one taken.
+        """
+        from tfgen import scoring
+
+        return scoring.top_choices(self, prompt, steps, k)
