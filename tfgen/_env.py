@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 _STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc.*Could not find cuda drivers"
     r"|cuda_platform\.cc.*failed call to cuInit|cpu_feature_guard\.cc|To enable the following instructions"
+    r"|oneDNN custom operations are on"
 )
 
 
