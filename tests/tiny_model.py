@@ -7,7 +7,7 @@ import tensorflow as tf
 from transformers import GPT2Config
 
 from tfgen import GPT2LM, Tokenizer
-from tfgen.training import document_batches
+from tfgen.data import lm_batches
 
 
 def tiny_config(tokenizer, n_positions=128):
@@ -28,8 +28,8 @@ def train_tiny_lm(tokenizer, lines, epochs=5, max_tokens=48, learning_rate=1e-2,
     tf.keras.utils.set_random_seed(seed)
     lm = GPT2LM(tiny_config(tokenizer), tokenizer)
     lm.compile(optimizer=tf.keras.optimizers.Adam(learning_rate))
-    inputs, labels, weights = document_batches(tokenizer, lines, max_tokens)
-    lm.fit(inputs, labels, sample_weight=weights, batch_size=32, epochs=epochs, verbose=0)
+    batches = lm_batches(lines, tokenizer, block_size=max_tokens, batch_size=32, layout="documents", seed=seed)
+    lm.fit(batches, epochs=epochs, verbose=0)
     return lm
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 EXIT_USAGE = 2
 _BATCH = 16  # prompts decoded together
@@ -113,6 +114,42 @@ def _score(args):
             _print_score(text, result)
 
 
+def _finetune(args):
+    from tfgen.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings(
+        model=args.model, train=args.train, valid=args.valid, output=args.output, valid_fraction=args.valid_fraction,
+        epochs=args.epochs, batch_size=args.batch_size, block_size=args.block_size,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+        save_steps=args.save_steps, layout=args.layout, document=args.document,
+        mixed_precision=args.mixed_precision, jit_compile=not args.no_xla, resume=args.resume, seed=args.seed,
+    )
+    finetune(settings)
+    print(f"checkpoint: {Path(args.output) / 'checkpoint'}")
+
+
+def _train_tokenizer(args):
+    from tfgen.checkpoint import atomic_directory
+    from tfgen.data import check_text_files, read_documents
+    from tfgen.tokenizer import train_sentencepiece
+
+    check_text_files(args.files, args.document)
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output} already exists and is not an empty directory; choose a new --output")
+    with atomic_directory(output) as staging:
+        tokenizer = train_sentencepiece(read_documents(args.files, args.document), staging, args.vocab_size,
+                                        model_type=args.model_type)
+    print(f"{output}: SentencePiece {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _add_model_argument(parser):
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. skt/kogpt2-base-v2)")
 
@@ -150,11 +187,54 @@ def _add_score(subparsers):
     p.set_defaults(run=_score)
 
 
+def _add_finetune(subparsers):
+    p = subparsers.add_parser("finetune", help="fine-tune a model on text files with Keras fit")
+    _add_model_argument(p)
+    p.add_argument("--train", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to train on")
+    p.add_argument("--valid", nargs="+", metavar="FILE", help="UTF-8 text files to validate on after each epoch")
+    p.add_argument("--valid-fraction", type=float, default=0.0,
+                   help="without --valid: hold out this fraction of the training documents for validation")
+    p.add_argument("--output", required=True, help="run directory: checkpoint/, training_log.csv, loss.png")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--block-size", type=_positive_int, default=128, help="tokens per training row")
+    p.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate of AdamW")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the steps)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps in all")
+    p.add_argument("--save-steps", type=_positive_int, default=None,
+                   help="also checkpoint every this many steps (default: after each epoch)")
+    p.add_argument("--layout", choices=["packed", "documents"], default="packed",
+                   help="packed: documents joined into full blocks; documents: one padded document per row")
+    p.add_argument("--document", choices=["line", "paragraph"], default="line",
+                   help="a document is a line, or a paragraph of lines ended by a blank line")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="bfloat16 on CPUs that have it, float16 with loss scaling on GPUs")
+    p.add_argument("--no-xla", action="store_true", help="run the train step without XLA compilation")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for the data order and dropout")
+    p.set_defaults(run=_finetune)
+
+
+def _add_tokenizer(subparsers):
+    p = subparsers.add_parser("tokenizer", help="tokenizer tools")
+    tools = p.add_subparsers(dest="tool", required=True, parser_class=_Parser)
+    train = tools.add_parser("train", help="train a SentencePiece tokenizer (<s> </s> <pad> <unk>) on text files")
+    train.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    train.add_argument("--vocab-size", type=_positive_int, required=True)
+    train.add_argument("--output", required=True, help="new directory for tokenizer.model and its config files")
+    train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    train.add_argument("--document", choices=["line", "paragraph"], default="line",
+                       help="a training sentence is a line, or a paragraph of lines ended by a blank line")
+    train.set_defaults(run=_train_tokenizer)
+
+
 def build_parser():
     parser = _Parser(prog="tfgen", description="GPT-2 text generation for TensorFlow/Keras")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(subparsers)
     _add_score(subparsers)
+    _add_finetune(subparsers)
+    _add_tokenizer(subparsers)
     return parser
 
 

@@ -14,7 +14,7 @@ from tfgen.generation.decode import Decoder
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
-from tfgen.training import MaskedLMLoss
+from tfgen import training
 
 _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
@@ -111,21 +111,56 @@ class GPT2LM(tf.keras.Model):
         return self.gpt2.config
 
     def call(self, input_ids, attention_mask=None, training=False):
-        """Logits [batch, len, vocab]. Takes ids and a mask, or a dict with those keys (Keras-style inputs)."""
+        """Float32 logits [batch, len, vocab] (also under mixed precision).
+
+        Takes ids and a mask, or a dict with those keys (Keras-style inputs).
+        """
         if isinstance(input_ids, dict):
             input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask")
         if attention_mask is None:
-            return self.gpt2(input_ids, training=training).logits
-        return self.gpt2(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(tf.cast(attention_mask, tf.int32)),
-            training=training,
-        ).logits
+            logits = self.gpt2(input_ids, training=training).logits
+        else:
+            logits = self.gpt2(
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(tf.cast(attention_mask, tf.int32)),
+                training=training,
+            ).logits
+        return tf.cast(logits, tf.float32)
 
-    def compile(self, optimizer="adam", loss=None, **kwargs):
-        """Keras compile; the loss defaults to cross-entropy over real (non-pad) target tokens."""
-        super().compile(optimizer=optimizer, loss=MaskedLMLoss() if loss is None else loss, **kwargs)
+    def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile=True, **kwargs):
+        """Keras compile with language-model defaults.
+
+        optimizer: `training.adamw()` (AdamW, lr 5e-5, no decay on LayerNorm and
+        biases, global-norm clipping); loss: cross-entropy over real (non-pad)
+        target tokens; weighted_metrics: masked accuracy and perplexity;
+        jit_compile: the train step compiled with XLA.
+        """
+        super().compile(
+            optimizer=training.adamw() if optimizer is None else optimizer,
+            loss=training.MaskedLMLoss() if loss is None else loss,
+            weighted_metrics=training.default_metrics() if weighted_metrics is None else weighted_metrics,
+            jit_compile=jit_compile,
+            **kwargs,
+        )
+
+    def get_config(self):
+        return self.config.to_dict()
+
+    @classmethod
+    def from_config(cls, config, tokenizer=None):
+        """A new, randomly initialised model, for training from scratch.
+
+        `config` is a `GPT2Config` or a dict of its fields. With a tokenizer,
+        the vocabulary size and the BOS/EOS/pad ids are taken from it.
+        """
+        config = GPT2Config(**config) if isinstance(config, dict) else GPT2Config(**config.to_dict())
+        if tokenizer is not None:
+            config.vocab_size = tokenizer.vocab_size
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+        return cls(config, tokenizer)
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -142,10 +177,15 @@ class GPT2LM(tf.keras.Model):
     def save_pretrained(self, directory):
         """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically."""
         with checkpoint.atomic_directory(directory) as staging:
-            self.gpt2.save_pretrained(staging, safe_serialization=False)
-            checkpoint.write_safetensors(self.gpt2.weights, staging / checkpoint.SAFETENSORS_FILE)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
+            self.write_checkpoint_files(staging)
+
+    def write_checkpoint_files(self, directory):
+        """save_pretrained's files, written into an existing directory (not atomically)."""
+        directory = Path(directory)
+        self.gpt2.save_pretrained(directory, safe_serialization=False)
+        checkpoint.write_safetensors(self.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.

@@ -266,29 +266,36 @@ def _write_json(path, obj):
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def train_sentencepiece(texts, directory, vocab_size, model_type="unigram", character_coverage=0.9995):
+def train_sentencepiece(texts, directory, vocab_size, model_type="unigram", character_coverage=0.9995,
+                        input_sentence_size=2_000_000):
     """Trains a KoGPT2-v1-style SentencePiece tokenizer on an iterable of texts and saves it in `directory`.
 
     Ids: <unk> 0, <s> 1, </s> 2, <pad> 3. Identity normalisation, kept
     whitespace and byte fallback make decode(encode(text)) == text for any
-    text; characters below the coverage are spelled with byte pieces.
+    text; characters below the coverage are spelled with byte pieces. Corpora
+    with more than `input_sentence_size` texts are sampled down to that many.
     """
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        byte_fallback=True,
-        character_coverage=character_coverage,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            byte_fallback=True,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            minloglevel=2,
+        )
+    except RuntimeError as error:  # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
+        raise ValueError(f"SentencePiece training failed: {error}") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / _SentencePiece.filename

@@ -1,12 +1,27 @@
-"""Fine-tuning with Keras fit: the masked language-model loss and batches of documents."""
+"""Fine-tuning with Keras `fit`: masked loss and metrics, AdamW with warmup, mixed precision, checkpoints.
 
-import numpy as np
+The batches come from `tfgen.data.lm_batches`: `(features, labels, weights)`,
+the weights marking real (non-pad) target tokens. Keras passes them to the
+loss and to `weighted_metrics` as sample weights.
+"""
+
+import json
+from pathlib import Path
+
 import tensorflow as tf
+
+from tfgen import checkpoint
+
+TRAINING_STATE_DIR = "training_state"
+_STATE_FILE = "trainer_state.json"
+_OPTIMIZER_PREFIX = "optimizer"
+# LayerNorm weights (ln_1, ln_2, ln_f) and every bias are not decayed, as in GPT-2 and transformers' Trainer.
+NO_DECAY = ["ln_", "bias"]
 
 
 def masked_lm_loss(labels, logits, weights):
     """Cross-entropy averaged over the target tokens whose weight is 1, never over padding."""
-    losses = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    losses = tf.keras.losses.sparse_categorical_crossentropy(labels, tf.cast(logits, tf.float32), from_logits=True)
     weights = tf.cast(weights, losses.dtype)
     return tf.math.divide_no_nan(tf.reduce_sum(losses * weights), tf.reduce_sum(weights))
 
@@ -23,22 +38,178 @@ class MaskedLMLoss(tf.keras.losses.Loss):
         return masked_lm_loss(y_true, y_pred, sample_weight)
 
 
-def document_batches(tokenizer, texts, max_tokens):
-    """One document per row, BOS/EOS around it, cut to max_tokens and right-padded.
+class Perplexity(tf.keras.metrics.Mean):
+    """exp of the mean cross-entropy over the weighted (real) target tokens seen so far."""
 
-    Returns (inputs, labels, weights) for `fit`: inputs is a dict of
-    input_ids and attention_mask [docs, max_tokens]; labels are the inputs
-    shifted by one; weights are 1 on real target tokens and 0 on padding.
+    def __init__(self, name="perplexity", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        losses = tf.keras.losses.sparse_categorical_crossentropy(y_true, tf.cast(y_pred, tf.float32), from_logits=True)
+        return super().update_state(losses, sample_weight=sample_weight)
+
+    def result(self):
+        return tf.exp(super().result())
+
+
+def default_metrics():
+    """Masked accuracy and perplexity: pass as `weighted_metrics` so they skip padding."""
+    return [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"), Perplexity()]
+
+
+class WarmupDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then linear decay to 0 at `total_steps`.
+
+    Without `total_steps` the rate stays at `peak` after the warmup.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(texts), max_tokens + 1), pad, np.int32)
-    mask = np.zeros_like(ids)
-    for row, text in enumerate(texts):
-        tokens = tokenizer.encode(text)
-        if tokenizer.eos_token_id is not None:
-            tokens.append(tokenizer.eos_token_id)
-        tokens = tokens[: max_tokens + 1]
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-    inputs = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1]}
-    return inputs, ids[:, 1:], mask[:, 1:]
+
+    def __init__(self, peak, warmup_steps=0, total_steps=None):
+        if total_steps is not None and total_steps <= warmup_steps:
+            raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
+        self.peak, self.warmup_steps, self.total_steps = float(peak), int(warmup_steps), total_steps
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        rate = tf.constant(self.peak)
+        if self.warmup_steps:
+            rate = rate * tf.minimum(1.0, (step + 1) / self.warmup_steps)
+        if self.total_steps is not None:
+            remaining = (self.total_steps - step) / (self.total_steps - self.warmup_steps)
+            rate = rate * tf.clip_by_value(remaining, 0.0, 1.0)
+        return rate
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def adamw(learning_rate=5e-5, weight_decay=0.01, warmup_steps=0, total_steps=None, clipnorm=1.0):
+    """AdamW on a `WarmupDecay` schedule, gradients clipped to a global norm; no decay on LayerNorm or biases."""
+    optimizer = tf.keras.optimizers.AdamW(
+        learning_rate=WarmupDecay(learning_rate, warmup_steps, total_steps),
+        weight_decay=weight_decay,
+        global_clipnorm=clipnorm,
+    )
+    optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+    return optimizer
+
+
+def mixed_precision_policy():
+    """The mixed policy this machine runs fast: float16 (with loss scaling) on a GPU, else bfloat16 on a CPU with it."""
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    if _cpu_has_bfloat16():
+        return "mixed_bfloat16"
+    raise ValueError("mixed precision: this machine has no GPU and its CPU has no bfloat16 instructions; "
+                     "train in float32")
+
+
+def _cpu_has_bfloat16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_mixed_precision(policy=None):
+    """Sets Keras' global dtype policy (default: `mixed_precision_policy()`); build or load models afterwards.
+
+    Keras' compile wraps the optimizer for loss scaling under mixed_float16.
+    """
+    policy = policy or mixed_precision_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def _is_chief(model):
+    return model.distribute_strategy.extended.should_checkpoint
+
+
+def save_training_state(lm, directory, epoch):
+    """Writes an HF-layout checkpoint plus the optimizer state and counters, atomically, in one directory.
+
+    `epoch` is the number of completed epochs; the step count is the
+    optimizer's `iterations`. `restore_training_state` reads it back.
+    """
+    with checkpoint.atomic_directory(directory) as staging:
+        lm.write_checkpoint_files(staging)
+        state = staging / TRAINING_STATE_DIR
+        state.mkdir()
+        tf.train.Checkpoint(optimizer=lm.optimizer).write(str(state / _OPTIMIZER_PREFIX))
+        counters = {"epoch": int(epoch), "step": int(lm.optimizer.iterations.numpy())}
+        (state / _STATE_FILE).write_text(json.dumps(counters) + "\n")
+
+
+def read_training_counters(directory):
+    """{"epoch", "step"} of a checkpoint written by `save_training_state`."""
+    path = Path(directory) / TRAINING_STATE_DIR / _STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no training state ({path} is missing); it cannot be resumed")
+    return json.loads(path.read_text())
+
+
+def restore_training_state(lm, directory):
+    """Restores the optimizer state (slots and step count) saved beside `lm`'s weights; returns the counters.
+
+    `lm` must be loaded from `directory` and compiled with the same kind of optimizer.
+    """
+    counters = read_training_counters(directory)
+    with lm.distribute_strategy.scope():
+        lm.optimizer.build(lm.trainable_variables)
+    status = tf.train.Checkpoint(optimizer=lm.optimizer).read(str(Path(directory) / TRAINING_STATE_DIR / _OPTIMIZER_PREFIX))
+    status.assert_existing_objects_matched()
+    return counters
+
+
+class StepCounter(tf.keras.callbacks.Callback):
+    """Keeps `self.step`, the optimizer's step count, without reading it from the device every step."""
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+
+
+class TrainingCheckpoint(StepCounter):
+    """Saves `save_training_state(model, directory)` after every epoch and, if given, every `save_steps` steps.
+
+    The directory is an HF-layout checkpoint (transformers reads it) with the
+    optimizer state beside it, replaced atomically at each save. Only the
+    chief worker writes.
+    """
+
+    def __init__(self, directory, save_steps=None):
+        super().__init__()
+        self.directory, self.save_steps = Path(directory), save_steps
+        self._epoch = 0
+        self._saved_step = None
+
+    def _save(self, epochs_done):
+        if self.step != self._saved_step and _is_chief(self.model):
+            save_training_state(self.model, self.directory, epochs_done)
+        self._saved_step = self.step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.save_steps and self.step % self.save_steps == 0:
+            self._save(self._epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(epoch + 1)
+
+
+class StopAtStep(StepCounter):
+    """Ends training once the optimizer has taken `total_steps` steps (counting steps of resumed runs)."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps = total_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.step >= self.total_steps:
+            self.model.stop_training = True

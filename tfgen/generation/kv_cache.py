@@ -15,7 +15,7 @@ from tensorflow.compiler.tf2xla.python import xla
 MASKED = -1e9
 
 
-def empty_cache(config, batch_size, capacity, dtype=tf.float32):
+def empty_cache(config, batch_size, capacity, dtype):
     """Keys and values per layer, each [batch, heads, capacity, head_dim], zeroed."""
     head_dim = config.n_embd // config.n_head
     shape = [batch_size, config.n_head, capacity, head_dim]
@@ -61,12 +61,14 @@ def forward(gpt2, token_ids, positions, cache, start, key_mask):
 
     `positions` [batch, len] are the position-embedding ids, `key_mask`
     [batch, capacity] marks buffer slots that hold real tokens (slots not yet
-    written are hidden by causality). Returns (logits, updated cache).
+    written are hidden by causality). Returns (float32 logits, updated cache).
+    Under a mixed-precision policy the blocks compute in the policy's dtype.
     """
     main = gpt2.transformer
     start = tf.convert_to_tensor(start, tf.int32)
     n_head = gpt2.config.n_head
     h = tf.gather(main.wte.embeddings, token_ids) + tf.gather(main.wpe.embeddings, positions)
+    h = tf.cast(h, main.compute_dtype)
     new_cache = []
     for block, (cache_k, cache_v) in zip(main.h, cache):
         a, cache_k, cache_v = _attend(block.attn, block.ln_1(h), cache_k, cache_v, start, key_mask, n_head)
@@ -74,14 +76,15 @@ def forward(gpt2, token_ids, positions, cache, start, key_mask):
         h = h + block.mlp(block.ln_2(h), training=False)
         new_cache.append((cache_k, cache_v))
     h = main.ln_f(h[:, -1:])[:, 0]  # the layer was built for [batch, len, width]
-    return tf.matmul(h, main.wte.embeddings, transpose_b=True), new_cache
+    logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
+    return tf.cast(logits, tf.float32), new_cache
 
 
 def prefill(gpt2, input_ids, attention_mask, new_capacity):
     """Runs the prompts once: (next-token logits, cache, key mask, prompt lengths)."""
     batch, prompt_width = input_ids.shape
     key_mask = tf.concat([attention_mask > 0, tf.ones([batch, new_capacity], tf.bool)], axis=1)
-    cache = empty_cache(gpt2.config, batch, prompt_width + new_capacity)
+    cache = empty_cache(gpt2.config, batch, prompt_width + new_capacity, gpt2.transformer.compute_dtype)
     positions = positions_from_mask(attention_mask)
     logits, cache = forward(gpt2, input_ids, positions, cache, 0, key_mask)
     return logits, cache, key_mask, tf.reduce_sum(attention_mask, axis=1)
