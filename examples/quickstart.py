@@ -13,13 +13,13 @@ import itertools
 import time
 from pathlib import Path
 
-from tfgen import GPT2LM  # first: tfgen sets TensorFlow's environment before it loads
+from tfgen import GPT2LM, training  # first: tfgen sets TensorFlow's environment before it loads
 
 import tensorflow as tf
 from transformers import GPT2Config
 
 from tfgen.tokenizer import train_sentencepiece
-from tfgen.training import document_batches
+from tfgen.data import lm_batches
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ko"
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
@@ -45,14 +45,11 @@ def main():
     tf.keras.utils.set_random_seed(0)
     lines = korean_lines(args.data, 4000)
     tokenizer = train_sentencepiece(lines, args.output / "tokenizer", vocab_size=4000)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=256, n_embd=128, n_layer=4, n_head=4,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    lm = GPT2LM(config, tokenizer)
-    lm.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
-    inputs, labels, weights = document_batches(tokenizer, lines, max_tokens=32)
+    lm = GPT2LM.from_config(GPT2Config(n_positions=256, n_embd=128, n_layer=4, n_head=4), tokenizer)
+    batches = lm_batches(lines, tokenizer, block_size=32, batch_size=32, layout="documents", seed=0)
+    lm.compile(optimizer=training.adamw(3e-3, weight_decay=0.0))
     print(f"training a {lm.count_params():,}-parameter GPT-2 on {len(lines):,} lines")
-    lm.fit(inputs, labels, sample_weight=weights, batch_size=32, epochs=args.epochs, verbose=2)
+    lm.fit(batches, epochs=args.epochs, verbose=2)
     lm.save_pretrained(args.output / "model")
 
     lm = GPT2LM.from_pretrained(args.output / "model")

@@ -180,7 +180,7 @@ def plot_losses(output):
 
     output = Path(output)
     steps = _read_csv(output / STEP_LOG_FILE)
-    epochs = [row for row in _read_csv(output / LOG_FILE) if row.get("val_loss")]
+    epochs = [row for row in _read_csv(output / LOG_FILE) if row.get("val_loss") not in (None, "", "NA")]
     steps_per_epoch = json.loads((output / RUN_FILE).read_text(encoding="utf-8"))["steps_per_epoch"]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps], alpha=0.5,

@@ -294,7 +294,7 @@ def train_sentencepiece(texts, directory, vocab_size, model_type="unigram", char
             shuffle_input_sentence=True,
             minloglevel=2,
         )
-    except RuntimeError as error:  # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
+    except RuntimeError as error:  # e.g. "Vocabulary size too high (8000). Please set it to a value <= 1518."
         raise ValueError(f"SentencePiece training failed: {error}") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,9 @@ class Decoder:
         padded_ids, padded_mask = left_pad(input_ids, attention_mask, round_up(prompt_width), options.pad_token_id)
         new_capacity = round_up(options.max_new_tokens)
         strategy = "beam" if options.num_beams > 1 else "sample" if options.do_sample else "greedy"
-        key = (strategy, new_capacity, options.num_beams, options.num_return_sequences)
+        # Greedy and sampling rows arrive already repeated per returned sequence; only beams need the count.
+        returned = options.num_return_sequences if strategy == "beam" else 1
+        key = (strategy, new_capacity, options.num_beams, returned)
         if key not in self._programs:
             self._programs[key] = tf.function(self._program(*key), jit_compile=True)
         settings = settings_tensors(options, padded_ids.shape[1] - prompt_width)
