@@ -17,12 +17,8 @@ other one (USE_TF / USE_TORCH).
 """
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -34,6 +30,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # transformers' TF models nee
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
+
+from _harness import (command_line, format_table, gpt2_config, machine_info, peak_rss_mib,  # noqa: E402
+                      print_machine, results_path, seconds, write_results)
 
 IMPLEMENTATIONS = ["tfgen", "tf-xla", "torch"]
 FRAMEWORK_ENV = {
@@ -60,17 +59,7 @@ ALL_CASES = list(CASES) + ["bandwidth"]
 PROMPT_SEED = 0
 BANDWIDTH_BYTES = 2**30
 BANDWIDTH_REPEATS = 5
-DEFAULT_JSON_DIR = Path(__file__).resolve().parent / "results"
 SETTINGS = ["impls", "cases", "new_tokens", "prompt_length", "new_prompt_length", "warmup", "repeats", "small"]
-
-
-def model_config(small):
-    from transformers import GPT2Config
-
-    special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 3}
-    if small:
-        return GPT2Config(vocab_size=1000, n_positions=1024, n_embd=64, n_layer=2, n_head=4, **special)
-    return GPT2Config(vocab_size=51200, n_positions=1024, n_embd=768, n_layer=12, n_head=12, **special)  # KoGPT2-base
 
 
 def build_checkpoint(config, model_dir):
@@ -95,12 +84,6 @@ def measure_bandwidth():
     read_s = min(seconds(lambda: source.sum()) for _ in range(BANDWIDTH_REPEATS))
     copy_s = min(seconds(lambda: np.copyto(target, source)) for _ in range(BANDWIDTH_REPEATS))
     return {"read_gb_s": source.nbytes / read_s / 1e9, "copy_gb_s": 2 * source.nbytes / copy_s / 1e9}
-
-
-def seconds(call):
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 # ---- the implementations: each loader returns generate(input_ids, attention_mask, settings) -> ids, and a trace count
@@ -221,12 +204,6 @@ MEASURES = {"greedy-b1": measure_warm, "sample-b8": measure_warm, "sample-b8-blo
             "new-length": measure_new_length}
 
 
-def peak_rss_mib():
-    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that over from the parent through exec."""
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024  # kB
-
-
 def run_implementation(args):
     """The --only process: loads one implementation, measures the cases, writes rows to --result-file."""
     os.environ.update(FRAMEWORK_ENV[args.only])
@@ -260,36 +237,12 @@ def run_child(args, implementation, cases, model_dir, result_file):
     return json.loads(Path(result_file).read_text())
 
 
-def machine_info():
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    versions = {}
-    for package in ["tensorflow", "tf-keras", "transformers", "torch", "numpy"]:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "load_average": os.getloadavg(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "versions": versions}
-
-
 COLUMNS = [  # (heading, row key, format)
     ("implementation", "implementation", "{}"), ("case", "case", "{}"), ("batch", "batch", "{}"),
     ("new tokens", "new_tokens", "{}"), ("median s", "median_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
     ("first-call s", "first_call_s", "{:.2f}"), ("new-prompt s", "new_prompt_s", "{:.3f}"), ("traces", "traces", "{}"),
     ("load s", "load_s", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
 ]
-
-
-def format_table(rows):
-    cells = [[heading for heading, _, _ in COLUMNS]]
-    cells += [["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                       for i, (cell, width) in enumerate(zip(line, widths))) for line in cells]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def greedy_agreement(rows):
@@ -307,18 +260,14 @@ def greedy_agreement(rows):
 
 
 def report(info, command, model, bandwidth, rows, agreement):
-    versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
-    print(f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load average at start "
-          f"{' '.join(f'{load:.2f}' for load in info['load_average'])}; {info['date']}")
-    print(f"versions: python {info['python']}, {versions}")
-    print(f"command: {command}")
+    print_machine(info, command)
     print(f"model: GPT-2 random weights, fp32, {model['n_layer']} layers x {model['n_embd']} wide, vocab "
           f"{model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters, {model['bytes'] / 1e6:.1f} MB "
           "(tied embedding counted once)")
     print("each implementation runs in its own process; first-call rows: a further fresh process, model load, one call")
     print("first-call s: the row's first call in its process (tracing/compiling included); new-prompt s: first call "
           "at the unseen prompt length after warm-up; traces: tf.function traces during the row\n")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS))
     if bandwidth:
         bound = bandwidth["read_gb_s"] * 1e9 / model["bytes"]
         print(f"\nmemory bandwidth (numpy, one thread, 1 GiB float32, best of {BANDWIDTH_REPEATS}): read (sum) "
@@ -334,14 +283,14 @@ def report(info, command, model, bandwidth, rows, agreement):
 
 def run_benchmark(args):
     os.environ.update(FRAMEWORK_ENV["tfgen"])  # this process only builds the checkpoint, with TF
-    command = " ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv])
+    command = command_line()
     info = machine_info()
     bandwidth = measure_bandwidth() if "bandwidth" in args.cases else None
     row_cases = [case for case in args.cases if case not in ("bandwidth", "first-call")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="generate_speed-") as scratch:
         model_dir = Path(scratch) / "model"
-        model = build_checkpoint(model_config(args.small), model_dir)
+        model = build_checkpoint(gpt2_config(args.small), model_dir)
         for implementation in args.impls:
             if "first-call" in args.cases:
                 rows += run_child(args, implementation, ["first-call"], model_dir, Path(scratch) / "first.json")
@@ -350,11 +299,9 @@ def run_benchmark(args):
     agreement = greedy_agreement(rows)
     report(info, command, model, bandwidth, rows, agreement)
     settings = {key: getattr(args, key) for key in SETTINGS}
-    json_path = args.json or DEFAULT_JSON_DIR / ("generate_speed-small.json" if args.small else "generate_speed.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"machine": info, "command": command, "settings": settings, "model": model,
-                                     "bandwidth": bandwidth, "results": rows, "greedy_agreement": agreement}, indent=1))
-    print(f"\nwrote {json_path}")
+    write_results(results_path("generate_speed", args.small, args.json),
+                  {"machine": info, "command": command, "settings": settings, "model": model,
+                   "bandwidth": bandwidth, "results": rows, "greedy_agreement": agreement})
 
 
 def parse_args():
