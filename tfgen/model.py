@@ -128,14 +128,18 @@ class GPT2LM(tf.keras.Model):
             ).logits
         return tf.cast(logits, tf.float32)
 
-    def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile=True, **kwargs):
+    def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile="auto", **kwargs):
         """Keras compile with language-model defaults.
 
         optimizer: `training.adamw()` (AdamW, lr 5e-5, no decay on LayerNorm and
         biases, global-norm clipping); loss: cross-entropy over real (non-pad)
         target tokens; weighted_metrics: masked accuracy and perplexity;
-        jit_compile: the train step compiled with XLA.
+        jit_compile: the train step compiled with XLA; "auto" uses XLA unless
+        the model's strategy runs several replicas on CPUs (XLA has no
+        collectives for CPU devices).
         """
+        if jit_compile == "auto":
+            jit_compile = training.xla_can_train(self.distribute_strategy)
         super().compile(
             optimizer=training.adamw() if optimizer is None else optimizer,
             loss=training.MaskedLMLoss() if loss is None else loss,

@@ -121,6 +121,18 @@ def use_mixed_precision(policy=None):
     return policy
 
 
+def xla_can_train(strategy):
+    """Whether XLA can compile a train step under `strategy`: one replica, or replicas on GPUs or TPUs.
+
+    TensorFlow has no XLA collectives for CPU devices, so MirroredStrategy over
+    (logical) CPUs and MultiWorkerMirroredStrategy on CPU workers train without XLA.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return True
+    devices = getattr(strategy.extended, "worker_devices", ())
+    return not any(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in devices)
+
+
 def _is_chief(model):
     return model.distribute_strategy.extended.should_checkpoint
 
@@ -195,7 +207,8 @@ class TrainingCheckpoint(StepCounter):
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        if self.save_steps and self.step % self.save_steps == 0:
+        last_of_epoch = batch + 1 == self.params.get("steps")  # on_epoch_end saves it, with the epoch counted
+        if self.save_steps and self.step % self.save_steps == 0 and not last_of_epoch:
             self._save(self._epoch)
 
     def on_epoch_end(self, epoch, logs=None):
