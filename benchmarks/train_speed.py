@@ -6,7 +6,7 @@ cross-entropy, backward, gradient clipping to global norm 1 and an AdamW
 update (lr 5e-5, weight decay 0.01, none on LayerNorm weights and biases).
 
 - tfgen-xla, tfgen-plain: `GPT2LM.from_config(config)`, `lm.compile()` with its
-  defaults (jit_compile=True, or False for -plain), `fit` on a tf.data dataset
+  defaults but jit_compile=True (False for -plain), `fit` on a tf.data dataset
   of `(features, labels, weights)` batches shaped as `tfgen.data.lm_batches`
   makes them;
 - tfgen-xla-bf16, tfgen-plain-bf16: the same under

@@ -56,10 +56,10 @@ def test_finetune_writes_a_checkpoint_a_log_and_a_plot_then_resumes(tiny_lm_dir,
 
 @pytest.mark.slow
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_lm_dir, novel, tmp_path):
-    common = ("--epochs", "2", "--max-steps", "8", "--no-xla", "--layout", "documents")
+    common = ("--epochs", "2", "--max-steps", "8", "--xla", "off", "--layout", "documents")
     assert _finetune(tiny_lm_dir, novel, tmp_path / "whole", *common) == 0
     assert _finetune(tiny_lm_dir, novel, tmp_path / "split", "--epochs", "2", "--max-steps", "5", "--save-steps", "5",
-                     "--no-xla", "--layout", "documents") == 0
+                     "--xla", "off", "--layout", "documents") == 0
     assert _finetune(tiny_lm_dir, novel, tmp_path / "split", *common, "--resume") == 0
     whole = GPT2LM.from_pretrained(tmp_path / "whole" / "checkpoint").get_weights()
     split = GPT2LM.from_pretrained(tmp_path / "split" / "checkpoint").get_weights()
@@ -151,3 +151,33 @@ def test_tokenizer_train_errors(novel, euc_kr_file, cluttered_dir, tmp_path, cap
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_lm_dir, novel, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    common = ["finetune", "--model", str(tiny_lm_dir), "--train", str(novel), "--output", str(run),
+              "--batch-size", "8", "--block-size", "32", "--epochs", "50", "--save-steps", "3", "--xla", "off"]
+    process = subprocess.Popen([sys.executable, "-m", "tfgen", *common, "--max-steps", "400"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoint" / "training_state" / "trainer_state.json"
+    try:
+        deadline = time.monotonic() + 180
+        while not (state.is_file() and training.read_training_counters(run / "checkpoint")["step"] >= 6):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second save"
+            time.sleep(0.05)
+    finally:
+        process.kill()  # SIGKILL: no clean-up code runs
+        process.wait()
+    saved = training.read_training_counters(run / "checkpoint")["step"]
+    assert saved % 3 == 0 and GPT2LM.from_pretrained(run / "checkpoint").tokenizer is not None
+
+    assert cli.main([*common, "--max-steps", str(saved + 4), "--resume"]) == 0
+    assert training.read_training_counters(run / "checkpoint")["step"] == saved + 4
+    steps = np.loadtxt(run / finetune.STEP_LOG_FILE, delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(steps[:, 0], np.arange(1, saved + 5))  # no step logged twice
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]

@@ -194,3 +194,28 @@ def test_restoring_without_training_state_is_a_clear_error(tiny_lm, tiny_lm_dir)
     lm.compile()
     with pytest.raises(FileNotFoundError, match="holds no training state"):
         training.restore_training_state(lm, tiny_lm_dir)
+
+
+@pytest.mark.slow
+def test_keras_callbacks_early_stopping_csv_logger_and_tensorboard(tiny_lm, ko_lines, tmp_path):
+    batches = lm_batches(ko_lines[:100], tiny_lm.tokenizer, block_size=32, batch_size=8, seed=0)
+    lm = _without_dropout(tiny_lm)
+    lm.compile(optimizer=training.adamw(1e-3))
+    callbacks = [
+        tf.keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=100.0, patience=1),  # no epoch improves by 100
+        tf.keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        tf.keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
+    ]
+    history = lm.fit(batches.repeat(), steps_per_epoch=3, epochs=10, validation_data=batches.take(2),
+                     callbacks=callbacks, verbose=0)
+    assert len(history.history["loss"]) == 2  # the first epoch sets the mark, the second fails to beat it
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["epoch", "accuracy", "loss", "perplexity", "val_accuracy", "val_loss",
+                                  "val_perplexity"] and len(rows) == 3
+    from tensorflow.core.util import event_pb2
+
+    tags = {value.tag
+            for path in (tmp_path / "tb" / "train").glob("events.out.tfevents.*")
+            for record in tf.data.TFRecordDataset(str(path))
+            for value in event_pb2.Event.FromString(record.numpy()).summary.value}
+    assert {"epoch_loss", "epoch_perplexity", "epoch_accuracy"} <= tags

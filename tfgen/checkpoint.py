@@ -80,3 +80,11 @@ def atomic_directory(target):
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def write_text_atomically(path, text):
+    """Writes a UTF-8 text file through a temporary file beside it, so readers see the old or the new one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

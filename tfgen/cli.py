@@ -12,6 +12,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 _BATCH = 16  # prompts decoded together
 _EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+_XLA = {"auto": "auto", "on": True, "off": False}
 
 
 class UsageError(Exception):
@@ -122,7 +123,7 @@ def _finetune(args):
         epochs=args.epochs, batch_size=args.batch_size, block_size=args.block_size,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         save_steps=args.save_steps, layout=args.layout, document=args.document,
-        mixed_precision=args.mixed_precision, jit_compile=not args.no_xla, resume=args.resume, seed=args.seed,
+        mixed_precision=args.mixed_precision, jit_compile=_XLA[args.xla], resume=args.resume, seed=args.seed,
     )
     finetune(settings)
     print(f"checkpoint: {Path(args.output) / 'checkpoint'}")
@@ -209,7 +210,8 @@ def _add_finetune(subparsers):
                    help="a document is a line, or a paragraph of lines ended by a blank line")
     p.add_argument("--mixed-precision", action="store_true",
                    help="bfloat16 on CPUs that have it, float16 with loss scaling on GPUs")
-    p.add_argument("--no-xla", action="store_true", help="run the train step without XLA compilation")
+    p.add_argument("--xla", choices=list(_XLA), default="auto",
+                   help="compile the train step with XLA (auto: on GPUs and TPUs; on CPUs it measured no faster)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for the data order and dropout")
     p.set_defaults(run=_finetune)

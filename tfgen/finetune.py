@@ -14,11 +14,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import tensorflow as tf
 
-from tfgen import data, training
+from tfgen import checkpoint, data, training
 from tfgen.model import GPT2LM
 
 RUN_FILE = "finetune.json"
@@ -45,7 +46,7 @@ class FinetuneSettings:
     layout: str = "packed"
     document: str = "line"
     mixed_precision: bool = False
-    jit_compile: bool = True
+    jit_compile: object = "auto"  # True, False or "auto" (GPUs and TPUs only)
     resume: bool = False
     seed: int = 0
     verbose: int = 1
@@ -88,6 +89,20 @@ def check_output_dir(output, resume):
             raise FileExistsError(f"{output} holds an earlier fine-tuning run; pass --resume to continue it, "
                                   "or choose another --output")
         raise FileExistsError(f"{output} is not empty and is not a fine-tuning run; choose a new or empty --output")
+
+
+def _rewind_to_checkpoint(output, step):
+    """After an interruption: drops the step log's rows past the checkpoint and any half-written checkpoint."""
+    for partial in output.glob(".*"):  # temporary files and staging directories of writes cut short
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink()
+    log = output / STEP_LOG_FILE
+    if log.is_file():
+        header, *rows = log.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if int(row.split(",")[0]) <= step]
+        checkpoint.write_text_atomically(log, header + "".join(kept))
 
 
 def _validation_batches(settings, documents, tokenizer):
@@ -136,11 +151,14 @@ def finetune(settings):
     lm.compile(optimizer=training.adamw(settings.learning_rate, warmup_steps=warmup, total_steps=total_steps),
                jit_compile=settings.jit_compile)
 
-    step = training.restore_training_state(lm, output / CHECKPOINT_DIR)["step"] if settings.resume else 0
-    if not settings.resume:
+    step = 0
+    if settings.resume:
+        step = training.restore_training_state(lm, output / CHECKPOINT_DIR)["step"]
+        _rewind_to_checkpoint(output, step)
+    else:
         output.mkdir(parents=True, exist_ok=True)
         record = {**dataclasses.asdict(settings), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
-        (output / RUN_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        checkpoint.write_text_atomically(output / RUN_FILE, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
     if step >= total_steps:
         print(f"{output} already ran {step} of {total_steps} steps; nothing to do")
         return None

@@ -134,12 +134,11 @@ class GPT2LM(tf.keras.Model):
         optimizer: `training.adamw()` (AdamW, lr 5e-5, no decay on LayerNorm and
         biases, global-norm clipping); loss: cross-entropy over real (non-pad)
         target tokens; weighted_metrics: masked accuracy and perplexity;
-        jit_compile: the train step compiled with XLA; "auto" uses XLA unless
-        the model's strategy runs several replicas on CPUs (XLA has no
-        collectives for CPU devices).
+        jit_compile: True compiles the train step with XLA; "auto" does so on
+        GPUs and TPUs, not on CPUs (see `training.xla_pays_off`).
         """
         if jit_compile == "auto":
-            jit_compile = training.xla_can_train(self.distribute_strategy)
+            jit_compile = training.xla_pays_off(self.distribute_strategy)
         super().compile(
             optimizer=training.adamw() if optimizer is None else optimizer,
             loss=training.MaskedLMLoss() if loss is None else loss,

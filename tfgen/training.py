@@ -121,15 +121,17 @@ def use_mixed_precision(policy=None):
     return policy
 
 
-def xla_can_train(strategy):
-    """Whether XLA can compile a train step under `strategy`: one replica, or replicas on GPUs or TPUs.
+def xla_pays_off(strategy):
+    """Whether compile's jit_compile="auto" picks XLA: when `strategy` trains on GPUs or TPUs, not on CPUs.
 
-    TensorFlow has no XLA collectives for CPU devices, so MirroredStrategy over
-    (logical) CPUs and MultiWorkerMirroredStrategy on CPU workers train without XLA.
+    On a CPU the XLA train step measured no faster in float32 and 1.7x slower
+    in mixed bfloat16 (benchmarks/train_speed.py), and TensorFlow has no XLA
+    collectives for several CPU replicas.
     """
-    if strategy.num_replicas_in_sync == 1:
-        return True
-    devices = getattr(strategy.extended, "worker_devices", ())
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy: TensorFlow places the step itself, on a GPU if there is one
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
     return not any(tf.DeviceSpec.from_string(device).device_type == "CPU" for device in devices)
 
 
