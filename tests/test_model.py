@@ -1,5 +1,7 @@
 """GPT2LM as a Keras model and as an HF-layout checkpoint that transformers reads."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,3 +107,14 @@ def test_left_padding_does_not_change_a_rows_logits(tiny_lm):
     pad = tiny_lm.tokenizer.pad_token_id
     padded = tiny_lm(tf.constant([[pad] * 5 + ids]), tf.constant([[0] * 5 + [1] * len(ids)])).numpy()[0, 5:]
     np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+def test_saved_files_get_the_usual_permissions(tiny_lm, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        tiny_lm.save_pretrained(tmp_path / "model")
+    finally:
+        os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

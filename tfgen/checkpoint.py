@@ -39,6 +39,7 @@ def write_safetensors(variables, path):
             value = value[0]
         tensors[pytorch_name(variable.name)] = np.ascontiguousarray(value)
     save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # save_file creates the file 0600
 
 
 def read_safetensors(variables, path):
@@ -55,6 +56,12 @@ def read_safetensors(variables, path):
         raise ValueError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; is it a GPT-2 checkpoint?")
 
 
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_directory(target):
     """Yields a temporary directory beside `target` that replaces it only when the block succeeds.
@@ -65,9 +72,7 @@ def atomic_directory(target):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the checkpoint's mode
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the checkpoint's mode
     try:
         yield staging
     except BaseException:
