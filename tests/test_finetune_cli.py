@@ -181,3 +181,19 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_lm_dir, novel, tmp_p
     steps = np.loadtxt(run / finetune.STEP_LOG_FILE, delimiter=",", skiprows=1)
     np.testing.assert_array_equal(steps[:, 0], np.arange(1, saved + 5))  # no step logged twice
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_mixed_precision_run_saves_float32_weights_and_leaves_the_policy_alone(tiny_lm_dir, novel, tmp_path):
+    import tensorflow as tf
+
+    try:
+        training.mixed_precision_policy()
+    except ValueError as error:
+        pytest.skip(str(error))
+    run = tmp_path / "run"
+    assert _finetune(tiny_lm_dir, novel, run, "--max-steps", "3", "--mixed-precision") == 0
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
+    assert training.read_training_counters(run / "checkpoint")["step"] == 3
+    tuned = GPT2LM.from_pretrained(run / "checkpoint")
+    assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in tuned.get_weights())

@@ -141,14 +141,12 @@ def test_mixed_precision_trains_in_bfloat16_or_float16(tiny_lm, ko_lines):
     except ValueError as error:
         pytest.skip(str(error))
     batches = lm_batches(ko_lines[:200], tiny_lm.tokenizer, block_size=32, batch_size=8, seed=0)
-    try:
-        training.use_mixed_precision(policy)
+    with training.global_policy(policy):
         tf.keras.utils.set_random_seed(0)
         lm = GPT2LM.from_config(tiny_lm.config, tiny_lm.tokenizer)
         lm.compile(optimizer=training.adamw(learning_rate=3e-3))
         history = lm.fit(batches.repeat(), steps_per_epoch=8, epochs=2, verbose=0).history["loss"]
-    finally:
-        tf.keras.mixed_precision.set_global_policy("float32")
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
     assert lm.gpt2.transformer.h[0].attn.c_attn.compute_dtype == policy.removeprefix("mixed_")
     assert all(v.dtype == tf.float32 for v in lm.trainable_variables)  # master weights stay float32
     assert lm(tf.constant([[1, 2, 3]])).dtype == tf.float32

@@ -125,10 +125,15 @@ def finetune(settings):
     data.check_text_files(settings.train, settings.document)
     data.check_text_files(settings.valid or [], settings.document)
     check_output_dir(settings.output, settings.resume)
-    output = Path(settings.output)
     tf.keras.utils.set_random_seed(settings.seed)
-    if settings.mixed_precision:
-        training.use_mixed_precision()
+    if not settings.mixed_precision:
+        return _train(settings)
+    with training.global_policy(training.mixed_precision_policy()):
+        return _train(settings)
+
+
+def _train(settings):
+    output = Path(settings.output)
     lm = GPT2LM.from_pretrained(output / CHECKPOINT_DIR if settings.resume else settings.model)
     if lm.tokenizer is None:
         raise ValueError(f"{settings.model} has no tokenizer files; fine-tuning needs the model's tokenizer")

@@ -5,6 +5,7 @@ the weights marking real (non-pad) target tokens. Keras passes them to the
 loss and to `weighted_metrics` as sample weights.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -119,6 +120,17 @@ def use_mixed_precision(policy=None):
     policy = policy or mixed_precision_policy()
     tf.keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+@contextlib.contextmanager
+def global_policy(policy):
+    """Keras' global dtype policy is `policy` inside the block and what it was before after it."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
 
 
 def xla_pays_off(strategy):
