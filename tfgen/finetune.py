@@ -145,6 +145,8 @@ def _train(settings):
     documents, valid = _validation_batches(settings, documents, lm.tokenizer)
     train = data.lm_batches(documents, lm.tokenizer, settings.block_size, settings.batch_size, settings.layout,
                             seed=settings.seed)
+    if settings.verbose:
+        print("counting the batches of an epoch (one pass over the text) ...", flush=True)
     steps_per_epoch = data.count_batches(train)
     if steps_per_epoch == 0:
         raise ValueError(f"the training text makes no full batch of {settings.batch_size} x {settings.block_size} "
