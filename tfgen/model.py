@@ -14,7 +14,7 @@ from tfgen.generation.decode import Decoder
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
-from tfgen import training
+from tfgen.training import MaskedLMLoss, adamw, default_metrics, xla_pays_off
 
 _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
@@ -138,11 +138,11 @@ class GPT2LM(tf.keras.Model):
         GPUs and TPUs, not on CPUs (see `training.xla_pays_off`).
         """
         if jit_compile == "auto":
-            jit_compile = training.xla_pays_off(self.distribute_strategy)
+            jit_compile = xla_pays_off(self.distribute_strategy)
         super().compile(
-            optimizer=training.adamw() if optimizer is None else optimizer,
-            loss=training.MaskedLMLoss() if loss is None else loss,
-            weighted_metrics=training.default_metrics() if weighted_metrics is None else weighted_metrics,
+            optimizer=adamw() if optimizer is None else optimizer,
+            loss=MaskedLMLoss() if loss is None else loss,
+            weighted_metrics=default_metrics() if weighted_metrics is None else weighted_metrics,
             jit_compile=jit_compile,
             **kwargs,
         )
