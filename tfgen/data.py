@@ -7,7 +7,7 @@ Files are read as a stream, never whole. `lm_batches` tokenizes documents
 
 - "documents": one document per row, cut to fit, right-padded;
 - "packed": documents joined into one token stream and cut into full rows
-  (the last row padded), the standard layout for pretraining.
+  (a last, partial row is dropped), the standard layout for pretraining.
 
 Each row gives one example `(features, labels, weights)`: features are
 `{"input_ids", "attention_mask"}` (the row without its last token), labels
@@ -15,12 +15,14 @@ the row without its first token, weights 1.0 on real target tokens and 0.0
 on padding. Shapes are static ([batch, block_size]), as XLA and TPUs want.
 """
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 LAYOUTS = ("packed", "documents")
+ENCODE_GROUP = 256  # documents that cross between Python and tf.data at once
 DOCUMENT_UNITS = ("line", "paragraph")
 
 
@@ -71,12 +73,21 @@ def check_text_files(paths, document="line"):
     return counts
 
 
+def _groups(items, size):
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
+
+
 def file_documents(paths, document="line"):
-    """A `tf.data.Dataset` of the documents in text files, streamed (see `read_documents`)."""
+    """A `tf.data.Dataset` of the documents in text files, streamed (see `read_documents`).
+
+    The documents cross from Python in groups: one crossing per document costs more than reading it.
+    """
     paths = [str(p) for p in paths]
     return tf.data.Dataset.from_generator(
-        lambda: read_documents(paths, document), output_signature=tf.TensorSpec([], tf.string)
-    )
+        lambda: _groups(read_documents(paths, document), ENCODE_GROUP), output_signature=tf.TensorSpec([None], tf.string)
+    ).unbatch()
 
 
 def as_documents(source):
@@ -107,20 +118,38 @@ def split_validation(documents, fraction):
     return train, valid
 
 
-def tokenize(documents, tokenizer):
-    """Each document as int32 ids: BOS (if the tokenizer has one), its tokens, EOS (if it has one)."""
+def _encoded_groups(documents, tokenizer):
+    """Groups of up to ENCODE_GROUP documents as ragged int32 ids [docs, None], each BOS + tokens + EOS."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
-    def encode(text):
-        return np.asarray(bos + tokenizer.encode(text.numpy().decode("utf-8"), add_bos=False) + eos, np.int32)
+    def encode(texts):
+        rows = [bos + tokenizer.encode(text.decode("utf-8"), add_bos=False) + eos for text in texts.numpy()]
+        return np.asarray([t for row in rows for t in row], np.int32), np.asarray([len(r) for r in rows], np.int64)
 
-    def encode_op(text):
-        ids = tf.py_function(encode, [text], tf.int32)
-        ids.set_shape([None])
-        return ids
+    def encode_op(texts):
+        flat, lengths = tf.py_function(encode, [texts], [tf.int32, tf.int64])
+        flat.set_shape([None])
+        lengths.set_shape([None])
+        return tf.RaggedTensor.from_row_lengths(flat, lengths)
 
-    return documents.map(encode_op, num_parallel_calls=tf.data.AUTOTUNE)
+    return documents.batch(ENCODE_GROUP).map(encode_op, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def tokenize(documents, tokenizer):
+    """Each document as int32 ids: BOS (if the tokenizer has one), its tokens, EOS (if it has one)."""
+    return _encoded_groups(documents, tokenizer).unbatch()
+
+
+def _packed_rows(groups, row_length):
+    """Rows of `row_length` tokens cut from the groups' joined token stream; the last, partial row is dropped."""
+
+    def cut(leftover, group):
+        stream = tf.concat([leftover, group.flat_values], axis=0)
+        full = tf.shape(stream)[0] // row_length * row_length
+        return stream[full:], tf.reshape(stream[:full], [-1, row_length])
+
+    return groups.scan(tf.zeros([0], tf.int32), cut).unbatch()
 
 
 def _with_mask(ids):
@@ -147,11 +176,10 @@ def lm_batches(documents, tokenizer, block_size, batch_size, layout="packed", sh
     documents = as_documents(documents)
     if shuffle_buffer:
         documents = documents.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    tokens = tokenize(documents, tokenizer)
     if layout == "documents":
-        rows = tokens.map(lambda ids: ids[: block_size + 1])
+        rows = tokenize(documents, tokenizer).map(lambda ids: ids[: block_size + 1])
     else:
-        rows = tokens.unbatch().batch(block_size + 1)
+        rows = _packed_rows(_encoded_groups(documents, tokenizer), block_size + 1)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     batches = rows.map(_with_mask).padded_batch(
         batch_size, padded_shapes=([block_size + 1], [block_size + 1]), padding_values=(pad_id, 0),
