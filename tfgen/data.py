@@ -120,11 +120,10 @@ def split_validation(documents, fraction):
 
 def _encoded_groups(documents, tokenizer):
     """Groups of up to ENCODE_GROUP documents as ragged int32 ids [docs, None], each BOS + tokens + EOS."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(texts):
-        rows = [bos + tokenizer.encode(text.decode("utf-8"), add_bos=False) + eos for text in texts.numpy()]
+        rows = [tokenizer.encode(text.decode("utf-8")) + eos for text in texts.numpy()]
         return np.asarray([t for row in rows for t in row], np.int32), np.asarray([len(r) for r in rows], np.int64)
 
     def encode_op(texts):
@@ -180,9 +179,8 @@ def lm_batches(documents, tokenizer, block_size, batch_size, layout="packed", sh
         rows = tokenize(documents, tokenizer).map(lambda ids: ids[: block_size + 1])
     else:
         rows = _packed_rows(_encoded_groups(documents, tokenizer), block_size + 1)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     batches = rows.map(_with_mask).padded_batch(
-        batch_size, padded_shapes=([block_size + 1], [block_size + 1]), padding_values=(pad_id, 0),
+        batch_size, padded_shapes=([block_size + 1], [block_size + 1]), padding_values=(tokenizer.padding_id, 0),
         drop_remainder=drop_remainder,
     )
     return batches.map(_to_example).prefetch(tf.data.AUTOTUNE)

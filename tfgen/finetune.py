@@ -4,7 +4,7 @@ A run directory holds:
 - `checkpoint/`: the latest HF-layout checkpoint, with the optimizer state and
   step count in `checkpoint/training_state/` (replaced atomically at each save);
 - `training_log.csv`: Keras' CSVLogger, one row per epoch;
-- `steps.csv`: the running training loss after every step;
+- `steps.csv`: each training step's own batch loss;
 - `loss.png`: the loss curves;
 - `finetune.json`: the settings the run was started with (marks the directory as a run).
 """

@@ -204,6 +204,11 @@ class Tokenizer:
     def vocab_size(self):
         return self._backend.vocab_size
 
+    @property
+    def padding_id(self):
+        """The id that pads batches: the pad token's, else the EOS token's, else 0."""
+        return next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
+
     def encode(self, text, add_bos=True):
         """Token ids of ``text``, with the BOS id first if ``add_bos`` and the tokenizer has one."""
         if not isinstance(text, str):
@@ -216,12 +221,11 @@ class Tokenizer:
     def encode_batch(self, texts, add_bos=True):
         """Encode and left-pad ``texts``; returns int32 ``(input_ids, attention_mask)``, both ``[B, L]``.
 
-        Rows are padded with the pad id, else the EOS id, else 0.
+        Rows are padded with `padding_id`.
         """
         rows = [self.encode(text, add_bos=add_bos) for text in texts]
         length = max(map(len, rows), default=0)
-        pad_id = next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
-        input_ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+        input_ids = np.full((len(rows), length), self.padding_id, dtype=np.int32)
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
         for row, ids in enumerate(rows):
             if ids:

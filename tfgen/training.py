@@ -20,9 +20,14 @@ _OPTIMIZER_PREFIX = "optimizer"
 NO_DECAY = ["ln_", "bias"]
 
 
+def token_cross_entropy(labels, logits):
+    """Each target token's cross-entropy [batch, len], computed in float32."""
+    return tf.keras.losses.sparse_categorical_crossentropy(labels, tf.cast(logits, tf.float32), from_logits=True)
+
+
 def masked_lm_loss(labels, logits, weights):
     """Cross-entropy averaged over the target tokens whose weight is 1, never over padding."""
-    losses = tf.keras.losses.sparse_categorical_crossentropy(labels, tf.cast(logits, tf.float32), from_logits=True)
+    losses = token_cross_entropy(labels, logits)
     weights = tf.cast(weights, losses.dtype)
     return tf.math.divide_no_nan(tf.reduce_sum(losses * weights), tf.reduce_sum(weights))
 
@@ -46,8 +51,7 @@ class Perplexity(tf.keras.metrics.Mean):
         super().__init__(name=name, **kwargs)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        losses = tf.keras.losses.sparse_categorical_crossentropy(y_true, tf.cast(y_pred, tf.float32), from_logits=True)
-        return super().update_state(losses, sample_weight=sample_weight)
+        return super().update_state(token_cross_entropy(y_true, y_pred), sample_weight=sample_weight)
 
     def result(self):
         return tf.exp(super().result())
