@@ -2,7 +2,7 @@
 
 from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 from tfgen.tokenizer import Tokenizer
-from tfgen.model import GPT2LM
+from tfgen.model import GPT2LM, default_model_path
 
-__all__ = ["GPT2LM", "Tokenizer"]
+__all__ = ["GPT2LM", "Tokenizer", "default_model_path"]
 __version__ = "0.1.0"

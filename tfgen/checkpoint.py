@@ -30,11 +30,11 @@ def pytorch_name(tf_variable_name):
     return ".".join(parts)
 
 
-def write_safetensors(variables, path):
-    """Writes TF GPT-2 variables as a PyTorch-layout safetensors file."""
+def write_safetensors(variables, path, dtype=None):
+    """Writes TF GPT-2 variables as a PyTorch-layout safetensors file, cast to `dtype` if given."""
     tensors = {}
     for variable in variables:
-        value = variable.numpy()
+        value = variable.numpy() if dtype is None else variable.numpy().astype(dtype)
         if variable.name.endswith("bias:0") and value.ndim == 2:
             value = value[0]
         tensors[pytorch_name(variable.name)] = np.ascontiguousarray(value)

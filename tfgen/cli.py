@@ -152,7 +152,9 @@ def _positive_int(text):
 
 
 def _add_model_argument(parser):
-    parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. skt/kogpt2-base-v2)")
+    parser.add_argument("--model", default="ko-mini",
+                        help="checkpoint directory, hub id (e.g. skt/kogpt2-base-v2) or embedded model "
+                             "(default: ko-mini, tfgen's own small Korean GPT-2)")
 
 
 def _add_generate(subparsers):

@@ -38,19 +38,30 @@ class Completion:
     new_token_ids: list
 
 
+EMBEDDED_MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = "ko-mini"
+
+
+def default_model_path():
+    """The directory of tfgen's embedded Korean model, ko-mini (HF layout: config, weights, tokenizer)."""
+    return EMBEDDED_MODELS_DIR / DEFAULT_MODEL
+
+
 def _is_hub_id(name):
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
 
 
 def resolve_model_dir(name_or_path):
-    """A local checkpoint directory, or a hub id downloaded through huggingface_hub's cache."""
+    """A local checkpoint directory, an embedded model's name ("ko-mini"), or a hub id fetched into HF's cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if (EMBEDDED_MODELS_DIR / str(name_or_path)).is_dir():
+        return EMBEDDED_MODELS_DIR / str(name_or_path)
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory or a hub id such as skt/kogpt2-base-v2")
+        raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2")
     from huggingface_hub import snapshot_download
 
     try:
