@@ -46,7 +46,7 @@ STAGES = ("prepare", "tokenizer", "baseline", "train", "evaluate", "package")
 VALID_EVERY = 50  # every 50th document of each source is held out
 VOCAB_SIZE = 16_000
 MODEL = dict(n_layer=6, n_embd=384, n_head=6, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-TRAINING = dict(batch_size=16, block_size=256, learning_rate=1e-3, warmup_steps=200, max_steps=2400, save_steps=100,
+TRAINING = dict(batch_size=16, block_size=256, learning_rate=1e-3, warmup_steps=200, max_steps=2000, save_steps=100,
                 epochs=10, layout="packed", document="paragraph", mixed_precision=True, seed=0)
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
 SAMPLE_SETTINGS = [dict(max_new_tokens=40, no_repeat_ngram_size=3),
