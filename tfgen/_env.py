@@ -15,9 +15,12 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# In Jupyter without ipywidgets, tqdm.auto (imported by transformers) warns that it falls back to text bars.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 _STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc.*Could not find cuda drivers"
@@ -49,12 +52,17 @@ def _import_tensorflow_quietly():
             sys.stderr.write("".join(kept))
 
 
-class _DropTFDeprecationNotice(logging.Filter):
-    """transformers warns that its TF classes leave in v5; tfgen pins <5 on purpose."""
+class _DropLoadNoise(logging.Filter):
+    """transformers warns that its TF classes leave in v5 (tfgen pins <5 on purpose), and reports at warning
+    level that loading a complete tf_model.h5 went well; missing or unused weights are still reported."""
+
+    _DROPPED = ("TensorFlow and JAX classes are deprecated", "All model checkpoint layers were used",
+                "All the layers of TFGPT2LMHeadModel were initialized")
 
     def filter(self, record):
-        return "TensorFlow and JAX classes are deprecated" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self._DROPPED)
 
 
 _import_tensorflow_quietly()
-logging.getLogger("transformers.modeling_tf_utils").addFilter(_DropTFDeprecationNotice())
+logging.getLogger("transformers.modeling_tf_utils").addFilter(_DropLoadNoise())
