@@ -12,6 +12,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 from tfgen.generation import kv_cache, processors
+from tfgen.generation.shapes import dims
 
 NEVER_SCORE = -1.0e9  # transformers' stand-in for an impossible beam
 
@@ -35,7 +36,7 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
     """Returns the best num_return_sequences finished beams per prompt: a dict with `sequences`
     [batch * num_return_sequences, width + new_capacity], `steps`, `token_logprobs` [.., new_capacity]
     (each token's processed log-probability) and `sequences_scores` (length-penalised beam scores)."""
-    batch, prompt_width = input_ids.shape
+    batch, prompt_width = dims(input_ids)
     rows = batch * num_beams
     capacity = prompt_width + new_capacity
     vocab = gpt2.config.vocab_size
@@ -137,7 +138,7 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
     _, state, _ = tf.while_loop(not_done, advance, (tf.constant(1), state, reorder(cache, rows_parent)))
     def best(name):
         value = state[name][:, :num_return_sequences]
-        return tf.reshape(value, [batch * num_return_sequences, *value.shape[2:]])
+        return tf.reshape(value, [batch * num_return_sequences, *dims(value)[2:]])
 
     lengths = best("finished_lengths")
     after_end = tf.range(new_capacity)[None, :] >= lengths[:, None]

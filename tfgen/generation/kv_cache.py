@@ -12,6 +12,8 @@ import math
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
+from tfgen.generation.shapes import dims
+
 MASKED = -1e9
 
 
@@ -28,13 +30,13 @@ def positions_from_mask(attention_mask):
 
 
 def _split_heads(x, n_head):
-    batch, length, width = tf.unstack(tf.shape(x))
+    batch, length, width = dims(x)
     x = tf.reshape(x, [batch, length, n_head, width // n_head])
     return tf.transpose(x, [0, 2, 1, 3])
 
 
 def _merge_heads(x):
-    batch, n_head, length, head_dim = tf.unstack(tf.shape(x))
+    batch, n_head, length, head_dim = dims(x)
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch, length, n_head * head_dim])
 
 
@@ -46,7 +48,7 @@ def _attend(attn, x, cache_k, cache_v, start, key_mask, n_head):
     cache_k = xla.dynamic_update_slice(cache_k, _split_heads(k, n_head), [zero, zero, start, zero])
     cache_v = xla.dynamic_update_slice(cache_v, _split_heads(v, n_head), [zero, zero, start, zero])
 
-    length, capacity = tf.shape(x)[1], cache_k.shape[2]
+    length, capacity = tf.shape(x)[1], dims(cache_k)[2]
     query_slot = start + tf.range(length)
     causal = tf.range(capacity)[None, :] <= query_slot[:, None]  # [length, capacity]
     allowed = tf.logical_and(causal[None, None], key_mask[:, None, None, :])
@@ -82,7 +84,7 @@ def forward(gpt2, token_ids, positions, cache, start, key_mask):
 
 def prefill(gpt2, input_ids, attention_mask, new_capacity):
     """Runs the prompts once: (next-token logits, cache, key mask, prompt lengths)."""
-    batch, prompt_width = input_ids.shape
+    batch, prompt_width = dims(input_ids)
     key_mask = tf.concat([attention_mask > 0, tf.ones([batch, new_capacity], tf.bool)], axis=1)
     cache = empty_cache(gpt2.config, batch, prompt_width + new_capacity, gpt2.transformer.compute_dtype)
     positions = positions_from_mask(attention_mask)

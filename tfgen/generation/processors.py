@@ -12,6 +12,8 @@ applies them all unconditionally.
 
 import tensorflow as tf
 
+from tfgen.generation.shapes import dims
+
 NEG_INF = float("-inf")
 
 # no_repeat_ngram_size is a runtime tensor; it may be at most this.
@@ -19,16 +21,16 @@ MAX_NGRAM_SIZE = 8
 
 
 def _history_mask(sequence, first, length):
-    column = tf.range(sequence.shape[1])
+    column = tf.range(dims(sequence)[1])
     return tf.logical_and(column >= first, column < length)
 
 
 def _mark(vocab, tokens, hit):
     """A [batch, vocab] bool: True for each token that stands in `tokens` [batch, width] where `hit` holds."""
-    batch, width = tokens.shape
+    batch, width = dims(tokens)
     rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, width])
     indices = tf.stack([tf.reshape(rows, [-1]), tf.reshape(tokens, [-1])], axis=1)
-    hit = tf.broadcast_to(hit, tokens.shape)
+    hit = tf.broadcast_to(hit, tf.shape(tokens))
     marks = tf.tensor_scatter_nd_max(
         tf.zeros([batch, vocab], tf.int32), indices, tf.reshape(tf.cast(hit, tf.int32), [-1])
     )
@@ -45,7 +47,7 @@ def repetition_penalty(scores, sequence, first, length, penalty):
 
 def no_repeat_ngram(scores, sequence, first, length, ngram_size):
     """Bans every token that would repeat an n-gram of the history (n = ngram_size; 0 is off)."""
-    width = sequence.shape[1]
+    width = dims(sequence)[1]
     start = tf.range(width)  # the n-gram starting at each column
     ngram_size = tf.cast(ngram_size, tf.int32)
     # An n-gram whose first n-1 tokens equal the history's last n-1 bans its n-th token.
@@ -65,7 +67,7 @@ def bad_words(scores, sequence, first, length, words, word_lengths):
 
     `words` [n_words, longest] holds the bad words left-aligned; `word_lengths` their lengths.
     """
-    width, longest = sequence.shape[1], words.shape[1]
+    width, longest = dims(sequence)[1], words.shape[1]
     prefix_lengths = word_lengths - 1
     offset = tf.range(longest - 1)
     columns = length - prefix_lengths[:, None] + offset[None, :]  # [n_words, longest - 1]
@@ -74,7 +76,7 @@ def bad_words(scores, sequence, first, length, words, word_lengths):
     same = tf.logical_or(tf.logical_not(in_prefix)[None], history == words[None, :, : longest - 1])
     matches = tf.logical_and(tf.reduce_all(same, axis=-1), (length - prefix_lengths >= first)[None, :])
     last_tokens = tf.gather(words, prefix_lengths, axis=1, batch_dims=1)
-    return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, matches.shape), matches),
+    return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, tf.shape(matches)), matches),
                     NEG_INF, scores)
 
 
