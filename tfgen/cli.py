@@ -144,6 +144,24 @@ def _train_tokenizer(args):
     print(f"{output}: SentencePiece {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
 
 
+def _export(args):
+    from tfgen.export import export_saved_model
+    from tfgen.model import GPT2LM
+
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
+                         "or pass --overwrite to replace it")
+    lm = GPT2LM.from_pretrained(args.model)
+    export_saved_model(lm, output, capacity=args.capacity, num_beams=args.num_beams)
+    if lm.tokenizer is not None and lm.tokenizer.sentencepiece_model() is not None:
+        serving = "prompts -> completions, sequences"
+    else:
+        serving = "input_ids, attention_mask -> sequences (text in and out needs a SentencePiece tokenizer)"
+    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({args.num_beams} "
+          f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)")
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -232,6 +250,18 @@ def _add_tokenizer(subparsers):
     train.set_defaults(run=_train_tokenizer)
 
 
+def _add_export(subparsers):
+    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out)")
+    p.add_argument("model", metavar="MODEL_DIR_OR_NAME",
+                   help="checkpoint directory, hub id or embedded model (ko-mini)")
+    p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the SavedModel")
+    p.add_argument("--capacity", type=_positive_int, default=None,
+                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's context)")
+    p.add_argument("--num-beams", type=_positive_int, default=4, help="beam count of the generate_beam signature")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")
+    p.set_defaults(run=_export)
+
+
 def build_parser():
     parser = _Parser(prog="tfgen", description="GPT-2 text generation for TensorFlow/Keras")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -239,6 +269,7 @@ def build_parser():
     _add_score(subparsers)
     _add_finetune(subparsers)
     _add_tokenizer(subparsers)
+    _add_export(subparsers)
     return parser
 
 

@@ -65,8 +65,11 @@ class _SentencePiece:
             for control, group in itertools.groupby(ids, key=self.sp.is_control)
         )
 
+    def sentencepiece_model(self):
+        return self.sp.serialized_model_proto()
+
     def save(self, path):
-        path.write_bytes(self.sp.serialized_model_proto())
+        path.write_bytes(self.sentencepiece_model())
 
 
 class _HuggingFace:
@@ -97,6 +100,9 @@ class _HuggingFace:
 
     def decode(self, ids, skip_special_tokens):
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def sentencepiece_model(self):
+        return None
 
     def save(self, path):
         self.tok.save(str(path))
@@ -203,6 +209,10 @@ class Tokenizer:
     @property
     def vocab_size(self):
         return self._backend.vocab_size
+
+    def sentencepiece_model(self):
+        """The serialized SentencePiece model (bytes), or None for a tokenizer.json tokenizer."""
+        return self._backend.sentencepiece_model()
 
     @property
     def padding_id(self):

@@ -9,6 +9,17 @@ from tfgen.generation.processors import MAX_NGRAM_SIZE
 
 DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
 
+# What the request-time settings must be, in the words of resolve_options and of the exported
+# model's request checks (tfgen.export); {} is the value given.
+RULES = {
+    "max_new_tokens": "max_new_tokens must be a positive integer, got {}",
+    "temperature": "temperature must be > 0 when sampling, got {}; use do_sample=False for greedy",
+    "top_p": "top_p must be in (0, 1], got {}; 1 switches top-p filtering off",
+    "top_k": "top_k must be a non-negative integer, got {}; 0 switches top-k filtering off",
+    "repetition_penalty": "repetition_penalty must be > 0, got {}; 1 switches it off",
+    "no_repeat_ngram_size": f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NGRAM_SIZE}, got {{}}",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
@@ -85,15 +96,15 @@ def resolve_options(
                 "pass max_new_tokens (or a larger max_length)"
             )
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise ValueError(RULES["max_new_tokens"].format(repr(max_new_tokens)))
     if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}; use do_sample=False for greedy")
+        raise ValueError(RULES["temperature"].format(repr(temperature)))
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}; 1 switches top-p filtering off")
+        raise ValueError(RULES["top_p"].format(repr(top_p)))
     if top_k is None:
         top_k = 0
     if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}; 0 switches top-k filtering off")
+        raise ValueError(RULES["top_k"].format(repr(top_k)))
     if int(num_return_sequences) != num_return_sequences or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
     if not _is_int(num_beams) or num_beams < 1:
@@ -112,12 +123,10 @@ def resolve_options(
     if early_stopping not in (True, False, "never"):
         raise ValueError(f'early_stopping must be True, False or "never", got {early_stopping!r}')
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}; 1 switches it off")
+        raise ValueError(RULES["repetition_penalty"].format(repr(repetition_penalty)))
     no_repeat_ngram_size = no_repeat_ngram_size or 0
     if not _is_int(no_repeat_ngram_size) or not 0 <= no_repeat_ngram_size <= MAX_NGRAM_SIZE:
-        raise ValueError(
-            f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NGRAM_SIZE}, got {no_repeat_ngram_size!r}"
-        )
+        raise ValueError(RULES["no_repeat_ngram_size"].format(repr(no_repeat_ngram_size)))
     for name, value in (("min_length", min_length), ("min_new_tokens", min_new_tokens)):
         if not _is_int(value or 0) or (value or 0) < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
