@@ -118,3 +118,30 @@ def test_saved_files_get_the_usual_permissions(tiny_lm, tmp_path):
     modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "model").iterdir()}
     assert modes and all(mode == 0o644 for mode in modes.values()), modes
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+def test_weights_survive_save_weights_in_hdf5_too(tiny_lm, tmp_path, batch):
+    ids, mask = batch
+    tiny_lm.save_weights(tmp_path / "weights.h5")
+    fresh = GPT2LM(tiny_config(tiny_lm.tokenizer), tiny_lm.tokenizer)
+    fresh.load_weights(tmp_path / "weights.h5")
+    np.testing.assert_array_equal(fresh(ids, mask).numpy(), tiny_lm(ids, mask).numpy())
+
+
+@pytest.mark.slow
+def test_keras_save_works_in_the_keras_format_and_names_the_alternatives_otherwise(tiny_lm, tmp_path, batch):
+    ids, mask = batch
+    tiny_lm.save(tmp_path / "model.keras")
+    loaded = tf.keras.models.load_model(str(tmp_path / "model.keras"))
+    np.testing.assert_array_equal(loaded(ids, mask).numpy(), tiny_lm(ids, mask).numpy())
+    assert loaded.generate_text(TEXTS[1], max_new_tokens=6) == tiny_lm.generate_text(TEXTS[1], max_new_tokens=6)
+    for save in [
+        lambda: tiny_lm.save(tmp_path / "model.h5"),
+        lambda: tiny_lm.save(tmp_path / "saved_model"),
+        lambda: tiny_lm.save(tmp_path / "other.keras", save_format="tf"),
+        lambda: tf.keras.models.save_model(tiny_lm, str(tmp_path / "saved_model")),
+        lambda: tf.saved_model.save(tiny_lm, str(tmp_path / "saved_model")),
+    ]:
+        with pytest.raises(NotImplementedError, match=r"save_pretrained\(directory\).*`tfgen export"):
+            save()
+    assert [path.name for path in tmp_path.iterdir()] == ["model.keras"]

@@ -38,6 +38,11 @@ class Completion:
     new_token_ids: list
 
 
+_SAVE_INSTEAD = (
+    "use lm.save_pretrained(directory) for a checkpoint (config, weights, tokenizer; GPT2LM.from_pretrained reads it), "
+    "tfgen.export_saved_model(lm, directory) or `tfgen export MODEL DIRECTORY` for a TF SavedModel that serves "
+    "generation, lm.save('model.keras') for a Keras file, or save_weights for the weights alone"
+)
 EMBEDDED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = "ko-mini"
 
@@ -187,6 +192,34 @@ class GPT2LM(tf.keras.Model):
         except FileNotFoundError:
             tokenizer = None
         return _load_weights(directory, tokenizer)
+
+    def save(self, filepath, overwrite=True, save_format=None, **kwargs):
+        """Keras' save, in the Keras format only: a `.keras` file (weights, config and tokenizer).
+
+        Keras' HDF5 and SavedModel formats cannot hold this model; they raise
+        an error that names what to use instead.
+        """
+        if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
+            raise NotImplementedError(f"GPT2LM.save writes only the Keras format (a path ending in .keras), "
+                                      f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
+        super().save(filepath, overwrite=overwrite, save_format=save_format, **kwargs)
+
+    def save_assets(self, directory):
+        """Keras-format hook: the tokenizer files go into the .keras archive."""
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    def load_assets(self, directory):
+        """Keras-format hook: the tokenizer comes back from the .keras archive."""
+        if any(Path(directory).iterdir()):
+            self.tokenizer = Tokenizer.from_pretrained(directory)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # Keras' SavedModel format (tf.keras.models.save_model to a directory, tf.saved_model.save) cannot
+        # trace the wrapped transformers model; checkpoints (save_weights) pass.
+        if save_type == "savedmodel":
+            raise NotImplementedError(f"GPT2LM cannot be saved as a Keras SavedModel; {_SAVE_INSTEAD}")
+        return super()._trackable_children(save_type, **kwargs)
 
     def save_pretrained(self, directory):
         """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically."""
