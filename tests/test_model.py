@@ -145,3 +145,17 @@ def test_keras_save_works_in_the_keras_format_and_names_the_alternatives_otherwi
         with pytest.raises(NotImplementedError, match=r"save_pretrained\(directory\).*`tfgen export"):
             save()
     assert [path.name for path in tmp_path.iterdir()] == ["model.keras"]
+
+
+def test_bfloat16_copy_keeps_half_size_weights_and_close_logits(tiny_lm_dir, batch):
+    fp32 = GPT2LM.from_pretrained(tiny_lm_dir)
+    bf16 = GPT2LM.from_pretrained(tiny_lm_dir, dtype="bfloat16")
+    assert {v.dtype for v in bf16.gpt2.weights} == {tf.bfloat16}
+    input_ids, attention_mask = batch
+    expected = fp32(input_ids, attention_mask=attention_mask).numpy()
+    logits = bf16(input_ids, attention_mask=attention_mask)
+    assert logits.dtype == tf.float32
+    mask = attention_mask.astype(bool)
+    np.testing.assert_allclose(logits.numpy()[mask], expected[mask], atol=0.15)
+    ids = bf16.generate(input_ids, attention_mask, max_new_tokens=6)
+    assert ids.shape == (input_ids.shape[0], input_ids.shape[1] + 6)

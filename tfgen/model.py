@@ -14,7 +14,7 @@ from tfgen.generation.decode import Decoder
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
-from tfgen.training import MaskedLMLoss, adamw, default_metrics, xla_pays_off
+from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
@@ -182,8 +182,11 @@ class GPT2LM(tf.keras.Model):
         return cls(config, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
-        """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it."""
+    def from_pretrained(cls, name_or_path, dtype="float32"):
+        """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it.
+
+        `dtype="bfloat16"` keeps the weights and the computation in bfloat16 (see `with_dtype`).
+        """
         directory = resolve_model_dir(name_or_path)
         if not (directory / checkpoint.CONFIG_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
@@ -191,7 +194,16 @@ class GPT2LM(tf.keras.Model):
             tokenizer = Tokenizer.from_pretrained(directory)
         except FileNotFoundError:
             tokenizer = None
-        return _load_weights(directory, tokenizer)
+        lm = _load_weights(directory, tokenizer)
+        return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
+
+    def with_dtype(self, dtype):
+        """A copy with its weights and computation in `dtype`, e.g. "bfloat16" (half the memory; logits stay float32)."""
+        with global_policy(tf.keras.mixed_precision.Policy(tf.as_dtype(dtype).name)):
+            copy = GPT2LM(GPT2Config(**self.config.to_dict()), self.tokenizer)
+        for target, source in zip(copy.gpt2.weights, self.gpt2.weights):
+            target.assign(tf.cast(source, target.dtype))
+        return copy
 
     def save(self, filepath, overwrite=True, save_format=None, **kwargs):
         """Keras' save, in the Keras format only: a `.keras` file (weights, config and tokenizer).
