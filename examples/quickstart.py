@@ -1,65 +1,54 @@
-"""tfgen end to end on a fresh machine: train a small Korean GPT-2, save it, load it, generate.
+"""tfgen's main job on a fresh machine, offline: Korean text from the embedded model, ko-mini.
 
-Until tfgen ships its own Korean model, this trains a SentencePiece tokenizer
-and a small GPT-2 on Korean text for a minute or two (Keras fit), saves an
-HF-layout checkpoint, reloads it and decodes the seeds' prompts greedily and
-by sampling, with the compiled decode loop.
+Loads the model that ships inside the package (no network, no download) and
+continues the seeds' prompts with the decoding strategies the seeds teach:
+greedy, beam search, n-gram blocking with a repetition penalty, and top-k /
+top-p sampling, all in one compiled decode loop; then shows the model's
+step-by-step top choices and the probability of two sentences.
 
-    python examples/quickstart.py [--data ../shared/data/ko] [--output runs/quickstart]
+    python examples/quickstart.py [--model ko-mini] [--max-new-tokens 40]
 """
 
 import argparse
-import itertools
 import time
-from pathlib import Path
 
-from tfgen import GPT2LM, training  # first: tfgen sets TensorFlow's environment before it loads
+import tfgen  # first: tfgen sets TensorFlow's environment before it loads
 
-import tensorflow as tf
-from transformers import GPT2Config
-
-from tfgen.tokenizer import train_sentencepiece
-from tfgen.data import lm_batches
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ko"
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
-
-
-def korean_lines(data_dir, count):
-    """Non-empty lines of the Korean Wikipedia sample and the chatbot questions."""
-    with open(data_dir / "HyundongHwang_PyTorchDeepLearningStart" / "kowiki_sample.txt", encoding="utf-8") as f:
-        wiki = [line.strip() for line in itertools.islice(f, count) if line.strip()]
-    with open(data_dir / "songys_Chatbot_data" / "ChatbotData.csv", encoding="utf-8") as f:
-        next(f)
-        chat = [line.split(",")[0] for line in itertools.islice(f, count)]
-    return wiki + chat
+STRATEGIES = {
+    "greedy": dict(),
+    "beam search, 4 beams": dict(num_beams=4, early_stopping=True),
+    "beams + no_repeat_ngram_size=3, repetition_penalty=1.2": dict(num_beams=4, no_repeat_ngram_size=3,
+                                                                   repetition_penalty=1.2),
+    "sampling, top_k=50, top_p=0.95, temperature=0.8": dict(do_sample=True, top_k=50, top_p=0.95, temperature=0.8,
+                                                            seed=0),
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared Korean data folder")
-    parser.add_argument("--output", type=Path, default=Path("runs/quickstart"))
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--model", default="ko-mini", help="embedded model name or checkpoint directory")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
 
-    tf.keras.utils.set_random_seed(0)
-    lines = korean_lines(args.data, 4000)
-    tokenizer = train_sentencepiece(lines, args.output / "tokenizer", vocab_size=4000)
-    lm = GPT2LM.from_config(GPT2Config(n_positions=256, n_embd=128, n_layer=4, n_head=4), tokenizer)
-    batches = lm_batches(lines, tokenizer, block_size=32, batch_size=32, layout="documents", seed=0)
-    lm.compile(optimizer=training.adamw(3e-3, weight_decay=0.0))
-    print(f"training a {lm.count_params():,}-parameter GPT-2 on {len(lines):,} lines")
-    lm.fit(batches, epochs=args.epochs, verbose=2)
-    lm.save_pretrained(args.output / "model")
-
-    lm = GPT2LM.from_pretrained(args.output / "model")
-    for settings in [dict(), dict(do_sample=True, top_k=50, top_p=0.95, seed=0)]:
+    lm = tfgen.GPT2LM.from_pretrained(args.model)
+    print(f"model: {args.model} ({lm.count_params():,} parameters, {lm.config.n_layer} layers x "
+          f"{lm.config.n_embd}, vocabulary {lm.tokenizer.vocab_size:,})")
+    for name, settings in STRATEGIES.items():
         start = time.perf_counter()
-        texts = lm.generate_text(PROMPTS, max_new_tokens=32, **settings)
-        print(f"\n{settings or 'greedy'} ({time.perf_counter() - start:.1f} s, compile included)")
+        texts = lm.generate_text(PROMPTS, max_new_tokens=args.max_new_tokens, **settings)
+        print(f"\n{name} ({time.perf_counter() - start:.1f} s, the first call of a strategy compiles it)")
         for text in texts:
             print(" ", text)
-    print(f"\nsaved to {args.output / 'model'}; try: tfgen generate 안녕하세요 --model {args.output / 'model'}")
+
+    print("\ntop 5 next tokens, step by step, after '근육이 커지기 위해서는' (greedy path):")
+    for row in lm.top_choices("근육이 커지기 위해서는", steps=5, k=5):
+        print(f"  {row['input']!r:>24} -> " + ", ".join(f"{token!r} {p:.2f}" for token, p in row["choices"]))
+
+    print("\nsentence log-probabilities:")
+    sentences = ["나는 오늘 학교에 갔다.", "학교에 나는 갔다 오늘."]
+    for sentence, result in zip(sentences, lm.score(sentences)):
+        print(f"  {sentence}: log p = {result['logprob']:.2f}, perplexity {result['perplexity']:.1f}")
 
 
 if __name__ == "__main__":

@@ -326,8 +326,9 @@ def model_card(record):
 
 A small Korean GPT-2 trained from scratch by tfgen itself, shipped inside the package so that
 tfgen works offline: `GPT2LM.from_pretrained("ko-mini")`, `tfgen.default_model_path()`, and every
-`tfgen` command without `--model`. It writes fluent-looking Korean phrases but knows little; use it
-to learn and test tfgen, or as a starting point for fine-tuning, not for facts.
+`tfgen` command without `--model`. It is small and saw only {tokens_seen / 1e6:.1f} M tokens: its Korean is
+often broken and it knows little (see the samples and the validation figures below). Use it to learn
+and test tfgen offline, or as a starting point for fine-tuning; for real text, load skt/kogpt2-base-v2.
 
 - GPT-2, {model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, a {model['n_positions']}-token
   context, no dropout; {model['parameters']:,} parameters (the LM head shares the token embedding).
@@ -353,8 +354,8 @@ Bible chapter, a Q/A pair, a sentence).
 
 ## Recipe
 
-`python recipes/ko_mini.py` (stages: prepare, tokenizer, train, evaluate, package; it resumes where it
-stopped). Training: tfgen's `finetune` (Keras `fit`) from random weights, packed rows of
+`python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, train, evaluate, package; it resumes
+where it stopped). Training: tfgen's `finetune` (Keras `fit`) from random weights, packed rows of
 {training['block_size']} tokens, batch {training['batch_size']}, AdamW with peak learning rate
 {training['learning_rate']}, {training['warmup_steps']} warmup steps then linear decay,
 {training['max_steps']:,} steps = {tokens_seen:,} tokens seen
