@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from transformers import GPT2Config
 
+from tfgen.data import read_documents
 from tfgen.tokenizer import Tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,16 +68,7 @@ def _lines(path, skip_header=False):
 
 def wikipedia(data):
     """Korean Wikipedia articles: a title line and paragraphs, blank lines between articles."""
-    article = []
-    for line in open(data / "HyundongHwang_PyTorchDeepLearningStart" / "kowiki_sample.txt", encoding="utf-8"):
-        line = line.rstrip("\n")
-        if line.strip():
-            article.append(line)
-        elif article:
-            yield "\n".join(article)
-            article = []
-    if article:
-        yield "\n".join(article)
+    return read_documents([data / "HyundongHwang_PyTorchDeepLearningStart" / "kowiki_sample.txt"], "paragraph")
 
 
 def reviews(data):
@@ -215,7 +207,7 @@ def stream_nats(lm, ids, context, batch_size=16):
     """
     step = context - 1
     starts = range(0, len(ids) - 1, step)
-    windows = np.full((len(starts), context), 0, np.int32)
+    windows = np.zeros((len(starts), context), np.int32)
     masks = np.zeros_like(windows)
     for row, start in enumerate(starts):
         piece = ids[start:start + context]
@@ -244,7 +236,7 @@ def model_figures(lm, work):
         documents = _validation_documents(work, name)
         ids = token_stream(lm.tokenizer, documents)
         nats = stream_nats(lm, ids, lm.config.n_positions)
-        characters = sum(len(d) + 1 for d in documents)  # + 1: the newline an EOS stands for
+        characters = _characters(documents)
         figures[name] = dict(tokens=len(ids) - 1, characters=characters, loss=nats / (len(ids) - 1),
                              bits_per_character=nats / math.log(2) / characters)
         print(f"{name}: {figures[name]}", flush=True)
@@ -252,19 +244,22 @@ def model_figures(lm, work):
 
 
 def _validation_documents(work, name):
-    text = (work / "corpus" / f"{name}.valid.txt").read_text(encoding="utf-8")
-    return [d for d in text.split("\n\n") if d]
+    return list(read_documents([work / "corpus" / f"{name}.valid.txt"], "paragraph"))
+
+
+def _characters(documents):
+    return sum(len(d) + 1 for d in documents)  # + 1: the newline an EOS stands for
 
 
 def xz_figures(work):
     """Per source: bits per character of xz -9e on the validation text, given the source's training text first."""
+    corpus = work / "corpus"
     figures = {}
     for name in SOURCES:
-        corpus = work / "corpus"
         valid = (corpus / f"{name}.valid.txt").read_text(encoding="utf-8")
-        characters = sum(len(d) + 1 for d in _validation_documents(work, name))
         train_text = (corpus / f"{name}.train.txt").read_text(encoding="utf-8")
-        figures[name] = dict(xz_bits_per_character=xz_bits(train_text, valid) / characters)
+        bits = xz_bits(train_text, valid)
+        figures[name] = dict(xz_bits_per_character=bits / _characters(_validation_documents(work, name)))
         print(f"{name}: {figures[name]}", flush=True)
     return figures
 
