@@ -162,3 +162,24 @@ def test_generate_text_returns_strings(tiny_lm):
 def test_prompt_longer_than_the_context_is_refused(tiny_lm):
     with pytest.raises(ValueError, match="context of 128 tokens"):
         tiny_lm.generate([[5] * 120], max_new_tokens=9)
+
+
+def test_new_buckets_trace_without_tensorflows_frequent_retracing_warning():
+    """Each prompt bucket traces once by design, so TF's "frequent retracing" warning must not fire for it."""
+    import logging
+
+    from transformers import GPT2Config
+
+    lm = GPT2LM(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=256))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        for width in (1, 40, 70, 100, 130, 170):  # six buckets in a row: past TF's threshold of five
+            lm.generate(np.ones([1, width], np.int32), max_new_tokens=2, pad_token_id=0)
+    finally:
+        logger.removeHandler(handler)
+    assert lm.decoder.trace_count == 6
+    assert not [r for r in records if "retracing" in r.getMessage()]

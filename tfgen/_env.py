@@ -64,15 +64,5 @@ class _DropLoadNoise(logging.Filter):
         return not any(text in message for text in self._DROPPED)
 
 
-class _DropDecoderRetracingNotice(logging.Filter):
-    """TF warns when one Python function traces often; tfgen's Decoder traces each decode program once per
-    prompt-width and new-token bucket on purpose (and TF counts all its programs as one function)."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not ("triggered tf.function retracing" in message and "<function Decoder." in message)
-
-
 _import_tensorflow_quietly()
 logging.getLogger("transformers.modeling_tf_utils").addFilter(_DropLoadNoise())
-logging.getLogger("tensorflow").addFilter(_DropDecoderRetracingNotice())

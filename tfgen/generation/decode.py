@@ -174,7 +174,10 @@ class Decoder:
         returned = options.num_return_sequences if strategy == "beam" else 1
         key = (strategy, options.num_beams, returned)
         if key not in self._programs:
-            self._programs[key] = tf.function(self._counted(program(self.gpt2, *key)), jit_compile=True)
+            function = tf.function(self._counted(program(self.gpt2, *key)), jit_compile=True)
+            # Each prompt bucket and new-token buffer traces once by design; TF would warn of "frequent retracing".
+            function._omit_frequent_tracing_warning = True
+            self._programs[key] = function
         out = decode(self._programs[key], tf.constant(input_ids), tf.constant(attention_mask), settings_tensors(options))
         return {
             "sequences": out["sequences"].numpy(),
