@@ -156,6 +156,13 @@ def test_bfloat16_copy_keeps_half_size_weights_and_close_logits(tiny_lm_dir, bat
     logits = bf16(input_ids, attention_mask=attention_mask)
     assert logits.dtype == tf.float32
     mask = attention_mask.astype(bool)
-    np.testing.assert_allclose(logits.numpy()[mask], expected[mask], atol=0.15)
-    ids = bf16.generate(input_ids, attention_mask, max_new_tokens=6)
+    # bfloat16 keeps 8 significant bits (2**-9 relative rounding per value; 0.45% norm-wise error seen on an AMD
+    # EPYC). A norm-wise bound ten times that holds whichever kernels the CPU runs (AVX2 converting to float32,
+    # AVX-512 BF16 or AMX computing in bfloat16); a bound on single values depends on them.
+    error = np.linalg.norm(logits.numpy()[mask] - expected[mask]) / np.linalg.norm(expected[mask])
+    assert error < 0.05, error
+    # Without an EOS no row ends early, so the shape holds whichever tokens bfloat16 rounding picks.
+    ids = bf16.generate(input_ids, attention_mask, max_new_tokens=6, eos_token_id=None).numpy()
     assert ids.shape == (input_ids.shape[0], input_ids.shape[1] + 6)
+    np.testing.assert_array_equal(ids[:, : input_ids.shape[1]], input_ids)
+    assert ((ids >= 0) & (ids < bf16.config.vocab_size)).all()
