@@ -1,7 +1,6 @@
 """GPT2LM: a Keras model around transformers' TFGPT2LMHeadModel, with its tokenizer and compiled generate."""
 
 import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 
@@ -16,8 +15,9 @@ from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
-_HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
-              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
+# What from_pretrained fetches from a hub repository besides the one weights file it reads.
+_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "*.model", "*.spiece"]
 
 
 @dataclasses.dataclass
@@ -67,40 +67,43 @@ def resolve_model_dir(name_or_path):
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _is_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+        return _hub_snapshot(str(name_or_path))
     except Exception as error:  # the hub client raises many types for "offline"
         raise OSError(
-            f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(error).__name__}: {error}); "
-            "check the network, or pass a local checkpoint directory"
+            f"could not fetch {name_or_path!r} from the Hugging Face hub, nor find it in the local cache "
+            f"({type(error).__name__}: {error}); check the network, or pass a local checkpoint directory"
         ) from error
 
 
-def _has_torch():
-    return importlib.util.find_spec("torch") is not None
+def _hub_snapshot(repo_id):
+    """The snapshot directory of `repo_id` in HF's cache, fetching only the files from_pretrained reads.
+
+    With HF_HUB_OFFLINE=1, or when the hub cannot be reached, the cached snapshot is used as it is.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except (OSError, ConnectionError) as error:  # requests' errors derive from OSError
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:
+            raise error from None
+    return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + checkpoint.weights_to_fetch(files)))
 
 
 def _load_weights(directory, tokenizer):
-    config = GPT2Config.from_pretrained(directory)
-    if (directory / checkpoint.TF_WEIGHTS_FILE).exists():
+    weights = checkpoint.weights_file({path.name for path in directory.iterdir()})
+    if weights is None:
+        raise FileNotFoundError(f"{directory} has no weights: expected one of {', '.join(checkpoint.WEIGHTS_FILES)}")
+    if weights == checkpoint.TF_WEIGHTS_FILE:
         return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, use_safetensors=False), tokenizer)
-    if (directory / checkpoint.SAFETENSORS_FILE).exists():
-        lm = GPT2LM(config, tokenizer)
-        checkpoint.read_safetensors(lm.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
-        return lm
-    if (directory / checkpoint.PYTORCH_WEIGHTS_FILE).exists():
-        if not _has_torch():
-            raise ImportError(
-                f"{directory / checkpoint.PYTORCH_WEIGHTS_FILE} is a PyTorch pickle, which needs torch to read: "
-                "pip install torch, or re-save the checkpoint as model.safetensors"
-            )
-        return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, from_pt=True), tokenizer)
-    raise FileNotFoundError(
-        f"{directory} has no weights: expected {checkpoint.TF_WEIGHTS_FILE}, {checkpoint.SAFETENSORS_FILE} "
-        f"or {checkpoint.PYTORCH_WEIGHTS_FILE}"
-    )
+    lm = GPT2LM(GPT2Config.from_pretrained(directory), tokenizer)
+    checkpoint.read_weights(lm.gpt2.weights, directory / weights)
+    return lm
 
 
 class GPT2LM(tf.keras.Model):
