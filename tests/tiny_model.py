@@ -52,5 +52,15 @@ def safetensors_only_dir(tiny_lm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def h5_only_dir(tiny_lm_dir, tmp_path_factory):
+    """The same checkpoint without model.safetensors (which from_pretrained prefers): weights from tf_model.h5."""
+    directory = tmp_path_factory.mktemp("tiny-lm-h5")
+    for path in tiny_lm_dir.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, directory / path.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
     return GPT2LM.from_pretrained(tiny_lm_dir)

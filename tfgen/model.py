@@ -185,19 +185,32 @@ class GPT2LM(tf.keras.Model):
         return cls(config, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float32"):
+    def from_pretrained(cls, name_or_path, dtype="float32", **special_tokens):
         """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it.
 
+        Weights are read from the first of model.safetensors, its sharded index,
+        tf_model.h5, pytorch_model.bin and its index that the directory has;
+        all but tf_model.h5 are read without TensorFlow's or PyTorch's loaders
+        (see `checkpoint.open_weights`), so no torch is needed.
         `dtype="bfloat16"` keeps the weights and the computation in bfloat16 (see `with_dtype`).
+        `special_tokens` (bos_token="</s>", eos_token=..., unk_token, pad_token,
+        mask_token) override the tokenizer's, as `PreTrainedTokenizerFast.from_pretrained`
+        takes them; an overridden BOS, EOS or pad token also sets the model's id
+        for it (what generate stops at and pads with).
         """
         directory = resolve_model_dir(name_or_path)
         if not (directory / checkpoint.CONFIG_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
         try:
-            tokenizer = Tokenizer.from_pretrained(directory)
+            tokenizer = Tokenizer.from_pretrained(directory, **special_tokens)
         except FileNotFoundError:
+            if special_tokens:
+                raise ValueError(f"{directory} has no tokenizer files, so its special tokens cannot be set") from None
             tokenizer = None
         lm = _load_weights(directory, tokenizer)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key in special_tokens:
+                setattr(lm.config, f"{key}_id", getattr(tokenizer, f"{key}_id"))
         return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
 
     def with_dtype(self, dtype):
@@ -332,8 +345,8 @@ class GPT2LM(tf.keras.Model):
     def score(self, texts):
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).
 
-        Each dict has `tokens` (the token texts of `tokenizer.encode(text)`, BOS
-        first where the tokenizer has one), `token_logprobs` (the natural-log
+        Each dict has `tokens` (the `Tokenizer.token_text` of each id of
+        `tokenizer.encode(text)`, with the special tokens the tokenizer adds), `token_logprobs` (the natural-log
         probability of each token after the first given those before it),
         `logprob` (their sum) and `perplexity` (exp of minus their mean).
         """

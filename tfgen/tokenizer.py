@@ -17,12 +17,13 @@ import tokenizers
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 # tokenizer_config.json's switches for the special tokens encode adds (transformers' names).
 _ADD_TOKEN_KEYS = ("add_bos_token", "add_eos_token")
-# KoGPT2-v1 names, used when neither the configs nor the model name a token.
+# Used when neither the configs nor the model name a token, the first the vocabulary has: KoGPT2's names,
+# then GPT-2's "<|endoftext|>" (its BOS, EOS and unknown token, as transformers' GPT2Tokenizer defaults).
 _DEFAULT_SPECIAL_TOKENS = {
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "pad_token": "<pad>",
-    "unk_token": "<unk>",
+    "bos_token": ("<s>", "<|endoftext|>"),
+    "eos_token": ("</s>", "<|endoftext|>"),
+    "pad_token": ("<pad>",),
+    "unk_token": ("<unk>", "<|endoftext|>"),
 }
 _SP_SUFFIXES = (".model", ".spiece")
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -185,7 +186,7 @@ class Tokenizer:
         ``tokenizer_config.json`` beside the file, in that order, as in
         transformers. Tokens none of them names come from the SentencePiece
         model's own ids, else are ``<s> </s> <pad> <unk>`` where the vocabulary
-        has them. A token not in the vocabulary is a ValueError.
+        has them, else GPT-2's ``<|endoftext|>`` (BOS, EOS and unknown). A token not in the vocabulary is a ValueError.
         """
         unknown = sorted(set(special_tokens) - set(_SPECIAL_TOKEN_KEYS))
         if unknown:
@@ -205,9 +206,9 @@ class Tokenizer:
             raise ValueError(f"{path}: expected a *.model, *.spiece or tokenizer.json file")
 
         tokens = backend.builtin_special_tokens()
-        for key, token in _DEFAULT_SPECIAL_TOKENS.items():
-            if tokens.get(key) is None and backend.token_to_id(token) is not None:
-                tokens[key] = token
+        for key, names in _DEFAULT_SPECIAL_TOKENS.items():
+            if tokens.get(key) is None:
+                tokens[key] = next((name for name in names if backend.token_to_id(name) is not None), None)
         added_tokens = {}
         for name in _CONFIG_FILES:
             config = _read_json(path.parent / name)
