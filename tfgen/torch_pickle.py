@@ -216,7 +216,7 @@ class TorchCheckpoint(Mapping):
         view = np.lib.stride_tricks.as_strided(
             storage[ref.offset:], shape=ref.shape, strides=[s * itemsize for s in ref.stride], writeable=False
         )
-        return np.array(view)  # a contiguous copy: the map may close, and strided views are slow to use
+        return np.array(view, order="C")  # a contiguous copy: the map may close, and strided views are slow to use
 
     def __iter__(self):
         return iter(self.refs)
