@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ def default_model_path():
 
 
 def _is_hub_id(name):
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
+    # "owner/name", or a bare name for the few repositories without an owner (gpt2, gpt2-xl).
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not os.path.splitext(name)[1]
 
 
 def resolve_model_dir(name_or_path):
