@@ -175,6 +175,7 @@ def _torch_logits(snapshot, ids):
 # and tries the malicious checkpoints given as arguments.
 WITHOUT_TORCH = """
 import json, sys
+import numpy as np
 sys.modules["torch"] = None  # `import torch` now raises ImportError; transformers sees no torch
 try:
     import torch
@@ -193,7 +194,7 @@ for path in sys.argv[3:]:
         TorchCheckpoint(path)
     except UnsafePickleError as error:
         refused.append(str(error))
-print(json.dumps({"blocked": blocked, "ids": ids, "logits": [lm([row]).numpy()[0].tolist() for row in ids],
+print(json.dumps({"blocked": blocked, "ids": ids, "logits": [lm(np.array([row], np.int32)).numpy()[0].tolist() for row in ids],
                   "refused": refused}))
 sys.exit(main(["generate", "--model", sys.argv[1], "--json", "--max-new-tokens", "12", *json.loads(sys.argv[2])]))
 """
