@@ -6,6 +6,7 @@ BPE tokenizer.json with vocab.json and merges.txt, and model.safetensors. Both t
 wide enough that the next-token distributions are far from flat.
 """
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -23,7 +24,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from tokenizers.implementations import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from tfgen import GPT2LM, Tokenizer, checkpoint
+import tfgen.model
+from tfgen import GPT2LM, Tokenizer, checkpoint, cli
 from tfgen.torch_pickle import UnsafePickleError
 from test_torch_pickle import malicious_checkpoints
 
@@ -308,11 +310,53 @@ def test_special_token_overrides_reach_the_model(offline_hub):
         GPT2LM.from_pretrained(KOGPT2, pad_token="<PAD>")
 
 
-def test_score_and_cli_show_token_texts(offline_hub):
+def test_score_and_cli_show_token_texts(offline_hub, capsys):
+    text = "Transformers are the most"
     lm = GPT2LM.from_pretrained(GPT2_XL)
-    result = lm.score("Transformers are the most")
-    assert result["tokens"] == [lm.tokenizer.token_text(i) for i in lm.tokenizer.encode("Transformers are the most")]
-    assert "".join(result["tokens"]) == "Transformers are the most"
+    fast = AutoTokenizer.from_pretrained(offline_hub[GPT2_XL])
+    result = lm.score(text)
+    assert result["tokens"] == [fast.decode([i]) for i in fast.encode(text)]  # ' are', not 'Ġare'
+    assert "".join(result["tokens"]) == text
+    assert cli.main(["score", "--model", GPT2_XL, "--json", text]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == result["tokens"]
+    assert cli.main(["score", "--model", GPT2_XL, text]) == 0
+    assert "  ▁are  " in capsys.readouterr().out  # the plain listing marks a leading space with ▁
+
+
+def test_a_hub_id_downloads_only_what_it_reads_and_falls_back_to_the_cache(hub_cache, monkeypatch):
+    import huggingface_hub
+    import requests
+
+    hf_home, snapshots = hub_cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    listing = [".gitattributes", "config.json", "flax_model.msgpack", "generation_config.json", "merges.txt",
+               "model.safetensors", "pytorch_model.bin", "rust_model.ot", "tf_model.h5", "tokenizer.json",
+               "vocab.json"]
+    requested = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        requested.append(allow_patterns)
+        return str(snapshots[repo_id])
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: listing)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert tfgen.model.resolve_model_dir(GPT2_XL) == snapshots[GPT2_XL]
+    (patterns,) = requested
+    fetched = [name for name in listing if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+    assert fetched == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(self, repo_id):
+        raise requests.ConnectionError("no route to huggingface.co")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    assert tfgen.model.resolve_model_dir(KOGPT2) == snapshots[KOGPT2]  # the cached snapshot
+    with pytest.raises(OSError, match="could not fetch 'skt/not-cached'.*no route"):
+        tfgen.model.resolve_model_dir("skt/not-cached")
 
 
 def _weights(lm):

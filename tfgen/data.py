@@ -3,7 +3,8 @@
 A document is a string: an element of a list or of a `tf.data.Dataset` of
 strings, or, from text files, a line or a blank-line-separated paragraph.
 Files are read as a stream, never whole. `lm_batches` tokenizes documents
-(`document_ids`: the special tokens `Tokenizer.encode` adds, then EOS) and lays them out as rows of `block_size + 1` tokens:
+(`document_ids`: the special tokens `Tokenizer.encode` adds, then EOS) and
+lays them out as rows of `block_size + 1` tokens:
 
 - "documents": one document per row, cut to fit, right-padded;
 - "packed": documents joined into one token stream and cut into full rows

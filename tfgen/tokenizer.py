@@ -186,7 +186,8 @@ class Tokenizer:
         ``tokenizer_config.json`` beside the file, in that order, as in
         transformers. Tokens none of them names come from the SentencePiece
         model's own ids, else are ``<s> </s> <pad> <unk>`` where the vocabulary
-        has them, else GPT-2's ``<|endoftext|>`` (BOS, EOS and unknown). A token not in the vocabulary is a ValueError.
+        has them, else GPT-2's ``<|endoftext|>`` (BOS, EOS and unknown). A
+        token not in the vocabulary is a ValueError.
         """
         unknown = sorted(set(special_tokens) - set(_SPECIAL_TOKEN_KEYS))
         if unknown:

@@ -9,13 +9,12 @@ function of this module, so nothing from the file runs and torch is never
 imported; any other global is refused with `UnsafePickleError`.
 
 `TorchCheckpoint` is a read-only mapping of tensor name -> numpy array that
-reads (memory-maps) one tensor's bytes when it is asked for.
+reads one tensor's bytes when it is asked for.
 """
 
 import collections
 import dataclasses
 import io
-import mmap
 import pickle
 import struct
 import zipfile
@@ -119,7 +118,8 @@ def _unpickle(data, path):
     except UnsafePickleError:
         raise
     except Exception as error:  # e.g. a storage type called as a function, a truncated file
-        raise pickle.UnpicklingError(f"{path}: not a PyTorch state dict pickle ({type(error).__name__}: {error})") from None
+        raise pickle.UnpicklingError(
+            f"{path}: not a PyTorch state dict pickle ({type(error).__name__}: {error})") from None
 
 
 def _tensor_refs(obj, path):
@@ -188,14 +188,22 @@ def _read_legacy(path, file):
     return tensors, offsets
 
 
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 class TorchCheckpoint(Mapping):
     """A ``torch.save`` state dict as a read-only mapping name -> numpy array, without torch.
 
-    Opening reads only the pickle; each tensor is a copy of its bytes made when
-    it is looked up (the file is memory-mapped), so a model is never in memory
-    twice. ``refs[name]`` has a tensor's dtype and shape without reading it.
-    Raises `UnsafePickleError` for a pickle that names anything but tensors
-    and containers.
+    Opening reads only the pickle; looking a tensor up reads its storage's
+    bytes from the file into a new array, so tensors can be read one at a time
+    and a model is never in memory twice. ``refs[name]`` has a tensor's dtype
+    and shape without reading it. Raises `UnsafePickleError` for a pickle that
+    names anything but tensors and containers.
     """
 
     def __init__(self, path):
@@ -206,23 +214,22 @@ class TorchCheckpoint(Mapping):
             else:
                 file.seek(0)
                 self.refs, self._offsets = _read_legacy(self.path, file)
-            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
 
     def __getitem__(self, name):
         ref = self.refs[name]
-        start = self._offsets[ref.storage.key]
-        storage = np.frombuffer(self._map, ref.dtype, count=ref.storage.numel, offset=start)
-        itemsize = ref.dtype.itemsize
+        storage = np.empty(ref.storage.numel, ref.dtype)
+        with open(self.path, "rb") as file:
+            file.seek(self._offsets[ref.storage.key])
+            if file.readinto(storage.view(np.uint8)) != storage.nbytes:
+                raise ValueError(f"{self.path} is truncated: the data of {name} is cut short")
+        if ref.offset == 0 and storage.size == np.prod(ref.shape) and ref.stride == _contiguous_strides(ref.shape):
+            return storage.reshape(ref.shape)  # the usual case: the tensor is its whole storage
         view = np.lib.stride_tricks.as_strided(
-            storage[ref.offset:], shape=ref.shape, strides=[s * itemsize for s in ref.stride], writeable=False
-        )
-        return np.array(view, order="C")  # a contiguous copy: the map may close, and strided views are slow to use
+            storage[ref.offset:], shape=ref.shape, strides=[s * ref.dtype.itemsize for s in ref.stride])
+        return np.array(view, order="C")
 
     def __iter__(self):
         return iter(self.refs)
 
     def __len__(self):
         return len(self.refs)
-
-    def close(self):
-        self._map.close()
