@@ -196,7 +196,7 @@ def token_stream(tokenizer, documents):
     """BOS + text + EOS for each document, concatenated, as in the packed training rows."""
     ids = []
     for document in documents:
-        ids += [tokenizer.bos_token_id, *tokenizer.encode(document, add_bos=False), tokenizer.eos_token_id]
+        ids += [tokenizer.bos_token_id, *tokenizer.encode(document, add_special_tokens=False), tokenizer.eos_token_id]
     return np.array(ids, np.int32)
 
 

@@ -77,4 +77,4 @@ def hf_tokenizer_dir(ko_lines, tmp_path_factory):
     return directory
 
 # The trained tiny GPT-2 that model, generation and CLI tests share.
-from tiny_model import safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401
+from tiny_model import h5_only_dir, safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401

@@ -13,7 +13,7 @@ def _batches(dataset):
 
 
 def _framed(tok, text):
-    return [tok.bos_token_id, *tok.encode(text, add_bos=False), tok.eos_token_id]
+    return [tok.bos_token_id, *tok.encode(text, add_special_tokens=False), tok.eos_token_id]
 
 
 def test_documents_layout_is_one_right_padded_document_per_row(tiny_lm):

@@ -47,8 +47,9 @@ def greedy_settings(tiny_lm, prompt_batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["tf_model.h5", "model.safetensors"])
-def test_greedy_matches_transformers_token_for_token(weights, tiny_lm_dir, safetensors_only_dir, prompt_batch, greedy_settings):
-    directory = tiny_lm_dir if weights == "tf_model.h5" else safetensors_only_dir
+def test_greedy_matches_transformers_token_for_token(weights, tiny_lm_dir, h5_only_dir, safetensors_only_dir, prompt_batch,
+                                                    greedy_settings):
+    directory = h5_only_dir if weights == "tf_model.h5" else safetensors_only_dir
     lm = GPT2LM.from_pretrained(directory)
     ids, mask = prompt_batch
     ours = lm.generate(ids, mask, **greedy_settings).numpy()

@@ -71,11 +71,72 @@ def test_hf_decode_encode_round_trips_corpus_lines(hf_tok, ko_lines, data):
 # --- special tokens ------------------------------------------------------------
 
 
-def test_encode_prepends_bos_only_when_asked(tok):
-    ids = tok.encode(TEXT)
-    assert ids[0] == tok.bos_token_id
-    assert tok.encode(TEXT, add_bos=False) == ids[1:]
-    assert tok.bos_token_id not in ids[1:]
+def test_sentencepiece_encode_prepends_bos_unless_told_not_to(sp_tok):
+    # KoGPT2-v1's convention (seed 002): BOS first.
+    ids = sp_tok.encode(TEXT)
+    assert sp_tok.add_bos_token is True and sp_tok.add_eos_token is False
+    assert ids[0] == sp_tok.bos_token_id
+    assert sp_tok.encode(TEXT, add_special_tokens=False) == ids[1:]
+    assert sp_tok.bos_token_id not in ids[1:]
+
+
+def test_tokenizer_json_adds_what_its_post_processor_adds(hf_tok, hf_tokenizer_dir, ko_lines):
+    # The fixture's file has no post-processor (as KoGPT2-v2's): no BOS, as transformers encodes it.
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast.from_pretrained(hf_tokenizer_dir)
+    assert hf_tok.add_bos_token is None
+    for line in [TEXT, *ko_lines[::200]]:
+        assert hf_tok.encode(line) == fast.encode(line) == hf_tok.encode(line, add_special_tokens=False)
+    assert hf_tok.bos_token_id not in hf_tok.encode(TEXT)
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>", "$A </s>"])
+def test_tokenizer_json_post_processor_template_is_followed(hf_tokenizer_dir, tmp_path, template):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    spec["post_processor"] = json.loads(processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]).__getstate__())
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    shutil.copy(hf_tokenizer_dir / "tokenizer_config.json", tmp_path)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    fast = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert tok.encode(TEXT) == fast.encode(TEXT)
+    assert (tok.encode(TEXT)[0] == tok.bos_token_id) == template.startswith("<s>")
+    assert (tok.encode(TEXT)[-1] == tok.eos_token_id) == template.endswith("</s>")
+
+
+@pytest.mark.parametrize("kind", ["sp", "hf"])
+@pytest.mark.parametrize("add_bos, add_eos", [(False, False), (True, True), (False, True)])
+def test_tokenizer_config_switches_decide_bos_and_eos(spm_dir, hf_tokenizer_dir, tmp_path, kind, add_bos, add_eos):
+    source = {"sp": spm_dir / "tokenizer.model", "hf": hf_tokenizer_dir / "tokenizer.json"}[kind]
+    shutil.copy(source, tmp_path)
+    write_config(tmp_path, "tokenizer_config.json", {"add_bos_token": add_bos, "add_eos_token": add_eos})
+    tok = Tokenizer.from_pretrained(tmp_path)
+    plain = tok.encode(TEXT, add_special_tokens=False)
+    assert tok.encode(TEXT) == [tok.bos_token_id] * add_bos + plain + [tok.eos_token_id] * add_eos
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    tok.save_pretrained(saved)
+    assert Tokenizer.from_pretrained(saved).encode(TEXT) == tok.encode(TEXT)
+
+
+def test_special_token_overrides_as_transformers_takes_them(hf_tokenizer_dir, spm_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    overrides = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    tok = Tokenizer.from_pretrained(hf_tokenizer_dir, **overrides)
+    fast = PreTrainedTokenizerFast.from_pretrained(hf_tokenizer_dir, **overrides)
+    for key in overrides:
+        assert getattr(tok, f"{key}_id") == getattr(fast, f"{key}_id"), key
+    assert Tokenizer.from_pretrained(spm_dir, pad_token=None).pad_token_id is None
+    with pytest.raises(ValueError, match=r"mask_token '<mask>' is not in the vocabulary"):
+        Tokenizer.from_pretrained(hf_tokenizer_dir, mask_token="<mask>")
+    with pytest.raises(TypeError, match="sep_token"):
+        Tokenizer.from_pretrained(hf_tokenizer_dir, sep_token="</s>")
 
 
 def test_special_ids_come_from_the_sentencepiece_model(spm_dir, tmp_path):
@@ -140,11 +201,11 @@ def test_config_token_missing_from_vocabulary_is_an_error(spm_dir, tmp_path):
 # --- batches -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("add_bos", [True, False])
-def test_encode_batch_left_pads(tok, ko_lines, add_bos):
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_encode_batch_left_pads(tok, ko_lines, add_special_tokens):
     texts = [ko_lines[0], "", TEXT, ko_lines[-1]]
-    input_ids, mask = tok.encode_batch(texts, add_bos=add_bos)
-    rows = [tok.encode(text, add_bos=add_bos) for text in texts]
+    input_ids, mask = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+    rows = [tok.encode(text, add_special_tokens=add_special_tokens) for text in texts]
     length = max(map(len, rows))
     assert input_ids.dtype == mask.dtype == np.int32
     assert input_ids.shape == mask.shape == (len(texts), length)
@@ -185,8 +246,9 @@ def test_sp_decode_shows_special_tokens_when_asked(sp_tok):
 
 def test_hf_decode_shows_special_tokens_when_asked(hf_tok):
     ids = hf_tok.encode(TEXT) + [hf_tok.eos_token_id, hf_tok.pad_token_id]
+    assert hf_tok.decode(ids, skip_special_tokens=False) == f"{TEXT}</s><pad>"
     # The Metaspace decoder strips the word-start space of the first token only.
-    assert hf_tok.decode(ids, skip_special_tokens=False) == f"<s> {TEXT}</s><pad>"
+    assert hf_tok.decode([hf_tok.bos_token_id, *ids], skip_special_tokens=False) == f"<s> {TEXT}</s><pad>"
 
 
 def test_tokens_and_their_text(tok):
@@ -242,7 +304,8 @@ def test_transformers_reads_saved_tokenizer_json(hf_tok, ko_lines, tmp_path):
     assert fast.all_special_tokens == ["<s>", "</s>", "<unk>", "<pad>"]
     assert (fast.bos_token_id, fast.pad_token_id) == (hf_tok.bos_token_id, hf_tok.pad_token_id)
     for line in ko_lines[::100]:
-        assert fast.encode(line, add_special_tokens=False) == hf_tok.encode(line, add_bos=False)
+        assert fast.encode(line, add_special_tokens=False) == hf_tok.encode(line, add_special_tokens=False)
+        assert fast.encode(line) == hf_tok.encode(line)
 
 
 def test_from_pretrained_prefers_sentencepiece(spm_dir, hf_tokenizer_dir, sp_tok, tmp_path):

@@ -41,14 +41,24 @@ def tiny_lm_dir(spm_dir, ko_lines, tmp_path_factory):
     return directory
 
 
+def copy_without(source, directory, left_out):
+    """`directory` with every file of the checkpoint `source` but `left_out`."""
+    for path in source.iterdir():
+        if path.name != left_out:
+            shutil.copy(path, directory / path.name)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def safetensors_only_dir(tiny_lm_dir, tmp_path_factory):
     """The same checkpoint without tf_model.h5: weights come from the PyTorch-layout safetensors."""
-    directory = tmp_path_factory.mktemp("tiny-lm-safetensors")
-    for path in tiny_lm_dir.iterdir():
-        if path.name != "tf_model.h5":
-            shutil.copy(path, directory / path.name)
-    return directory
+    return copy_without(tiny_lm_dir, tmp_path_factory.mktemp("tiny-lm-safetensors"), "tf_model.h5")
+
+
+@pytest.fixture(scope="session")
+def h5_only_dir(tiny_lm_dir, tmp_path_factory):
+    """The same checkpoint without model.safetensors (which from_pretrained prefers): weights from tf_model.h5."""
+    return copy_without(tiny_lm_dir, tmp_path_factory.mktemp("tiny-lm-h5"), "model.safetensors")
 
 
 @pytest.fixture(scope="session")

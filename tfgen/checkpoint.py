@@ -1,23 +1,106 @@
-"""HF-layout checkpoint files: PyTorch-layout safetensors without torch, atomic directories.
+"""HF-layout checkpoint files: PyTorch-layout weights read and written without torch, atomic directories.
 
 GPT-2's TF and PyTorch weights have the same shapes (Conv1D keeps [in, out]),
 so converting is renaming; only Conv1D biases differ ([1, n] in TF, [n] in PyTorch).
+`open_weights` reads model.safetensors, pytorch_model.bin (`torch_pickle`) and
+the shards of either's index as one name -> numpy array mapping, a tensor at a time.
 """
 
 import contextlib
+import fnmatch
+import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tfgen.torch_pickle import TorchCheckpoint
 
 CONFIG_FILE = "config.json"
 TF_WEIGHTS_FILE = "tf_model.h5"
 SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 PYTORCH_WEIGHTS_FILE = "pytorch_model.bin"
+PYTORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+# The weights files a checkpoint may have, in the order tfgen prefers them (one is read).
+WEIGHTS_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE, TF_WEIGHTS_FILE, PYTORCH_WEIGHTS_FILE, PYTORCH_INDEX_FILE)
+# How transformers names the shards of an index ("model-00001-of-00002.safetensors").
+_SHARDS = {SAFETENSORS_INDEX_FILE: "model-*-of-*.safetensors", PYTORCH_INDEX_FILE: "pytorch_model-*-of-*.bin"}
+# Prefixes of a GPT2LMHeadModel's names that a checkpoint of the bare GPT2Model (OpenAI's gpt2 files) lacks.
+_BASE_MODEL_PREFIX = "transformer."
+
+
+def weights_file(filenames):
+    """The weights file tfgen reads among `filenames` (a checkpoint's file names), or None."""
+    return next((name for name in WEIGHTS_FILES if name in filenames), None)
+
+
+def weights_to_fetch(filenames):
+    """Of a hub repository's files, the weights that `weights_file` picks: one file, or an index and its shards."""
+    chosen = weights_file(filenames)
+    if chosen is None:
+        return []
+    return [chosen, *sorted(fnmatch.filter(filenames, _SHARDS[chosen]))] if chosen in _SHARDS else [chosen]
+
+
+class _SafetensorsFile(Mapping):
+    def __init__(self, path):
+        self._file = safe_open(str(path), framework="numpy")
+        self._names = list(self._file.keys())
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+class _Shards(Mapping):
+    """An index's tensors: each name looked up in the shard the index's weight_map names."""
+
+    def __init__(self, index_path):
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (index_path.parent / shard).is_file():
+                raise FileNotFoundError(f"{index_path} names the shard {shard}, which is not beside it")
+            shards[shard] = _open_file(index_path.parent / shard)
+        self._where = {name: shards[shard] for name, shard in weight_map.items()}
+
+    def __getitem__(self, name):
+        return self._where[name][name]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def _open_file(path):
+    return _SafetensorsFile(path) if path.suffix == ".safetensors" else TorchCheckpoint(path)
+
+
+def open_weights(path):
+    """A PyTorch-layout checkpoint as a read-only mapping name -> numpy array; each tensor is read when looked up.
+
+    `path` is a model.safetensors, a pytorch_model.bin (read by `torch_pickle`,
+    without torch and without running anything from the pickle) or either's
+    ``.index.json``, whose shards lie beside it.
+    """
+    path = Path(path)
+    return _Shards(path) if path.name.endswith(".index.json") else _open_file(path)
 
 
 def pytorch_name(tf_variable_name):
@@ -42,18 +125,33 @@ def write_safetensors(variables, path, dtype=None):
     os.chmod(path, 0o666 & ~_umask())  # save_file creates the file 0600
 
 
-def read_safetensors(variables, path):
-    """Assigns a PyTorch-layout safetensors file to TF GPT-2 variables; every variable must be found."""
-    tensors = load_file(str(path))
-    missing = []
-    for variable in variables:
-        name = pytorch_name(variable.name)
-        if name not in tensors:
-            missing.append(name)
-            continue
-        variable.assign(np.reshape(tensors[name], variable.shape).astype(variable.dtype.as_numpy_dtype))
+def read_weights(variables, path):
+    """Assigns a PyTorch-layout checkpoint (see `open_weights`) to TF GPT-2 variables, one tensor at a time.
+
+    Every variable must be found, under its GPT2LMHeadModel name or without the
+    "transformer." prefix (GPT2Model checkpoints); other tensors in the file, such
+    as the causal-mask buffers attn.bias and attn.masked_bias of older
+    checkpoints, are not weights and are left unread.
+    """
+    weights = open_weights(path)
+    names = {variable.name: _checkpoint_name(pytorch_name(variable.name), weights) for variable in variables}
+    missing = [pytorch_name(variable.name) for variable in variables if names[variable.name] is None]
     if missing:
-        raise ValueError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; is it a GPT-2 checkpoint?")
+        raise ValueError(f"{path} lacks the weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                         "is it a GPT-2 checkpoint?")
+    for variable in variables:
+        value = weights[names[variable.name]]
+        if value.size != np.prod(variable.shape):
+            raise ValueError(f"{path}: {names[variable.name]} has shape {list(value.shape)}, the model expects "
+                             f"{variable.shape.as_list()}; does config.json belong to these weights?")
+        variable.assign(np.reshape(value, variable.shape).astype(variable.dtype.as_numpy_dtype))
+
+
+def _checkpoint_name(name, weights):
+    if name in weights:
+        return name
+    bare = name[len(_BASE_MODEL_PREFIX):] if name.startswith(_BASE_MODEL_PREFIX) else None
+    return bare if bare in weights else None
 
 
 def _umask():

@@ -3,7 +3,8 @@
 A document is a string: an element of a list or of a `tf.data.Dataset` of
 strings, or, from text files, a line or a blank-line-separated paragraph.
 Files are read as a stream, never whole. `lm_batches` tokenizes documents
-(BOS + text + EOS) and lays them out as rows of `block_size + 1` tokens:
+(`document_ids`: the special tokens `Tokenizer.encode` adds, then EOS) and
+lays them out as rows of `block_size + 1` tokens:
 
 - "documents": one document per row, cut to fit, right-padded;
 - "packed": documents joined into one token stream and cut into full rows
@@ -118,12 +119,22 @@ def split_validation(documents, fraction):
     return train, valid
 
 
+def document_ids(tokenizer, text):
+    """A training document's ids: `tokenizer.encode(text)` (the special tokens the model sees at generation:
+    BOS first for SentencePiece models, none for KoGPT2-v2 and GPT-2), then EOS unless encode added it.
+
+    The EOS ends the document, and in packed rows it is what precedes the next one, as in GPT-2's pre-training.
+    """
+    ids = tokenizer.encode(text)
+    eos = tokenizer.eos_token_id
+    return ids if eos is None or ids[-1:] == [eos] else [*ids, eos]
+
+
 def _encoded_groups(documents, tokenizer):
-    """Groups of up to ENCODE_GROUP documents as ragged int32 ids [docs, None], each BOS + tokens + EOS."""
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    """Groups of up to ENCODE_GROUP documents as ragged int32 ids [docs, None], each `document_ids`."""
 
     def encode(texts):
-        rows = [tokenizer.encode(text.decode("utf-8")) + eos for text in texts.numpy()]
+        rows = [document_ids(tokenizer, text.decode("utf-8")) for text in texts.numpy()]
         return np.asarray([t for row in rows for t in row], np.int32), np.asarray([len(r) for r in rows], np.int64)
 
     def encode_op(texts):
@@ -136,7 +147,7 @@ def _encoded_groups(documents, tokenizer):
 
 
 def tokenize(documents, tokenizer):
-    """Each document as int32 ids: BOS (if the tokenizer has one), its tokens, EOS (if it has one)."""
+    """Each document as int32 ids, as `document_ids` gives them."""
     return _encoded_groups(documents, tokenizer).unbatch()
 
 

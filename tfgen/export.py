@@ -159,24 +159,28 @@ def _rule(name, value):
 
 
 class TextCodec(tf.Module):
-    """The tokenizer in the graph: SentencePiece through tensorflow-text, with `Tokenizer`'s BOS, padding and decoding rules."""
+    """The tokenizer in the graph: SentencePiece through tensorflow-text, with `Tokenizer`'s special-token, padding
+    and decoding rules."""
 
     def __init__(self, tokenizer, sentencepiece_model, eos_ids):
         super().__init__()
         import tensorflow_text
 
         self.sentencepiece = tensorflow_text.SentencepieceTokenizer(model=sentencepiece_model, out_type=tf.int32)
-        self.bos_id = tokenizer.bos_token_id
+        # Tokenizer.encode's rule: BOS first and EOS last where add_bos_token / add_eos_token say so.
+        self.prefix = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
+        self.suffix = [tokenizer.eos_token_id] if tokenizer.add_eos_token else []
         self.padding_id = tokenizer.padding_id
         self.special_ids = sorted(tokenizer.all_special_ids)
         self.eos_ids = list(eos_ids)
 
     def encode(self, prompts):
-        """Left-padded (input_ids, attention_mask) of `prompts`, BOS first, as `Tokenizer.encode_batch` gives them."""
+        """Left-padded (input_ids, attention_mask) of `prompts`, as `Tokenizer.encode_batch` gives them."""
         pieces = self.sentencepiece.tokenize(prompts)
-        if self.bos_id is not None:
-            bos = tf.fill([tf.shape(prompts)[0], 1], self.bos_id)
-            pieces = tf.concat([tf.RaggedTensor.from_tensor(bos), pieces], axis=1)
+        rows = tf.shape(prompts)[0]
+        parts = [tf.RaggedTensor.from_tensor(tf.tile(tf.constant(ids, tf.int32, [1, len(ids)]), [rows, 1]))
+                 for ids in (self.prefix, self.suffix)]
+        pieces = tf.concat([parts[0], pieces, parts[1]], axis=1)
         lengths = tf.cast(pieces.row_lengths(), tf.int32)
         width = tf.reduce_max(tf.concat([lengths, [0]], axis=0))
         column = tf.range(width)[None, :] - (width - lengths)[:, None]  # each slot's index within its prompt

@@ -1,8 +1,8 @@
 """GPT2LM: a Keras model around transformers' TFGPT2LMHeadModel, with its tokenizer and compiled generate."""
 
 import dataclasses
-import importlib.util
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,9 @@ from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
-_HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
-              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "*.model", "*.spiece"]
+# What from_pretrained fetches from a hub repository besides the one weights file it reads.
+_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "*.model", "*.spiece"]
 
 
 @dataclasses.dataclass
@@ -53,7 +54,8 @@ def default_model_path():
 
 
 def _is_hub_id(name):
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
+    # "owner/name", or a bare name for the few repositories without an owner (gpt2, gpt2-xl).
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not os.path.splitext(name)[1]
 
 
 def resolve_model_dir(name_or_path):
@@ -67,40 +69,43 @@ def resolve_model_dir(name_or_path):
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _is_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2")
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+        return _hub_snapshot(str(name_or_path))
     except Exception as error:  # the hub client raises many types for "offline"
         raise OSError(
-            f"could not fetch {name_or_path!r} from the Hugging Face hub ({type(error).__name__}: {error}); "
-            "check the network, or pass a local checkpoint directory"
+            f"could not fetch {name_or_path!r} from the Hugging Face hub, nor find it in the local cache "
+            f"({type(error).__name__}: {error}); check the network, or pass a local checkpoint directory"
         ) from error
 
 
-def _has_torch():
-    return importlib.util.find_spec("torch") is not None
+def _hub_snapshot(repo_id):
+    """The snapshot directory of `repo_id` in HF's cache, fetching only the files from_pretrained reads.
+
+    With HF_HUB_OFFLINE=1, or when the hub cannot be reached, the cached snapshot is used as it is.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except (OSError, ConnectionError) as error:  # requests' errors derive from OSError
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:
+            raise error from None
+    return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + checkpoint.weights_to_fetch(files)))
 
 
 def _load_weights(directory, tokenizer):
-    config = GPT2Config.from_pretrained(directory)
-    if (directory / checkpoint.TF_WEIGHTS_FILE).exists():
+    weights = checkpoint.weights_file({path.name for path in directory.iterdir()})
+    if weights is None:
+        raise FileNotFoundError(f"{directory} has no weights: expected one of {', '.join(checkpoint.WEIGHTS_FILES)}")
+    if weights == checkpoint.TF_WEIGHTS_FILE:
         return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, use_safetensors=False), tokenizer)
-    if (directory / checkpoint.SAFETENSORS_FILE).exists():
-        lm = GPT2LM(config, tokenizer)
-        checkpoint.read_safetensors(lm.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
-        return lm
-    if (directory / checkpoint.PYTORCH_WEIGHTS_FILE).exists():
-        if not _has_torch():
-            raise ImportError(
-                f"{directory / checkpoint.PYTORCH_WEIGHTS_FILE} is a PyTorch pickle, which needs torch to read: "
-                "pip install torch, or re-save the checkpoint as model.safetensors"
-            )
-        return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, from_pt=True), tokenizer)
-    raise FileNotFoundError(
-        f"{directory} has no weights: expected {checkpoint.TF_WEIGHTS_FILE}, {checkpoint.SAFETENSORS_FILE} "
-        f"or {checkpoint.PYTORCH_WEIGHTS_FILE}"
-    )
+    lm = GPT2LM(GPT2Config.from_pretrained(directory), tokenizer)
+    checkpoint.read_weights(lm.gpt2.weights, directory / weights)
+    return lm
 
 
 class GPT2LM(tf.keras.Model):
@@ -182,19 +187,32 @@ class GPT2LM(tf.keras.Model):
         return cls(config, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float32"):
+    def from_pretrained(cls, name_or_path, dtype="float32", **special_tokens):
         """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it.
 
+        Weights are read from the first of model.safetensors, its sharded index,
+        tf_model.h5, pytorch_model.bin and its index that the directory has;
+        all but tf_model.h5 are read without TensorFlow's or PyTorch's loaders
+        (see `checkpoint.open_weights`), so no torch is needed.
         `dtype="bfloat16"` keeps the weights and the computation in bfloat16 (see `with_dtype`).
+        `special_tokens` (bos_token="</s>", eos_token=..., unk_token, pad_token,
+        mask_token) override the tokenizer's, as `PreTrainedTokenizerFast.from_pretrained`
+        takes them; an overridden BOS, EOS or pad token also sets the model's id
+        for it (what generate stops at and pads with).
         """
         directory = resolve_model_dir(name_or_path)
         if not (directory / checkpoint.CONFIG_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
         try:
-            tokenizer = Tokenizer.from_pretrained(directory)
+            tokenizer = Tokenizer.from_pretrained(directory, **special_tokens)
         except FileNotFoundError:
+            if special_tokens:
+                raise ValueError(f"{directory} has no tokenizer files, so its special tokens cannot be set") from None
             tokenizer = None
         lm = _load_weights(directory, tokenizer)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if key in special_tokens:
+                setattr(lm.config, f"{key}_id", getattr(tokenizer, f"{key}_id"))
         return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
 
     def with_dtype(self, dtype):
@@ -329,8 +347,8 @@ class GPT2LM(tf.keras.Model):
     def score(self, texts):
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).
 
-        Each dict has `tokens` (the token texts of `tokenizer.encode(text)`, BOS
-        first where the tokenizer has one), `token_logprobs` (the natural-log
+        Each dict has `tokens` (the `Tokenizer.token_text` of each id of
+        `tokenizer.encode(text)`, with the special tokens the tokenizer adds), `token_logprobs` (the natural-log
         probability of each token after the first given those before it),
         `logprob` (their sum) and `perplexity` (exp of minus their mean).
         """

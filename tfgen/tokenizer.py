@@ -14,13 +14,16 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-# KoGPT2-v1 names, used when neither the configs nor the model name a token.
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+# tokenizer_config.json's switches for the special tokens encode adds (transformers' names).
+_ADD_TOKEN_KEYS = ("add_bos_token", "add_eos_token")
+# Used when neither the configs nor the model name a token, the first the vocabulary has: KoGPT2's names,
+# then GPT-2's "<|endoftext|>" (its BOS, EOS and unknown token, as transformers' GPT2Tokenizer defaults).
 _DEFAULT_SPECIAL_TOKENS = {
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "pad_token": "<pad>",
-    "unk_token": "<unk>",
+    "bos_token": ("<s>", "<|endoftext|>"),
+    "eos_token": ("</s>", "<|endoftext|>"),
+    "pad_token": ("<pad>",),
+    "unk_token": ("<unk>", "<|endoftext|>"),
 }
 _SP_SUFFIXES = (".model", ".spiece")
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -56,6 +59,15 @@ class _SentencePiece:
     def encode(self, text):
         return self.sp.encode(text)
 
+    def default_added_tokens(self):
+        # KoGPT2-v1 (seed 002) and tfgen's SentencePiece models start every text with BOS.
+        return {"add_bos_token": True, "add_eos_token": False}
+
+    def token_text(self, token_id):
+        if self.sp.is_byte(token_id) or self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return self.sp.id_to_piece(token_id)  # '<0xEC>', '<s>': sp.decode would give '' or '\ufffd'
+        return self.sp.id_to_piece(token_id).replace("▁", " ")
+
     def decode(self, ids, skip_special_tokens):
         if skip_special_tokens:
             return self.sp.decode(ids)
@@ -77,6 +89,8 @@ class _HuggingFace:
 
     def __init__(self, path):
         self.tok = tokenizers.Tokenizer.from_file(str(path))
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        self._byte_level = decoder.get("type") == "ByteLevel"
 
     @property
     def vocab_size(self):
@@ -94,9 +108,24 @@ class _HuggingFace:
             raise IndexError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
         return token
 
-    def encode(self, text):
-        # BOS is added by Tokenizer.encode, not by the file's post-processor.
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text, add_special_tokens=False):
+        # add_special_tokens: what the file's post-processor adds, as in transformers' encode.
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def default_added_tokens(self):
+        return {"add_bos_token": None, "add_eos_token": None}  # None: the post-processor decides
+
+    def token_text(self, token_id):
+        alone = self.tok.decode([token_id], skip_special_tokens=False)
+        # Decoders such as Metaspace drop the word-start space of a text's first token; the token's text
+        # is what it adds after another token.
+        twice = self.tok.decode([token_id, token_id], skip_special_tokens=False)
+        text = twice[len(alone):] if twice.startswith(alone) and len(twice) > len(alone) else alone
+        if "\ufffd" in text and "\ufffd" not in self.id_to_token(token_id):  # only part of a character
+            if self._byte_level:
+                return _bytes_text(bytes(_BYTE_LEVEL_BYTES[c] for c in self.id_to_token(token_id)))
+            return self.id_to_token(token_id)  # a byte-fallback piece such as '<0xEC>'
+        return text
 
     def decode(self, ids, skip_special_tokens):
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -112,33 +141,58 @@ class Tokenizer:
     """Text <-> token ids for a GPT-2 model.
 
     Build one with :meth:`from_file` or :meth:`from_pretrained`. The special
-    tokens (``bos_token`` ... ``unk_token``, ``None`` where the tokenizer has
+    tokens (``bos_token`` ... ``mask_token``, ``None`` where the tokenizer has
     none) and their ids are plain attributes.
+
+    Which special tokens :meth:`encode` adds follows the files, as transformers
+    does: ``add_bos_token`` / ``add_eos_token`` where tokenizer_config.json sets
+    them; otherwise a SentencePiece model adds BOS first (KoGPT2-v1) and a
+    tokenizer.json what its post-processor adds (KoGPT2-v2's and GPT-2's add
+    nothing). The two attributes are None when the post-processor decides.
     """
 
-    def __init__(self, backend, special_tokens):
+    def __init__(self, backend, special_tokens, added_tokens=None):
         self._backend = backend
         for key in _SPECIAL_TOKEN_KEYS:
             token = special_tokens.get(key)
             token_id = None if token is None else backend.token_to_id(token)
             if token is not None and token_id is None:
-                raise ValueError(f"{key} {token!r} is not in the vocabulary")
+                raise ValueError(f"{key} {token!r} is not in the vocabulary; name a token the tokenizer has "
+                                 f"(see its tokenizer.json or SentencePiece model)")
             setattr(self, key, token)
             setattr(self, f"{key}_id", token_id)
+        ids = {"add_bos_token": self.bos_token_id, "add_eos_token": self.eos_token_id}
+        if added_tokens and any(added_tokens.get(key) is not None for key in _ADD_TOKEN_KEYS):
+            added = {key: bool(added_tokens.get(key)) for key in _ADD_TOKEN_KEYS}
+            for key, token_id in ids.items():
+                if added[key] and token_id is None:
+                    raise ValueError(f"tokenizer_config.json sets {key}, but the tokenizer has no such token; "
+                                     "name it (bos_token / eos_token) or unset the switch")
+        else:  # the backend's rule, where the token exists
+            added = {key: add if add is None else add and ids[key] is not None
+                     for key, add in backend.default_added_tokens().items()}
+        self.add_bos_token, self.add_eos_token = added["add_bos_token"], added["add_eos_token"]
         self.all_special_ids = frozenset(
             i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id) if i is not None
         )
 
     @classmethod
-    def from_file(cls, path):
+    def from_file(cls, path, **special_tokens):
         """Load a SentencePiece ``.model``/``.spiece`` file or a ``tokenizer.json``.
 
-        Special tokens come from ``tokenizer_config.json`` and
-        ``special_tokens_map.json`` beside the file (the latter wins, as in
-        transformers). Tokens they do not name come from the SentencePiece
+        Special tokens come from ``special_tokens`` (``bos_token="</s>"``,
+        ``pad_token=None`` ..., as ``PreTrainedTokenizerFast.from_pretrained``
+        takes them), then ``special_tokens_map.json`` and
+        ``tokenizer_config.json`` beside the file, in that order, as in
+        transformers. Tokens none of them names come from the SentencePiece
         model's own ids, else are ``<s> </s> <pad> <unk>`` where the vocabulary
-        has them.
+        has them, else GPT-2's ``<|endoftext|>`` (BOS, EOS and unknown). A
+        token not in the vocabulary is a ValueError.
         """
+        unknown = sorted(set(special_tokens) - set(_SPECIAL_TOKEN_KEYS))
+        if unknown:
+            raise TypeError(f"unknown special token argument(s) {', '.join(unknown)}; "
+                            f"expected {', '.join(_SPECIAL_TOKEN_KEYS)}")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -152,27 +206,31 @@ class Tokenizer:
         else:
             raise ValueError(f"{path}: expected a *.model, *.spiece or tokenizer.json file")
 
-        special_tokens = backend.builtin_special_tokens()
-        for key, token in _DEFAULT_SPECIAL_TOKENS.items():
-            if special_tokens.get(key) is None and backend.token_to_id(token) is not None:
-                special_tokens[key] = token
+        tokens = backend.builtin_special_tokens()
+        for key, names in _DEFAULT_SPECIAL_TOKENS.items():
+            if tokens.get(key) is None:
+                tokens[key] = next((name for name in names if backend.token_to_id(name) is not None), None)
+        added_tokens = {}
         for name in _CONFIG_FILES:
-            special_tokens.update(_read_special_tokens(path.parent / name))
-        return cls(backend, special_tokens)
+            config = _read_json(path.parent / name)
+            tokens.update(_special_tokens(config))
+            added_tokens.update({key: config[key] for key in _ADD_TOKEN_KEYS if key in config})
+        return cls(backend, {**tokens, **special_tokens}, added_tokens)
 
     @classmethod
-    def from_pretrained(cls, directory):
+    def from_pretrained(cls, directory, **special_tokens):
         """Load the tokenizer saved in ``directory``.
 
         A SentencePiece model is preferred over ``tokenizer.json``:
         ``tokenizer.model`` first, then the directory's only ``*.model`` or
-        ``*.spiece`` file. See :meth:`from_file` for the special tokens.
+        ``*.spiece`` file. See :meth:`from_file` for the special tokens and
+        the ``special_tokens`` overrides.
         """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
         if (directory / "tokenizer.model").is_file():
-            return cls.from_file(directory / "tokenizer.model")
+            return cls.from_file(directory / "tokenizer.model", **special_tokens)
         sp_files = sorted(p for p in directory.iterdir() if p.suffix in _SP_SUFFIXES)
         if len(sp_files) > 1:
             names = ", ".join(p.name for p in sp_files)
@@ -180,9 +238,9 @@ class Tokenizer:
                 f"{directory} holds several SentencePiece models ({names}); use Tokenizer.from_file"
             )
         if sp_files:
-            return cls.from_file(sp_files[0])
+            return cls.from_file(sp_files[0], **special_tokens)
         if (directory / "tokenizer.json").is_file():
-            return cls.from_file(directory / "tokenizer.json")
+            return cls.from_file(directory / "tokenizer.json", **special_tokens)
         raise FileNotFoundError(
             f"no tokenizer file in {directory} "
             "(expected tokenizer.model, *.model, *.spiece or tokenizer.json)"
@@ -200,6 +258,7 @@ class Tokenizer:
         self._backend.save(directory / self._backend.filename)
         tokens = {key: getattr(self, key) for key in _SPECIAL_TOKEN_KEYS}
         config = dict(tokens)  # explicit nulls keep "no such token" on reload
+        config.update({key: getattr(self, key) for key in _ADD_TOKEN_KEYS if getattr(self, key) is not None})
         if isinstance(self._backend, _HuggingFace):
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         special_map = {key: token for key, token in tokens.items() if token is not None}
@@ -219,21 +278,23 @@ class Tokenizer:
         """The id that pads batches: the pad token's, else the EOS token's, else 0."""
         return next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
 
-    def encode(self, text, add_bos=True):
-        """Token ids of ``text``, with the BOS id first if ``add_bos`` and the tokenizer has one."""
+    def encode(self, text, add_special_tokens=True):
+        """Token ids of ``text``; with ``add_special_tokens``, the BOS/EOS the files say (see the class)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if add_special_tokens and self.add_bos_token is None:
+            return self._backend.encode(text, add_special_tokens=True)
         ids = self._backend.encode(text)
-        if add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
+        if add_special_tokens:
+            ids = [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
         return ids
 
-    def encode_batch(self, texts, add_bos=True):
+    def encode_batch(self, texts, add_special_tokens=True):
         """Encode and left-pad ``texts``; returns int32 ``(input_ids, attention_mask)``, both ``[B, L]``.
 
         Rows are padded with `padding_id`.
         """
-        rows = [self.encode(text, add_bos=add_bos) for text in texts]
+        rows = [self.encode(text, add_special_tokens=add_special_tokens) for text in texts]
         length = max(map(len, rows), default=0)
         input_ids = np.full((len(rows), length), self.padding_id, dtype=np.int32)
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
@@ -259,15 +320,49 @@ class Tokenizer:
         return self._backend.id_to_token(int(token_id))
 
     def token_text(self, token_id):
-        """The piece of ``token_id`` as readable text: the word-start mark ``'▁'`` becomes a space."""
-        return self.id_to_token(token_id).replace("▁", " ")
+        """The text ``token_id`` adds, as ``decode([token_id])`` shows it (``' most'``, ``' 안녕'``).
+
+        A word-start token keeps its space, also where the decoder drops it from
+        a text's first token; special tokens are shown (``'<s>'``), and a token
+        that is only part of a character shows those bytes as ``<0xNN>``
+        (``' <0xEC><0x95>'``) instead of a replacement character.
+        """
+        token_id = int(token_id)
+        self.id_to_token(token_id)  # IndexError for an id outside the vocabulary
+        return self._backend.token_text(token_id)
 
 
-def _read_special_tokens(path):
+def _byte_level_alphabet():
+    """Byte-level BPE's character for each byte: printable Latin-1 bytes stand for themselves, the other 68
+    bytes (controls, space, DEL, NBSP, soft hyphen) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(0x100 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL_BYTES = _byte_level_alphabet()
+
+
+def _bytes_text(data):
+    """UTF-8 ``data`` as text, with bytes that are not a whole character written as ``<0xNN>``."""
+    parts = []
+    while data:
+        try:
+            parts.append(data.decode("utf-8"))
+            break
+        except UnicodeDecodeError as error:
+            parts.append(data[:error.start].decode("utf-8"))
+            parts.extend(f"<0x{byte:02X}>" for byte in data[error.start:error.end])
+            data = data[error.end:]
+    return "".join(parts)
+
+
+def _read_json(path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _special_tokens(config):
     """The special tokens a transformers config file names (a value may be a dict with "content")."""
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text(encoding="utf-8"))
     tokens = {}
     for key in _SPECIAL_TOKEN_KEYS:
         if key in config:
