@@ -179,12 +179,15 @@ class _Programs:
         return compiled
 
     def advance(self, strategy):
-        """The program (num_steps, settings) that moves every unfinished row on by up to num_steps."""
+        """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
+        rows' tokens, lengths and finished flags after."""
         if strategy not in self._functions:
             choose = chooser(strategy)
 
             def advance(num_steps, settings):
-                self.state.write(decode_state.advance(self.gpt2, self.state.read(), num_steps, settings, choose))
+                state = decode_state.advance(self.gpt2, self.state.read(), num_steps, settings, choose)
+                self.state.write(state)
+                return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
             self._functions[strategy] = self._compile(advance)
         return self._functions[strategy]
 
@@ -257,13 +260,16 @@ class Decoder:
             advance = programs.advance(strategy)
             blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
                           else [options.max_new_tokens])
-            emitted = 0
-            while not state.value("finished").all():
-                advance(tf.constant(next(blocks)), settings)
-                steps = int((state.value("lengths") - prompt_lengths.numpy()).max())
+            starts, emitted, finished = prompt_lengths.numpy(), 0, False
+            while not finished:
+                now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
+                finished = now["finished"].all()
+                steps = int((now["lengths"] - starts).max())
                 if streaming:
-                    yield decode_state.new_columns(state.fields["tokens"], prompt_lengths, state.fields["lengths"],
-                                                   emitted, steps - emitted, pad_id).numpy()
+                    columns = starts[:, None] + np.arange(emitted, steps)[None, :]
+                    yield np.where(columns < now["lengths"][:, None],
+                                   np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
+                                   pad_id)
                 emitted = steps
             results = token_results(state.read())
         out = caller_layout(input_ids, results, pad_id)

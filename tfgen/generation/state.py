@@ -20,6 +20,7 @@ program (decode.program) and the compiled programs over `DecodeState`'s
 variables (decode.Decoder) both run these functions.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tfgen.generation import kv_cache, processors
@@ -182,8 +183,13 @@ class DecodeState(tf.Module):
 
     def start(self, prompts, prompt_lengths, limits):
         """start_rows on every row, and the sampling counter back to 0 (as a fresh generate call)."""
-        self.start_rows(tf.range(self.rows), prompts, prompt_lengths, limits)
-        self.fields["step"].assign(0)
+        prompts = np.asarray(prompts, np.int32)
+        tokens = np.full([self.rows, self.capacity], self.pad_id, np.int32)
+        tokens[:, : prompts.shape[1]] = prompts
+        values = {"tokens": tokens, "logprobs": np.zeros(tokens.shape, np.float32), "lengths": prompt_lengths,
+                  "prompt_lengths": prompt_lengths, "limits": limits, "finished": np.zeros(self.rows, bool), "step": 0}
+        for name, value in values.items():
+            self.fields[name].assign(value)
 
     def value(self, name):
         """A field's current value as numpy (tokens, lengths, finished, ...)."""
