@@ -1,15 +1,24 @@
 """Shared fixtures: Korean text from the shared data folder and small tokenizers trained on it."""
 
+import atexit
 import itertools
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+# XLA's persistent compile cache (tfgen._env) goes to a directory of this session, never the user's home;
+# subprocesses the tests start inherit it.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="tfgen-test-compile-cache-")
+os.environ["TFGEN_COMPILE_CACHE"] = _COMPILE_CACHE
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
-from tfgen.tokenizer import train_sentencepiece
+import pytest  # noqa: E402
+from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
+from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from tfgen.tokenizer import train_sentencepiece  # noqa: E402
 
 DATA_DIR = Path(
     os.environ.get("TFGEN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko")

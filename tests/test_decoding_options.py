@@ -58,7 +58,7 @@ def test_repetition_penalty_matches_transformers(penalty):
     rng = np.random.default_rng(0)
     history, scores = _history(rng), rng.standard_normal((3, 40)).astype(np.float32)
     expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(history[:, 2:]).long(), torch.tensor(scores))
-    ours = processors.repetition_penalty(tf.constant(scores), tf.constant(history), 2, 12, penalty)
+    ours = processors.repetition_penalty(tf.constant(scores), tf.constant(history[:, 2:]), 10, penalty)
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_no_repeat_ngram_matches_transformers(size):
     history = _history(rng, vocab=5)  # a small vocabulary makes repeats likely
     scores = rng.standard_normal((3, 5)).astype(np.float32)
     expected = NoRepeatNGramLogitsProcessor(size)(torch.tensor(history[:, 1:10]).long(), torch.tensor(scores))
-    ours = processors.no_repeat_ngram(tf.constant(scores), tf.constant(history), 1, 10, size)
+    ours = processors.no_repeat_ngram(tf.constant(scores), tf.constant(history[:, 1:]), 9, size)
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-5)
     assert np.isinf(ours.numpy()).any() or size > 2
 
@@ -100,7 +100,7 @@ def test_bad_words_match_transformers():
     words = [[1], [2, 3], [0, 1, 2]]
     expected = NoBadWordsLogitsProcessor(words, eos_token_id=9)(torch.tensor(history[:, 2:]).long(), torch.tensor(scores))
     settings = bad_word_tensors(tuple(tuple(w) for w in words))
-    ours = processors.bad_words(tf.constant(scores), tf.constant(history), 2, 12, settings["bad_words"],
+    ours = processors.bad_words(tf.constant(scores), tf.constant(history[:, 2:]), 10, settings["bad_words"],
                                 settings["bad_word_lengths"])
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-6)
     assert np.isinf(ours.numpy()).sum() > 4  # more than the single-token word alone

@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel, TFGPT2LMHeadModel
 from test_sampling import transformers_filter
 
 from tfgen import GPT2LM
-from tfgen.generation.decode import BUCKET
+from tfgen.generation.options import resolve_options
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 
@@ -132,23 +132,76 @@ def test_num_return_sequences_samples_several_per_prompt(tiny_lm, prompt_batch):
         tiny_lm.generate(ids, mask, max_new_tokens=4, num_return_sequences=2)
 
 
-@pytest.mark.slow
-def test_new_prompt_lengths_and_sampling_values_add_no_trace(tiny_lm):
+def test_new_sampling_values_add_no_trace(tiny_lm):
     tok = tiny_lm.tokenizer
     settings = dict(max_new_tokens=10, do_sample=True)
-    tiny_lm.generate([tok.encode("가")], **settings, seed=0)  # warm-up: compiles the sampling program
+    tiny_lm.generate([tok.encode("가 나")], **settings, seed=0)  # warm-up: compiles prefill and the sampling program
     traces = tiny_lm.decoder.trace_count
-    prompt_lengths = set()
     for i, (prompt, temperature, top_k, top_p) in enumerate(
         [("안녕하세요", 0.5, 10, 0.9), ("근육이 커지기 위해서는", 1.5, 0, 0.5), ("이때 그는 말했다", 1.0, 200, 1.0)]
     ):
-        ids = [tok.encode(prompt)]
-        prompt_lengths.add(len(ids[0]))
-        tiny_lm.generate(ids, **settings, temperature=temperature, top_k=top_k, top_p=top_p, seed=i + 1)
-    assert len(prompt_lengths) == 3 and max(prompt_lengths) <= BUCKET
+        tiny_lm.generate([tok.encode(prompt)], **settings, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=i + 1)
     assert tiny_lm.decoder.trace_count == traces
-    tiny_lm.generate([[5] * (BUCKET + 1)], **settings)  # the next bucket compiles once
-    assert tiny_lm.decoder.trace_count == traces + 1
+
+
+def _untrained_lm(n_positions):
+    from transformers import GPT2Config
+
+    return GPT2LM(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=n_positions))
+
+
+def test_any_prompt_length_and_max_new_tokens_within_a_tier_adds_no_trace():
+    """One prefill and one advance program per (rows, capacity tier): prompts across the old 32-token buckets,
+    new max_new_tokens and streaming reuse them; the next tier compiles its own once."""
+    lm = _untrained_lm(n_positions=512)
+    settings = dict(pad_token_id=0, eos_token_id=None)
+    lm.generate(np.ones([2, 3], np.int32), max_new_tokens=4, **settings)  # warm-up of the 128-column tier
+    traces = lm.decoder.trace_count
+    assert traces == 2
+    for width, new in [(1, 9), (31, 20), (33, 2), (64, 64), (65, 1), (97, 30)]:
+        out = lm.generate(np.ones([2, width], np.int32), max_new_tokens=new, **settings)
+        assert out.shape == (2, width + new)
+    list(lm.decoder.stream(np.ones([2, 40], np.int32), np.ones([2, 40], np.int32),
+                           resolve_options(40, max_new_tokens=30, **settings)))
+    assert lm.decoder.trace_count == traces
+    lm.generate(np.ones([2, 100], np.int32), max_new_tokens=100, **settings)  # 200 columns: the 256 tier
+    assert lm.decoder.trace_count == traces + 2
+    lm.generate(np.ones([2, 150], np.int32), max_new_tokens=7, **settings)
+    assert lm.decoder.trace_count == traces + 2
+
+
+def test_rows_started_into_a_running_state_decode_what_they_would_alone(tiny_lm, prompt_batch):
+    """The engine's slots are independent: a row started (and prefilled) while others are half-way through
+    generates what it generates alone, and the others go on unchanged."""
+    from tfgen.generation.decode import CHUNK, settings_tensors
+
+    ids, mask = prompt_batch
+    options = resolve_options(ids.shape[1], max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    alone = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0).numpy()[:, ids.shape[1]:]
+    programs = tiny_lm.decoder.programs(len(ids), 128, 0)
+    state, settings = programs.state, settings_tensors(options)
+    prompts = [row[m == 1] for row, m in zip(ids, mask)]
+
+    def start(rows):
+        width = max(len(prompts[r]) for r in rows)
+        compact = np.stack([np.pad(prompts[r], (0, width - len(prompts[r]))) for r in rows])
+        lengths = np.array([len(prompts[r]) for r in rows], np.int32)
+        state.start_rows(rows, compact, lengths, lengths + 12)
+        writing = tf.constant(np.isin(np.arange(len(ids)), rows))
+        for offset in range(0, width - 1, CHUNK):
+            programs.prefill(tf.constant(offset), writing)
+
+    assert state.value("finished").all()  # the state the batch above left: every slot free
+    start([0, 2])
+    advance_greedy = programs.advance("greedy")
+    advance_greedy(tf.constant(5), settings)
+    start([1, 3])  # rows 0 and 2 are 5 tokens in
+    advance_greedy(tf.constant(20), settings)
+    tokens, lengths = state.value("tokens"), state.value("lengths")
+    for row, prompt in enumerate(prompts):
+        assert lengths[row] == len(prompt) + 12
+        np.testing.assert_array_equal(tokens[row, len(prompt): lengths[row]], alone[row])
 
 
 def test_generate_text_returns_strings(tiny_lm):
@@ -165,22 +218,20 @@ def test_prompt_longer_than_the_context_is_refused(tiny_lm):
         tiny_lm.generate([[5] * 120], max_new_tokens=9)
 
 
-def test_new_buckets_trace_without_tensorflows_frequent_retracing_warning():
-    """Each prompt bucket traces once by design, so TF's "frequent retracing" warning must not fire for it."""
+def test_new_tiers_trace_without_tensorflows_frequent_retracing_warning():
+    """Each decode state's programs trace once by design, so TF's "frequent retracing" warning must not fire."""
     import logging
 
-    from transformers import GPT2Config
-
-    lm = GPT2LM(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=256))
+    lm = _untrained_lm(n_positions=1024)
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("tensorflow")
     logger.addHandler(handler)
     try:
-        for width in (1, 40, 70, 100, 130, 170):  # six buckets in a row: past TF's threshold of five
+        for width in (1, 130, 300, 600):  # four tiers, each a prefill and an advance program: past TF's five
             lm.generate(np.ones([1, width], np.int32), max_new_tokens=2, pad_token_id=0)
     finally:
         logger.removeHandler(handler)
-    assert lm.decoder.trace_count == 6
+    assert lm.decoder.trace_count == 7  # a one-token prompt needs no prefill
     assert not [r for r in records if "retracing" in r.getMessage()]

@@ -5,22 +5,82 @@ uses when TF_USE_LEGACY_KERAS is set (tf-keras provides it). TF's C++ INFO
 lines are hidden through TF_CPP_MIN_LOG_LEVEL; both are defaults that the
 user's own environment overrides.
 
+XLA's persistent compile cache is switched on here too (TF reads TF_XLA_FLAGS
+once, when it initialises): a compiled program is saved in a directory under
+~/.cache/tfgen (or $XDG_CACHE_HOME/tfgen) and a later process loads it instead
+of compiling. TF keys each entry by the program's HLO fingerprint, so a model
+of another shape compiles its own; the directory name carries the TensorFlow
+and tfgen versions and a digest of the CPU's model and features, so neither an
+upgrade nor a home directory shared between machines loads a stale or foreign
+program. TF writes each entry to a temporary file and moves it into place, so
+processes can share the directory. TFGEN_COMPILE_CACHE=DIR puts the cache
+under DIR, TFGEN_COMPILE_CACHE=off switches it off, and a
+--tf_xla_persistent_cache_directory of the user's own in TF_XLA_FLAGS wins.
+
 A few start-up lines (the CUDA probe on a machine without a GPU) are written
 before TF reads TF_CPP_MIN_LOG_LEVEL, so the first import of TensorFlow runs
 with stderr captured and everything but those known lines is written back.
 """
 
+import hashlib
+import importlib.metadata
 import logging
 import os
+import platform
 import re
 import sys
 import tempfile
 import warnings
+from pathlib import Path
+
+from tfgen import __version__
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # In Jupyter without ipywidgets, tqdm.auto (imported by transformers) warns that it falls back to text bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
+
+COMPILE_CACHE_VARIABLE = "TFGEN_COMPILE_CACHE"
+_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def _cpu_digest():
+    """A short digest of the CPU model and instruction-set flags (XLA compiles for the host's features)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        described = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        described = []
+    text = "\n".join(described) or f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def compile_cache_directory(environ=os.environ):
+    """Where XLA's persistent cache goes for this TF, tfgen and CPU; None when switched off."""
+    setting = environ.get(COMPILE_CACHE_VARIABLE)
+    if setting is not None and setting.strip().lower() in ("off", "0", "false", "no", ""):
+        return None
+    base = Path(setting).expanduser() if setting else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
+    try:
+        tensorflow_version = importlib.metadata.version("tensorflow")
+    except importlib.metadata.PackageNotFoundError:
+        tensorflow_version = "unknown"
+    return base / "xla" / f"tf-{tensorflow_version}-tfgen-{__version__}-cpu-{_cpu_digest()}"
+
+
+def _use_compile_cache():
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    directory = compile_cache_directory()
+    if directory is None or _CACHE_FLAG in flags:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: run without the cache
+        return
+    os.environ["TF_XLA_FLAGS"] = f"{flags} {_CACHE_FLAG}={directory}".strip()
+
+
+_use_compile_cache()
 
 _STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc.*Could not find cuda drivers"

@@ -80,7 +80,16 @@ def _generate(args):
     prompts = _read_texts(args.prompts)
     kwargs = _generation_kwargs(args)
     resolve_options(1, **kwargs)  # fail on bad settings before loading the model
+    if args.stream and (args.json or args.num_beams > 1 or args.num_return_sequences > 1):
+        raise UsageError("--stream prints one sequence per prompt as it is decoded; drop --json, --num-beams "
+                         "and --num-return-sequences, or drop --stream")
     lm = _load_model(args.model)
+    if args.stream:
+        for prompt in prompts:
+            for piece in lm.stream_text(prompt, return_full_text=True, **kwargs):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        return
     for start in range(0, len(prompts), _BATCH):
         batch = prompts[start:start + _BATCH]
         for prompt, completions in zip(batch, lm.complete(batch, **kwargs)):
@@ -196,6 +205,8 @@ def _add_generate(subparsers):
     p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many new tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--stream", action="store_true",
+                   help="print each completion as it is decoded (one prompt at a time; not with beams)")
     p.set_defaults(run=_generate)
 
 

@@ -108,8 +108,51 @@ def _load_weights(directory, tokenizer):
     return lm
 
 
+# What a decoder writes for bytes that do not (yet) make a character: held back while streaming.
+_INCOMPLETE = "\ufffd"
+
+
+def _through_first(new_ids, eos_ids):
+    """The new token ids up to and including the first EOS."""
+    ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
+    return new_ids[: ends[0] + 1] if ends else new_ids
+
+
+def _texts(tokenizer, prompt_ids, prompt_text, new_ids):
+    """(whole text, new text): the new text is the whole text minus the decoded prompt, as transformers' pipeline has it."""
+    text = tokenizer.decode(prompt_ids + new_ids)
+    return text, text[len(prompt_text):] if text.startswith(prompt_text) else tokenizer.decode(new_ids)
+
+
+def _text_pieces(tokenizer, prompt_ids, prompt_text, blocks, eos_ids, return_full_text):
+    """stream_text's generator: text pieces from blocks of new token ids [1, k], none ending inside a character."""
+    if return_full_text:
+        yield prompt_text
+    new_ids, sent = [], ""
+    for block in blocks:
+        new_ids = _through_first(new_ids + block[0].tolist(), eos_ids)
+        text = _texts(tokenizer, prompt_ids, prompt_text, new_ids)[1].rstrip(_INCOMPLETE)
+        if text.startswith(sent) and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    final = _texts(tokenizer, prompt_ids, prompt_text, new_ids)[1]
+    if not final.startswith(sent):  # SentencePiece and byte-fallback decoders only ever add text at the end
+        raise RuntimeError(f"the tokenizer's text changed from {sent!r} to {final!r} as tokens were added")
+    if final != sent:
+        yield final[len(sent):]
+
+
+def _drain(generator, on_item):
+    """Runs a generator to its end, passing each item to `on_item`; returns the generator's return value."""
+    while True:
+        try:
+            on_item(next(generator))
+        except StopIteration as done:
+            return done.value
+
+
 class GPT2LM(tf.keras.Model):
-    """A causal language model: `call` gives logits, `generate` decodes in one XLA program.
+    """A causal language model: `call` gives logits, `generate` decodes with compiled XLA programs.
 
     Wraps a transformers `TFGPT2LMHeadModel` (pass one, or a `GPT2Config` to
     build a fresh one) and the `Tokenizer` that goes with it.
@@ -264,7 +307,8 @@ class GPT2LM(tf.keras.Model):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
-    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
+    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False,
+                 streamer=None, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.
 
         With return_dict_in_generate, a `GenerationOutput`; output_scores adds
@@ -277,14 +321,43 @@ class GPT2LM(tf.keras.Model):
         or a list), pad_token_id, num_beams, early_stopping, length_penalty,
         repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens)
         plus `seed` for reproducible sampling.
+
+        streamer: an object with transformers' streamer protocol (e.g. its
+        `TextStreamer` or `TextIteratorStreamer` given this model's tokenizer):
+        `put` gets the prompt ids [rows, len] once, then each step's new tokens
+        [rows] as they are decoded, and `end` is called at the end. The tokens
+        are the same as without a streamer. Not with beam search.
         """
+        input_ids, attention_mask, options = self._checked(input_ids, attention_mask, kwargs)
+        if streamer is not None and options.num_beams > 1:
+            raise ValueError("a streamer cannot be used with beam search (num_beams > 1); stream with greedy "
+                             "decoding or sampling, or drop the streamer")
+        repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
+        input_ids, attention_mask = np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0)
+        if streamer is None:
+            out = self.decoder(input_ids, attention_mask, options)
+        else:
+            streamer.put(input_ids)
+            out = _drain(self.decoder.stream(input_ids, attention_mask, options),
+                         lambda block: [streamer.put(column) for column in block.T])
+            streamer.end()
+        if not return_dict_in_generate:
+            return tf.constant(out["sequences"])
+        scores = out["sequences_scores"]
+        return GenerationOutput(
+            sequences=tf.constant(out["sequences"]),
+            token_logprobs=tf.constant(out["token_logprobs"]) if output_scores else None,
+            sequences_scores=tf.constant(scores) if output_scores and scores is not None else None,
+        )
+
+    def _checked(self, input_ids, attention_mask, kwargs):
+        """generate()'s inputs as numpy [batch, len] arrays and its checked `GenerationOptions`."""
         input_ids = np.asarray(input_ids, dtype=np.int32)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
-        kwargs.setdefault("eos_token_id", self.config.eos_token_id)
-        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        kwargs = {"eos_token_id": self.config.eos_token_id, "pad_token_id": self.config.pad_token_id, **kwargs}
         if attention_mask is None:
             attention_mask = np.ones_like(input_ids)
         attention_mask = np.asarray(attention_mask, dtype=np.int32).reshape(input_ids.shape)
@@ -295,40 +368,57 @@ class GPT2LM(tf.keras.Model):
                 f"the prompt ({longest_prompt} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
                 f"model's context of {self.config.n_positions} tokens; shorten the prompt or lower max_new_tokens"
             )
-        repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
-        out = self.decoder(np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0), options)
-        if not return_dict_in_generate:
-            return tf.constant(out["sequences"])
-        scores = out["sequences_scores"]
-        return GenerationOutput(
-            sequences=tf.constant(out["sequences"]),
-            token_logprobs=tf.constant(out["token_logprobs"]) if output_scores else None,
-            sequences_scores=tf.constant(scores) if output_scores and scores is not None else None,
-        )
+        return input_ids, attention_mask, options
+
+    def _eos_ids(self, kwargs):
+        return set(np.atleast_1d(kwargs.get("eos_token_id", self.config.eos_token_id) or []).tolist())
 
     def complete(self, prompts, **kwargs):
         """For each prompt, a list of num_return_sequences `Completion`s."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer; pass token ids to generate() instead")
-        input_ids, attention_mask = self.tokenizer.encode_batch(list(prompts))
+        tokenizer = self._text_tokenizer()
+        input_ids, attention_mask = tokenizer.encode_batch(list(prompts))
         sequences = self.generate(input_ids, attention_mask, **kwargs).numpy()
-        eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config.eos_token_id) or []).tolist())
+        eos_ids = self._eos_ids(kwargs)
         repeats = len(sequences) // len(input_ids)
         width = input_ids.shape[1]
         results = []
         for i, mask in enumerate(attention_mask):
             prompt_ids = input_ids[i][mask == 1].tolist()
-            prompt_text = self.tokenizer.decode(prompt_ids)
+            prompt_text = tokenizer.decode(prompt_ids)
             completions = []
             for row in sequences[i * repeats:(i + 1) * repeats]:
-                new_ids = row[width:].tolist()
-                ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
-                new_ids = new_ids[: ends[0] + 1] if ends else new_ids
-                text = self.tokenizer.decode(prompt_ids + new_ids)
-                new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.tokenizer.decode(new_ids)
+                new_ids = _through_first(row[width:].tolist(), eos_ids)
+                text, new_text = _texts(tokenizer, prompt_ids, prompt_text, new_ids)
                 completions.append(Completion(text, new_text, new_ids))
             results.append(completions)
         return results
+
+    def stream_text(self, prompt, return_full_text=False, **kwargs):
+        """Generates from one prompt, yielding the new text in pieces as it is decoded.
+
+        The pieces join to exactly what `generate_text(prompt,
+        return_full_text=False, **kwargs)` returns (with return_full_text, the
+        decoded prompt comes first). A piece never ends inside a character: a
+        character spelled by several byte tokens waits for its last byte. Takes
+        generate()'s settings, for one returned sequence and without beams.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"stream_text takes one prompt string, got {type(prompt).__name__}; "
+                             "use generate_text for several prompts")
+        if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1:
+            raise ValueError("stream_text makes one sequence without beams; use generate_text for "
+                             "num_return_sequences > 1 or num_beams > 1")
+        tokenizer = self._text_tokenizer()
+        prompt_ids = tokenizer.encode(prompt)
+        prompt_text = tokenizer.decode(prompt_ids)
+        input_ids, attention_mask, options = self._checked([prompt_ids], None, kwargs)
+        blocks = self.decoder.stream(input_ids, attention_mask, options)
+        return _text_pieces(tokenizer, prompt_ids, prompt_text, blocks, self._eos_ids(kwargs), return_full_text)
+
+    def _text_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids to generate() instead")
+        return self.tokenizer
 
     def generate_text(self, prompts, return_full_text=True, **kwargs):
         """Generates from a string or a list of strings.

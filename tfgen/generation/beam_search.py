@@ -4,15 +4,17 @@ Per prompt, `num_beams` running beams and `num_beams` finished hypotheses are
 kept in fixed-shape tensors. Each step takes the best K = max(2, 1 + #EOS) x
 num_beams continuations over all beams; those that end (EOS or the length
 limit) compete for the finished slots, scored with the length penalty; the
-best num_beams others keep running. The KV cache lives as [batch x beams, ...]
-and is reordered by a gather each step.
+best num_beams others keep running. It starts from a prefilled decode state
+(tfgen.generation.state) whose rows are each prompt repeated num_beams times;
+the KV cache lives as [batch x beams, ...] and is reordered by a gather each step.
 """
 
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from tfgen.generation import kv_cache, processors
+from tfgen.generation import processors
 from tfgen.generation.shapes import dims
+from tfgen.generation.state import CACHE, feed_last
 
 NEVER_SCORE = -1.0e9  # transformers' stand-in for an impossible beam
 
@@ -32,32 +34,37 @@ def _stop_heuristic_unsatisfied(unsatisfied, running_scores, beam_scores, is_fin
     return tf.logical_and(unsatisfied, tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True))
 
 
-def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, num_return_sequences):
-    """Returns the best num_return_sequences finished beams per prompt: a dict with `sequences`
-    [batch * num_return_sequences, width + new_capacity], `steps`, `token_logprobs` [.., new_capacity]
-    (each token's processed log-probability) and `sequences_scores` (length-penalised beam scores)."""
-    batch, prompt_width = dims(input_ids)
-    rows = batch * num_beams
-    capacity = prompt_width + new_capacity
+def _put_column(buffer, token, column):
+    """buffer [batch, k, capacity] with token [batch, k] written at column [batch] of each batch row."""
+    at = tf.range(dims(buffer)[2])[None, None, :] == column[:, None, None]
+    return tf.where(at, token[:, :, None], buffer)
+
+
+def search(gpt2, state, settings, num_beams, num_return_sequences):
+    """Returns the best num_return_sequences finished beams per prompt, a dict of: `sequences`
+    [batch * num_return_sequences, capacity] (prompt from column 0, then the new tokens), `prompt_lengths`,
+    `lengths` (prompt + new tokens), `token_logprobs` [.., capacity] (each new token's processed
+    log-probability, by step) and `sequences_scores` (length-penalised beam scores)."""
+    rows, capacity = dims(state["tokens"])
+    batch = rows // num_beams
+    prompt_lengths = tf.reshape(state["prompt_lengths"], [batch, num_beams])[:, 0]
     vocab = gpt2.config.vocab_size
-    eos_ids, pad_id = settings["eos_ids"], settings["pad_id"]
+    eos_ids = settings["eos_ids"]
     keep = max(2, 1 + eos_ids.shape[0]) * num_beams
     top_beams_mask = tf.range(keep) < num_beams
     early_true = tf.equal(settings["early_stopping"], 1)
 
-    logits, cache, key_mask, prompt_lengths = kv_cache.prefill(
-        gpt2, tf.repeat(input_ids, num_beams, axis=0), tf.repeat(attention_mask, num_beams, axis=0), new_capacity
-    )
-    running = tf.reshape(
-        tf.concat([tf.repeat(input_ids, num_beams, axis=0), tf.fill([rows, new_capacity], pad_id)], axis=1),
-        [batch, num_beams, capacity],
-    )
+    def row_lengths(step):
+        return tf.repeat(prompt_lengths + step, num_beams)
+
+    logits, cache = feed_last(gpt2, state["tokens"], state["lengths"], state[CACHE])
+    running = tf.reshape(state["tokens"], [batch, num_beams, capacity])
     state = dict(
         running=running,
         running_scores=tf.tile(tf.where(tf.range(num_beams) == 0, 0.0, NEVER_SCORE)[None], [batch, 1]),
         finished=running,
-        running_logprobs=tf.zeros([batch, num_beams, new_capacity]),
-        finished_logprobs=tf.zeros([batch, num_beams, new_capacity]),
+        running_logprobs=tf.zeros([batch, num_beams, capacity]),
+        finished_logprobs=tf.zeros([batch, num_beams, capacity]),
         finished_scores=tf.fill([batch, num_beams], NEVER_SCORE),
         finished_lengths=tf.zeros([batch, num_beams], tf.int32),
         is_finished=tf.zeros([batch, num_beams], tf.bool),
@@ -67,17 +74,14 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
 
     def select(state, logits, step):
         """One beam step from next-token logits [rows, vocab]; returns the new state and each row's parent beam."""
-        length = prompt_width + step
         flat_running = tf.reshape(state["running"], [rows, capacity])
         log_probs = tf.nn.log_softmax(logits, axis=-1)
-        log_probs = processors.process(log_probs, flat_running, settings["first_column"], length, step, settings)
+        log_probs = processors.process(log_probs, flat_running, row_lengths(step), step, settings)
         log_probs = tf.reshape(log_probs, [batch, num_beams * vocab])
         totals = tf.reshape(log_probs, [batch, num_beams, vocab]) + state["running_scores"][:, :, None]
         top_scores, top_indices = tf.math.top_k(tf.reshape(totals, [batch, num_beams * vocab]), keep)
         parent, token = top_indices // vocab, top_indices % vocab
-        candidates = xla.dynamic_update_slice(
-            _gather_beams(state["running"], parent), token[:, :, None], [0, 0, length]
-        )
+        candidates = _put_column(_gather_beams(state["running"], parent), token, prompt_lengths + step)
         candidate_logprobs = xla.dynamic_update_slice(
             _gather_beams(state["running_logprobs"], parent),
             tf.gather(log_probs, top_indices, batch_dims=1)[:, :, None],
@@ -130,7 +134,7 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
 
     def advance(step, state, cache):
         flat_running = tf.reshape(state["running"], [rows, capacity])
-        logits, cache = kv_cache.step_forward(gpt2, flat_running, cache, key_mask, prompt_lengths, prompt_width, step)
+        logits, cache = feed_last(gpt2, flat_running, row_lengths(step), cache)
         state, rows_parent = select(state, logits, step)
         return step + 1, state, reorder(cache, rows_parent)
 
@@ -140,11 +144,13 @@ def search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams, n
         value = state[name][:, :num_return_sequences]
         return tf.reshape(value, [batch * num_return_sequences, *dims(value)[2:]])
 
-    lengths = best("finished_lengths")
-    after_end = tf.range(new_capacity)[None, :] >= lengths[:, None]
+    new_lengths = best("finished_lengths")
+    after_end = tf.range(capacity)[None, :] >= new_lengths[:, None]
+    returned_prompt_lengths = tf.repeat(prompt_lengths, num_return_sequences)
     return {
         "sequences": best("finished"),
-        "steps": tf.reduce_max(lengths),
+        "prompt_lengths": returned_prompt_lengths,
+        "lengths": returned_prompt_lengths + new_lengths,
         "token_logprobs": tf.where(after_end, 0.0, best("finished_logprobs")),
         "sequences_scores": best("finished_scores"),
     }

@@ -1,22 +1,36 @@
-"""The decode loops: one XLA-compiled program from prompt to finished sequences.
+"""Decoding programs: the compiled engine behind GPT2LM.generate, and the one-shot program of the export.
 
-Prompts are left-padded to a bucket of BUCKET tokens and the new-token buffer is
-rounded up to one, so prompts of nearby lengths share a compiled program. Every
-setting enters the program as a tensor (see `settings_tensors`): changing one
-never retraces. A program is chosen by strategy (greedy, sampling, beams and
-their count); XLA compiles it once per shape (batch, prompt bucket, new-token buffer).
-The programs also trace with unknown batch and prompt length, which is how
-the exported SavedModel (tfgen.export) holds them.
+The engine (`Decoder`) keeps a `state.DecodeState` per (rows, capacity tier)
+and compiles, per state, one prefill program (CHUNK prompt columns at an
+offset, for chosen rows) and one advance program per strategy (every
+unfinished row on by a runtime number of steps), plus a beam-search program
+per beam count. Prompts of any length and any max_new_tokens within a tier
+run the same programs; every setting enters as a tensor (see
+`settings_tensors`), so nothing retraces once a tier is warm. A generation
+that streams runs the same advance program in blocks of steps, so it gives
+the same tokens as one that does not.
+
+`program` is the one-shot form, from prompt to finished sequences in one XLA
+call, built from the same state functions; the exported SavedModel
+(tfgen.export) holds it, traced with unknown batch and prompt length, with
+`decode` padding prompts to a bucket of BUCKET tokens and the new-token
+buffer to a multiple of BUCKET.
 """
+
+import collections
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python import xla
 
-from tfgen.generation import beam_search, kv_cache, processors, sampling
+from tfgen.generation import beam_search, sampling, state as decode_state
 from tfgen.generation.shapes import dims
 
 BUCKET = 32
+CHUNK = 32  # prompt columns per prefill call
+# Capacities (prompt + new tokens) the engine compiles for; the model's context caps them.
+TIERS = (128, 256, 512, 1024)
+STREAM_BLOCKS = (1, 4)  # a streamed generation's steps per advance call: the first, then every later one
+MAX_STATES = 4  # decode states (and their programs) kept, the least recently used dropped first
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 
@@ -65,120 +79,200 @@ def bad_word_tensors(bad_words_ids):
     }
 
 
-def program(gpt2, strategy, num_beams=1, num_return_sequences=1):
-    """The decode program of a strategy ("greedy", "sample" or "beam"): a function (input_ids, attention_mask, settings) -> dict.
-
-    The prompts come padded to their bucket, with `first_column` and
-    `new_token_slots` in the settings (as `decode` passes them). The result
-    holds `sequences` [rows, width + new-token buffer], `steps` and
-    `token_logprobs`; beam search adds `sequences_scores`.
-    """
-    if strategy == "beam":
-        def beam_program(input_ids, attention_mask, settings):
-            new_capacity = dims(settings["new_token_slots"])[0]
-            return beam_search.search(gpt2, input_ids, attention_mask, settings, new_capacity, num_beams,
-                                      num_return_sequences)
-        return beam_program
-    do_sample = strategy == "sample"
-
-    def choose(scores, step, settings):
-        if not do_sample:
+def chooser(strategy):
+    """The token choice of "greedy" or "sample": (scores, step, settings) -> (tokens, log-probabilities)."""
+    if strategy == "greedy":
+        def greedy(scores, step, settings):
             token = tf.argmax(scores, axis=-1, output_type=tf.int32)
             return token, sampling.chosen_logprob(scores, token)
+        return greedy
+
+    def sample(scores, step, settings):
         scores = sampling.apply_temperature(scores, settings["temperature"])
         seed = tf.stack([settings["seed"], tf.cast(step, tf.int64)])
         return sampling.sample_top_k_top_p(scores, settings["top_k"], settings["top_p"], seed)
+    return sample
 
-    def token_program(input_ids, attention_mask, settings):
-        batch, prompt_width = dims(input_ids)
-        new_capacity = dims(settings["new_token_slots"])[0]
-        pad_id, eos_ids = settings["pad_id"], settings["eos_ids"]
-        logits, cache, key_mask, prompt_lengths = kv_cache.prefill(gpt2, input_ids, attention_mask, new_capacity)
-        sequence = tf.concat([input_ids, tf.fill([batch, new_capacity], pad_id)], axis=1)
-        logprobs = tf.zeros([batch, new_capacity])
 
-        def emit(sequence, logprobs, finished, logits, step):
-            length = prompt_width + step
-            scores = processors.process(logits, sequence, settings["first_column"], length, step, settings)
-            token, logprob = choose(scores, step, settings)
-            token = tf.where(finished, pad_id, token)
-            sequence = xla.dynamic_update_slice(sequence, token[:, None], [0, length])
-            logprobs = xla.dynamic_update_slice(logprobs, tf.where(finished, 0.0, logprob)[:, None], [0, step])
-            finished = tf.logical_or(finished, tf.reduce_any(token[:, None] == eos_ids[None, :], axis=1))
-            return sequence, logprobs, finished
+def token_results(state):
+    """What a greedy or sampling run leaves, in the form `caller_layout` takes (the new tokens' log-probabilities by step)."""
+    capacity = dims(state["tokens"])[1]
+    logprobs = decode_state.new_columns(state["logprobs"], state["prompt_lengths"], state["lengths"], 0, capacity, 0.0)
+    return {"sequences": state["tokens"], "prompt_lengths": state["prompt_lengths"], "lengths": state["lengths"],
+            "token_logprobs": logprobs}
 
-        state = emit(sequence, logprobs, tf.zeros([batch], tf.bool), logits, tf.constant(0))
 
-        def not_done(step, state, cache):
-            return tf.logical_and(step < settings["max_new_tokens"], tf.logical_not(tf.reduce_all(state[2])))
+def program(gpt2, strategy, num_beams=1, num_return_sequences=1):
+    """The one-shot decode program of a strategy ("greedy", "sample" or "beam"): (input_ids, attention_mask, settings) -> dict.
 
-        def advance(step, state, cache):
-            logits, cache = kv_cache.step_forward(gpt2, state[0], cache, key_mask, prompt_lengths, prompt_width, step)
-            return step + 1, emit(*state, logits, step), cache
+    The prompts come padded to their bucket, with `new_token_slots` in the
+    settings (as `decode` passes them); the result is in `caller_layout`'s form.
+    """
+    rows_per_prompt = num_beams if strategy == "beam" else 1
 
-        steps, (sequence, logprobs, _), _ = tf.while_loop(not_done, advance, (tf.constant(1), state, cache))
-        return {"sequences": sequence, "steps": steps, "token_logprobs": logprobs}
+    def one_shot(input_ids, attention_mask, settings):
+        batch, width = dims(input_ids)
+        capacity = width + dims(settings["new_token_slots"])[0]
+        prompts, lengths = decode_state.compact(input_ids, attention_mask, settings["pad_id"])
+        prompts, lengths = tf.repeat(prompts, rows_per_prompt, axis=0), tf.repeat(lengths, rows_per_prompt)
+        state = decode_state.empty(gpt2.config, batch * rows_per_prompt, capacity, gpt2.transformer.compute_dtype,
+                                   settings["pad_id"])
+        state = decode_state.with_prompts(state, prompts, lengths, settings["max_new_tokens"])
+        state = decode_state.prefill(gpt2, state, 0, width, tf.ones([batch * rows_per_prompt], tf.bool))
+        if strategy == "beam":
+            return beam_search.search(gpt2, state, settings, num_beams, num_return_sequences)
+        state = decode_state.advance(gpt2, state, settings["max_new_tokens"], settings, chooser(strategy))
+        return token_results(state)
 
-    return token_program
+    return one_shot
+
+
+def caller_layout(input_ids, results, pad_id):
+    """A program's results as GPT2LM.generate returns them: `sequences` [rows, len + steps] (the prompts as
+    given, repeated per returned row, then the new tokens, pads after a row's end), `token_logprobs` [rows, steps]
+    and, with beams, `sequences_scores`."""
+    prompt_lengths, lengths = results["prompt_lengths"], results["lengths"]
+    steps = tf.reduce_max(lengths - prompt_lengths)
+    new = decode_state.new_columns(results["sequences"], prompt_lengths, lengths, 0, steps, pad_id)
+    repeats = tf.shape(new)[0] // tf.shape(input_ids)[0]
+    out = {"sequences": tf.concat([tf.repeat(input_ids, repeats, axis=0), new], axis=1),
+           "token_logprobs": results["token_logprobs"][:, :steps]}
+    if "sequences_scores" in results:
+        out["sequences_scores"] = results["sequences_scores"]
+    return out
 
 
 def decode(program, input_ids, attention_mask, settings):
-    """Runs a decode program on prompts [batch, len] and `settings_tensors`; returns a dict of tensors.
+    """Runs a one-shot program on prompts [batch, len] and `settings_tensors`; returns `caller_layout`'s dict.
 
     Pads the prompts to a bucket and sizes the new-token buffer (the shapes
-    the program is compiled for), then cuts the result: `sequences`
-    [rows, len + steps], the prompts as given then the new tokens;
-    `token_logprobs` [rows, steps]; with beams, `sequences_scores` [rows].
-    Runs eagerly (GPT2LM.generate) and in a traced function with unknown
-    shapes (the exported model's signatures).
+    the program is compiled for). Runs in a traced function with unknown
+    shapes (the exported model's signatures) as well as eagerly.
     """
-    prompt_width = tf.shape(input_ids)[1]
-    width = round_up(prompt_width)
+    width = round_up(tf.shape(input_ids)[1])
     padded_ids, padded_mask = left_pad(input_ids, attention_mask, width, settings["pad_id"])
-    settings = {
-        **settings,
-        "first_column": width - prompt_width,
-        # Its length is the new-token buffer: a shape, so XLA compiles a program per buffer size.
-        "new_token_slots": tf.zeros([round_up(settings["max_new_tokens"])], tf.int32),
-    }
-    out = program(padded_ids, padded_mask, settings)
-    steps = out["steps"]
-    repeats = tf.shape(out["sequences"])[0] // tf.shape(input_ids)[0]
-    new = out["sequences"][:, width: width + steps]
-    return {
-        **out,
-        "sequences": tf.concat([tf.repeat(input_ids, repeats, axis=0), new], axis=1),
-        "token_logprobs": out["token_logprobs"][:, :steps],
-    }
+    # Its length is the new-token buffer: a shape, so XLA compiles a program per buffer size.
+    settings = {**settings, "new_token_slots": tf.zeros([round_up(settings["max_new_tokens"])], tf.int32)}
+    return caller_layout(input_ids, program(padded_ids, padded_mask, settings), settings["pad_id"])
+
+
+def capacity_tier(needed, context):
+    """The capacity the engine compiles for when a call needs `needed` columns: a tier, at most the context."""
+    return min(next((tier for tier in TIERS if tier >= needed), context), context)
+
+
+class _Programs:
+    """A DecodeState and the compiled programs that move it."""
+
+    def __init__(self, gpt2, rows, capacity, pad_id, counted):
+        self.state = decode_state.DecodeState(gpt2, rows, capacity, pad_id)
+        self.gpt2, self._counted, self._functions = gpt2, counted, {}
+
+        def prefill(offset, writing):
+            self.state.write(decode_state.prefill(gpt2, self.state.read(), offset, CHUNK, writing))
+        self.prefill = self._compile(prefill)
+
+    def _compile(self, function):
+        compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
+        # Each state's programs trace once; TF would count them together and warn of "frequent retracing".
+        compiled._omit_frequent_tracing_warning = True
+        return compiled
+
+    def advance(self, strategy):
+        """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
+        rows' tokens, lengths and finished flags after."""
+        if strategy not in self._functions:
+            choose = chooser(strategy)
+
+            def advance(num_steps, settings):
+                state = decode_state.advance(self.gpt2, self.state.read(), num_steps, settings, choose)
+                self.state.write(state)
+                return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
+            self._functions[strategy] = self._compile(advance)
+        return self._functions[strategy]
+
+    def beam(self, num_beams, num_return_sequences):
+        """The program (settings) -> beam_search.search's results, from the prefilled state."""
+        key = ("beam", num_beams, num_return_sequences)
+        if key not in self._functions:
+            def beam(settings):
+                return beam_search.search(self.gpt2, self.state.read(), settings, num_beams, num_return_sequences)
+            self._functions[key] = self._compile(beam)
+        return self._functions[key]
 
 
 class Decoder:
-    """Compiled decode programs for one TFGPT2LMHeadModel."""
+    """The decode engine of one TFGPT2LMHeadModel: decode states per (rows, capacity tier) and their programs."""
 
     def __init__(self, gpt2):
         self.gpt2 = gpt2
         self.trace_count = 0
-        self._programs = {}
+        self._programs = collections.OrderedDict()
+
+    def programs(self, rows, capacity, pad_id):
+        """The `_Programs` of a (rows, capacity): made on first use, kept for the MAX_STATES most recent."""
+        key = (rows, capacity, pad_id)
+        if key not in self._programs:
+            self._programs[key] = _Programs(self.gpt2, rows, capacity, pad_id, self._counted)
+            if len(self._programs) > MAX_STATES:
+                self._programs.popitem(last=False)
+        self._programs.move_to_end(key)
+        return self._programs[key]
 
     def __call__(self, input_ids, attention_mask, options):
-        """Returns a dict of numpy arrays.
+        """`stream` run to its end without looking at the blocks: its dict of numpy arrays."""
+        blocks = self.stream(input_ids, attention_mask, options, streaming=False)
+        while True:
+            try:
+                next(blocks)
+            except StopIteration as done:
+                return done.value
 
-        `sequences` [rows, len + steps]: the prompts as given, then the new
-        tokens; `token_logprobs` [rows, steps]: each new token's log-probability
-        under the distribution it was chosen from (0 after EOS);
-        `sequences_scores` [rows]: beam scores (None without beams). Greedy and
-        sampling give one row per input row, beam search num_return_sequences.
+    def stream(self, input_ids, attention_mask, options, streaming=True):
+        """A generator: yields each block of new tokens [rows, k] as decoded, returns a dict of numpy arrays.
+
+        The dict: `sequences` [rows, len + steps], the prompts as given then the
+        new tokens; `token_logprobs` [rows, steps]: each new token's
+        log-probability under the distribution it was chosen from (0 after
+        EOS); `sequences_scores` [rows]: beam scores (None without beams).
+        Greedy and sampling give one row per input row, beam search
+        num_return_sequences (and yields no blocks). Without `streaming` the
+        advance program runs all steps in one call.
         """
-        strategy = "beam" if options.num_beams > 1 else "sample" if options.do_sample else "greedy"
-        # Greedy and sampling rows arrive already repeated per returned sequence; only beams need the count.
-        returned = options.num_return_sequences if strategy == "beam" else 1
-        key = (strategy, options.num_beams, returned)
-        if key not in self._programs:
-            function = tf.function(self._counted(program(self.gpt2, *key)), jit_compile=True)
-            # Each prompt bucket and new-token buffer traces once by design; TF would warn of "frequent retracing".
-            function._omit_frequent_tracing_warning = True
-            self._programs[key] = function
-        out = decode(self._programs[key], tf.constant(input_ids), tf.constant(attention_mask), settings_tensors(options))
+        beams = options.num_beams
+        strategy = "beam" if beams > 1 else "sample" if options.do_sample else "greedy"
+        pad_id = options.pad_token_id
+        input_ids = tf.constant(input_ids)
+        prompts, prompt_lengths = decode_state.compact(input_ids, tf.constant(attention_mask), pad_id)
+        prompts, prompt_lengths = tf.repeat(prompts, beams, axis=0), tf.repeat(prompt_lengths, beams)
+        longest = int(tf.reduce_max(prompt_lengths))
+        programs = self.programs(int(prompts.shape[0]), capacity_tier(longest + options.max_new_tokens,
+                                                                      self.gpt2.config.n_positions), pad_id)
+        state = programs.state
+        state.start(prompts[:, :longest], prompt_lengths, prompt_lengths + options.max_new_tokens)
+        writing = tf.ones([state.rows], tf.bool)
+        for offset in range(0, longest - 1, CHUNK):
+            programs.prefill(tf.constant(offset), writing)
+        settings = settings_tensors(options)
+        if strategy == "beam":
+            results = programs.beam(beams, options.num_return_sequences)(settings)
+        else:
+            advance = programs.advance(strategy)
+            blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
+                          else [options.max_new_tokens])
+            starts, emitted, finished = prompt_lengths.numpy(), 0, False
+            while not finished:
+                now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
+                finished = now["finished"].all()
+                steps = int((now["lengths"] - starts).max())
+                if streaming:
+                    columns = starts[:, None] + np.arange(emitted, steps)[None, :]
+                    yield np.where(columns < now["lengths"][:, None],
+                                   np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
+                                   pad_id)
+                emitted = steps
+            results = token_results(state.read())
+        out = caller_layout(input_ids, results, pad_id)
         return {
             "sequences": out["sequences"].numpy(),
             "token_logprobs": out["token_logprobs"].numpy(),
@@ -186,7 +280,7 @@ class Decoder:
         }
 
     def _counted(self, function):
-        def traced(input_ids, attention_mask, settings):
+        def traced(*args):
             self.trace_count += 1
-            return function(input_ids, attention_mask, settings)
+            return function(*args)
         return traced

@@ -1,26 +1,29 @@
-"""GPT-2's forward pass over a static-shape key/value cache.
+"""GPT-2's forward pass over a static-shape key/value cache: the model-specific part of decoding.
 
-The cache holds keys and values for every position of a sequence buffer of
-fixed capacity, allocated once per generate call; each call writes the new
-positions in place with a dynamic-update-slice, so shapes never change inside
-the decode loop. It runs on the layers (and so the weights) of a
-transformers `TFGPT2LMHeadModel`.
+Its interface to the rest of tfgen.generation is three functions: `empty_cache`
+(keys and values per layer at a fixed capacity), `blocks` (embeddings and
+transformer blocks for tokens at given buffer columns of each row, writing
+their keys and values into the cache) and `head` (next-token logits from a
+hidden state). A row's tokens sit in its buffer from column 0 with no padding
+between them, so a token's column is also its position id. Writes go by
+scatter, in place under XLA; a write aimed at a column >= capacity is dropped
+(XLA skips out-of-range scatter updates), which is how a row is left alone.
+It runs on the layers (and so the weights) of a transformers `TFGPT2LMHeadModel`.
 """
 
 import math
 
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python import xla
 
 from tfgen.generation.shapes import dims
 
 MASKED = -1e9
 
 
-def empty_cache(config, batch_size, capacity, dtype):
-    """Keys and values per layer, each [batch, heads, capacity, head_dim], zeroed."""
+def empty_cache(config, rows, capacity, dtype):
+    """Keys and values per layer, each [rows, heads, capacity, head_dim], zeroed."""
     head_dim = config.n_embd // config.n_head
-    shape = [batch_size, config.n_head, capacity, head_dim]
+    shape = [rows, config.n_head, capacity, head_dim]
     return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(config.n_layer)]
 
 
@@ -40,60 +43,54 @@ def _merge_heads(x):
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch, length, n_head * head_dim])
 
 
-def _attend(attn, x, cache_k, cache_v, start, key_mask, n_head):
-    """Self-attention of `x` (positions start..start+len in the buffer) over the cache, written in place."""
+def _write(cache, values, columns):
+    """cache [rows, heads, capacity, d] with `values` [rows, heads, len, d] scattered at `columns` [rows, len]."""
+    rows, heads, length, _ = dims(values)
+    shape = [rows, heads, length]
+    row = tf.broadcast_to(tf.range(rows)[:, None, None], shape)
+    head = tf.broadcast_to(tf.range(heads)[None, :, None], shape)
+    column = tf.broadcast_to(columns[:, None, :], shape)
+    return tf.tensor_scatter_nd_update(cache, tf.stack([row, head, column], axis=-1), tf.cast(values, cache.dtype))
+
+
+def _attend(attn, x, cache_k, cache_v, columns, n_head):
+    """Self-attention of `x` (at `columns` of each row) over the cache, written in place."""
     q, k, v = tf.split(attn.c_attn(x), 3, axis=-1)
     q = _split_heads(q, n_head)
-    zero = tf.zeros([], tf.int32)
-    cache_k = xla.dynamic_update_slice(cache_k, _split_heads(k, n_head), [zero, zero, start, zero])
-    cache_v = xla.dynamic_update_slice(cache_v, _split_heads(v, n_head), [zero, zero, start, zero])
-
-    length, capacity = tf.shape(x)[1], dims(cache_k)[2]
-    query_slot = start + tf.range(length)
-    causal = tf.range(capacity)[None, :] <= query_slot[:, None]  # [length, capacity]
-    allowed = tf.logical_and(causal[None, None], key_mask[:, None, None, :])
+    cache_k = _write(cache_k, _split_heads(k, n_head), columns)
+    cache_v = _write(cache_v, _split_heads(v, n_head), columns)
+    capacity = dims(cache_k)[2]
+    causal = tf.range(capacity)[None, None, :] <= columns[:, :, None]  # [rows, len, capacity]
     scores = tf.matmul(q, cache_k, transpose_b=True) / math.sqrt(q.shape[-1])
-    weights = tf.nn.softmax(tf.where(allowed, scores, MASKED), axis=-1)
+    weights = tf.nn.softmax(tf.where(causal[:, None], scores, MASKED), axis=-1)
     out = attn.c_proj(_merge_heads(tf.matmul(weights, cache_v)))
     return out, cache_k, cache_v
 
 
-def forward(gpt2, token_ids, positions, cache, start, key_mask):
-    """Next-token logits [batch, vocab] after `token_ids` [batch, len], placed at buffer slots start..start+len.
+def blocks(gpt2, token_ids, columns, cache):
+    """Hidden states [rows, len, width] of `token_ids` [rows, len] placed at `columns` [rows, len] of each row.
 
-    `positions` [batch, len] are the position-embedding ids, `key_mask`
-    [batch, capacity] marks buffer slots that hold real tokens (slots not yet
-    written are hidden by causality). Returns (float32 logits, updated cache).
-    Under a mixed-precision policy the blocks compute in the policy's dtype.
+    Each token attends to its row's cache up to its own column. Returns (hidden
+    states, updated cache). Under a mixed-precision policy the blocks compute
+    in the policy's dtype.
     """
     main = gpt2.transformer
-    start = tf.convert_to_tensor(start, tf.int32)
     n_head = gpt2.config.n_head
+    positions = tf.minimum(columns, gpt2.config.n_positions - 1)  # columns past the context are never read
     h = tf.gather(main.wte.embeddings, token_ids) + tf.gather(main.wpe.embeddings, positions)
     h = tf.cast(h, main.compute_dtype)
     new_cache = []
     for block, (cache_k, cache_v) in zip(main.h, cache):
-        a, cache_k, cache_v = _attend(block.attn, block.ln_1(h), cache_k, cache_v, start, key_mask, n_head)
+        a, cache_k, cache_v = _attend(block.attn, block.ln_1(h), cache_k, cache_v, columns, n_head)
         h = h + a
         h = h + block.mlp(block.ln_2(h), training=False)
         new_cache.append((cache_k, cache_v))
-    h = main.ln_f(h[:, -1:])[:, 0]  # the layer was built for [batch, len, width]
+    return h, new_cache
+
+
+def head(gpt2, hidden):
+    """Float32 next-token logits [rows, vocab] from hidden states [rows, width]."""
+    main = gpt2.transformer
+    h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
     logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
-    return tf.cast(logits, tf.float32), new_cache
-
-
-def prefill(gpt2, input_ids, attention_mask, new_capacity):
-    """Runs the prompts once: (next-token logits, cache, key mask, prompt lengths)."""
-    batch, prompt_width = dims(input_ids)
-    key_mask = tf.concat([attention_mask > 0, tf.ones([batch, new_capacity], tf.bool)], axis=1)
-    cache = empty_cache(gpt2.config, batch, prompt_width + new_capacity, gpt2.transformer.compute_dtype)
-    positions = positions_from_mask(attention_mask)
-    logits, cache = forward(gpt2, input_ids, positions, cache, 0, key_mask)
-    return logits, cache, key_mask, tf.reduce_sum(attention_mask, axis=1)
-
-
-def step_forward(gpt2, sequence, cache, key_mask, prompt_lengths, prompt_width, step):
-    """Logits after the token generated at `step - 1`, fed at its buffer slot."""
-    last = tf.gather(sequence, prompt_width + step - 1, axis=1)[:, None]
-    positions = (prompt_lengths + step - 1)[:, None]
-    return forward(gpt2, last, positions, cache, prompt_width + step - 1, key_mask)
+    return tf.cast(logits, tf.float32)

@@ -1,10 +1,10 @@
 """Logits processors with transformers' semantics, as pure tensor functions.
 
 Each takes scores [batch, vocab] and the token history and returns new
-scores. The history is the decode loop's fixed-width buffer `sequence`
-[batch, width]: columns `first`..`length` hold what transformers would see
-as input_ids (the caller's prompt columns, pads included, then the new
-tokens); columns before `first` are bucket padding and count for nothing.
+scores. The history is the decode state's fixed-width buffer `sequence`
+[batch, width]: columns 0..`length` of each row (`length` [batch], or a
+scalar for every row) hold its prompt's tokens, then the new ones; the
+columns after are not read.
 Every setting is a runtime tensor (the bad-word list's shape aside), and each processor is a no-op at its
 neutral value (penalty 1, n-gram size 0, no bad words, minimum 0), so the decode program
 applies them all unconditionally.
@@ -20,9 +20,12 @@ NEG_INF = float("-inf")
 MAX_NGRAM_SIZE = 8
 
 
-def _history_mask(sequence, first, length):
-    column = tf.range(dims(sequence)[1])
-    return tf.logical_and(column >= first, column < length)
+def _row_lengths(sequence, length):
+    return tf.broadcast_to(tf.cast(length, tf.int32), dims(sequence)[:1])
+
+
+def _history_mask(sequence, length):
+    return tf.range(dims(sequence)[1])[None, :] < _row_lengths(sequence, length)[:, None]
 
 
 def _mark(vocab, tokens, hit):
@@ -37,59 +40,68 @@ def _mark(vocab, tokens, hit):
     return marks > 0
 
 
-def repetition_penalty(scores, sequence, first, length, penalty):
+def repetition_penalty(scores, sequence, length, penalty):
     """Divides positive scores of tokens already in the history by `penalty`, multiplies negative ones."""
-    seen = _mark(scores.shape[-1], sequence, _history_mask(sequence, first, length))
+    seen = _mark(scores.shape[-1], sequence, _history_mask(sequence, length))
     penalty = tf.cast(penalty, scores.dtype)
     penalized = tf.where(scores < 0, scores * penalty, scores / penalty)
     return tf.where(seen, penalized, scores)
 
 
-def no_repeat_ngram(scores, sequence, first, length, ngram_size):
+def no_repeat_ngram(scores, sequence, length, ngram_size):
     """Bans every token that would repeat an n-gram of the history (n = ngram_size; 0 is off)."""
     width = dims(sequence)[1]
+    length = _row_lengths(sequence, length)
     start = tf.range(width)  # the n-gram starting at each column
     ngram_size = tf.cast(ngram_size, tf.int32)
     # An n-gram whose first n-1 tokens equal the history's last n-1 bans its n-th token.
-    matches = tf.logical_and(start >= first, start + ngram_size <= length)[None, :]
+    matches = start[None, :] + ngram_size <= length[:, None]
     for k in range(MAX_NGRAM_SIZE - 1):
         in_prefix = k < ngram_size - 1
         earlier = tf.gather(sequence, tf.minimum(start + k, width - 1), axis=1)
-        latest = tf.gather(sequence, tf.clip_by_value(length - ngram_size + 1 + k, 0, width - 1), axis=1)
+        latest = tf.gather(sequence, tf.clip_by_value(length - ngram_size + 1 + k, 0, width - 1), batch_dims=1)
         matches = tf.logical_and(matches, tf.logical_or(tf.logical_not(in_prefix), earlier == latest[:, None]))
     matches = tf.logical_and(matches, ngram_size > 0)
     completions = tf.gather(sequence, tf.minimum(start + ngram_size - 1, width - 1), axis=1)
     return tf.where(_mark(scores.shape[-1], completions, matches), NEG_INF, scores)
 
 
-def bad_words(scores, sequence, first, length, words, word_lengths):
+def bad_words(scores, sequence, length, words, word_lengths):
     """Bans the last token of each bad word whose other tokens end the history.
 
     `words` [n_words, longest] holds the bad words left-aligned; `word_lengths` their lengths.
     """
     width, longest = dims(sequence)[1], words.shape[1]
+    length = _row_lengths(sequence, length)
     prefix_lengths = word_lengths - 1
     offset = tf.range(longest - 1)
-    columns = length - prefix_lengths[:, None] + offset[None, :]  # [n_words, longest - 1]
-    history = tf.gather(sequence, tf.clip_by_value(columns, 0, width - 1), axis=1)  # [batch, n_words, longest - 1]
+    columns = length[:, None, None] - prefix_lengths[None, :, None] + offset[None, None, :]  # [batch, n_words, longest - 1]
+    history = tf.gather(sequence, tf.clip_by_value(columns, 0, width - 1), batch_dims=1)
     in_prefix = offset[None, :] < prefix_lengths[:, None]
     same = tf.logical_or(tf.logical_not(in_prefix)[None], history == words[None, :, : longest - 1])
-    matches = tf.logical_and(tf.reduce_all(same, axis=-1), (length - prefix_lengths >= first)[None, :])
+    matches = tf.logical_and(tf.reduce_all(same, axis=-1), length[:, None] - prefix_lengths[None, :] >= 0)
     last_tokens = tf.gather(words, prefix_lengths, axis=1, batch_dims=1)
     return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, tf.shape(matches)), matches),
                     NEG_INF, scores)
 
 
-def ban_tokens_before(scores, token_ids, step, min_steps):
-    """Bans `token_ids` (the EOS ids) while fewer than `min_steps` tokens have been generated."""
+def ban_tokens_before(scores, token_ids, generated, min_steps):
+    """Bans `token_ids` (the EOS ids) while fewer than `min_steps` tokens have been generated.
+
+    `generated` is the count of new tokens so far: [batch], or a scalar for every row.
+    """
     vocab = scores.shape[-1]
     is_banned_id = tf.reduce_any(tf.range(vocab)[None, :] == token_ids[:, None], axis=0)
-    return tf.where(tf.logical_and(is_banned_id, step < min_steps)[None, :], NEG_INF, scores)
+    early = tf.broadcast_to(generated < min_steps, dims(scores)[:1])
+    return tf.where(tf.logical_and(is_banned_id[None, :], early[:, None]), NEG_INF, scores)
 
 
-def process(scores, sequence, first, length, step, settings):
-    """All processors, in transformers' order; each is a no-op at its neutral setting."""
-    scores = repetition_penalty(scores, sequence, first, length, settings["repetition_penalty"])
-    scores = no_repeat_ngram(scores, sequence, first, length, settings["no_repeat_ngram_size"])
-    scores = bad_words(scores, sequence, first, length, settings["bad_words"], settings["bad_word_lengths"])
-    return ban_tokens_before(scores, settings["eos_ids"], step, settings["min_new_steps"])
+def process(scores, sequence, length, generated, settings):
+    """All processors, in transformers' order; each is a no-op at its neutral setting.
+
+    `length` [batch]: each row's history (prompt and new tokens); `generated` [batch]: its new tokens.
+    """
+    scores = repetition_penalty(scores, sequence, length, settings["repetition_penalty"])
+    scores = no_repeat_ngram(scores, sequence, length, settings["no_repeat_ngram_size"])
+    scores = bad_words(scores, sequence, length, settings["bad_words"], settings["bad_word_lengths"])
+    return ban_tokens_before(scores, settings["eos_ids"], generated, settings["min_new_steps"])
