@@ -1,7 +1,8 @@
 """HF-layout checkpoint files: PyTorch-layout weights read and written without torch, atomic directories.
 
-GPT-2's TF and PyTorch weights have the same shapes (Conv1D keeps [in, out]),
-so converting is renaming; only Conv1D biases differ ([1, n] in TF, [n] in PyTorch).
+transformers' TF and PyTorch models of a family have the same weights under related names
+(`pytorch_name`); GPT-2's Conv1D keeps [in, out] in both (only its biases differ: [1, n] in TF,
+[n] in PyTorch), a Keras Dense kernel (GPT-J's projections and head) is the transposed Linear weight.
 `open_weights` reads model.safetensors, pytorch_model.bin (`torch_pickle`) and
 the shards of either's index as one name -> numpy array mapping, a tensor at a time.
 """
@@ -104,47 +105,97 @@ def open_weights(path):
 
 
 def pytorch_name(tf_variable_name):
-    """'tfgpt2lm_head_model/transformer/h_._0/ln_1/gamma:0' -> 'transformer.h.0.ln_1.weight'."""
+    """transformers' PyTorch name of a TF variable: 'tfgpt2lm_head_model/transformer/h_._0/ln_1/gamma:0' ->
+    'transformer.h.0.ln_1.weight', 'tfgptj_for_causal_lm/lm_head/kernel:0' -> 'lm_head.weight'."""
     name = tf_variable_name.split(":")[0]
-    name = name[name.index("transformer/"):]
+    name = name[re.search(r"(^|/)(transformer|lm_head)/", name).end(1):]
     name = re.sub(r"h_\._(\d+)", r"h.\1", name)
     parts = name.split("/")
-    parts[-1] = {"gamma": "weight", "beta": "bias", "embeddings": "weight"}.get(parts[-1], parts[-1])
+    parts[-1] = {"gamma": "weight", "beta": "bias", "embeddings": "weight", "kernel": "weight"}.get(parts[-1], parts[-1])
     return ".".join(parts)
 
 
+def _is_dense_kernel(variable):
+    # A Keras Dense kernel is [in, out], the PyTorch Linear weight [out, in]; GPT-2's Conv1D ("weight") keeps [in, out].
+    return variable.name.split(":")[0].endswith("/kernel")
+
+
+def pytorch_value(variable, dtype=None):
+    """A TF variable's value in transformers' PyTorch layout (numpy, cast to `dtype` if given)."""
+    value = variable.numpy() if dtype is None else variable.numpy().astype(dtype)
+    if _is_dense_kernel(variable):
+        value = value.T
+    elif variable.name.endswith("bias:0") and value.ndim == 2:
+        value = value[0]
+    return np.ascontiguousarray(value)
+
+
 def write_safetensors(variables, path, dtype=None):
-    """Writes TF GPT-2 variables as a PyTorch-layout safetensors file, cast to `dtype` if given."""
-    tensors = {}
-    for variable in variables:
-        value = variable.numpy() if dtype is None else variable.numpy().astype(dtype)
-        if variable.name.endswith("bias:0") and value.ndim == 2:
-            value = value[0]
-        tensors[pytorch_name(variable.name)] = np.ascontiguousarray(value)
+    """Writes TF variables (of a transformers TF model) as a PyTorch-layout safetensors file, cast to `dtype` if given."""
+    tensors = {pytorch_name(variable.name): pytorch_value(variable, dtype) for variable in variables}
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~_umask())  # save_file creates the file 0600
 
 
-def read_weights(variables, path):
-    """Assigns a PyTorch-layout checkpoint (see `open_weights`) to TF GPT-2 variables, one tensor at a time.
+def _files_and_names(path):
+    """[(file, the tensor names it holds)] of a checkpoint: the file itself, or an index's shards in order."""
+    if not path.name.endswith(".index.json"):
+        return [(path, set(_open_file(path)))]
+    weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    shards = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, set()).add(name)
+    for shard in shards:
+        if not (path.parent / shard).is_file():
+            raise FileNotFoundError(f"{path} names the shard {shard}, which is not beside it")
+    return [(path.parent / shard, shards[shard]) for shard in sorted(shards)]
 
-    Every variable must be found, under its GPT2LMHeadModel name or without the
-    "transformer." prefix (GPT2Model checkpoints); other tensors in the file, such
-    as the causal-mask buffers attn.bias and attn.masked_bias of older
-    checkpoints, are not weights and are left unread.
+
+def read_weights(variables, path):
+    """Assigns a PyTorch-layout checkpoint (see `open_weights`) to TF variables, one tensor at a time.
+
+    Each tensor goes from the file straight into its variable in the
+    variable's dtype (float16/bfloat16/float32), so the model is never held
+    twice nor in a wider dtype; shards are read one after another, each
+    closed before the next is opened. Every variable must be found, under its
+    PyTorch name or without the "transformer." prefix (GPT2Model checkpoints);
+    other tensors in the file, such as the causal-mask buffers attn.bias and
+    attn.masked_bias of older checkpoints, are not weights and are left unread.
+    A progress bar over the shards' bytes shows on a terminal (tqdm; not when stderr is redirected).
     """
-    weights = open_weights(path)
-    names = {variable.name: _checkpoint_name(pytorch_name(variable.name), weights) for variable in variables}
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    files = _files_and_names(path)
+    everything = set().union(*(names for _, names in files))
+    names = {variable.name: _checkpoint_name(pytorch_name(variable.name), everything) for variable in variables}
     missing = [pytorch_name(variable.name) for variable in variables if names[variable.name] is None]
     if missing:
         raise ValueError(f"{path} lacks the weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-                         "is it a GPT-2 checkpoint?")
-    for variable in variables:
-        value = weights[names[variable.name]]
-        if value.size != np.prod(variable.shape):
-            raise ValueError(f"{path}: {names[variable.name]} has shape {list(value.shape)}, the model expects "
-                             f"{variable.shape.as_list()}; does config.json belong to these weights?")
-        variable.assign(np.reshape(value, variable.shape).astype(variable.dtype.as_numpy_dtype))
+                         "does config.json's model_type belong to these weights?")
+    total = sum(file.stat().st_size for file, _ in files)
+    with tqdm(total=total, unit="B", unit_scale=True, disable=None,
+              desc=f"Loading {len(files)} checkpoint shard{'s' if len(files) > 1 else ''}") as progress:
+        for number, (file, held) in enumerate(files, 1):
+            progress.set_postfix_str(f"shard {number}/{len(files)}")
+            weights = _open_file(file)
+            for variable in variables:
+                if names[variable.name] in held:
+                    progress.update(_assign(variable, weights[names[variable.name]], f"{file}: {names[variable.name]}"))
+            del weights  # unmaps the file before the next one is read
+
+
+def _assign(variable, value, where):
+    """variable <- a PyTorch-layout array (transposed for a Dense kernel), in the variable's dtype; its bytes."""
+    shape = variable.shape.as_list()
+    expected = shape[::-1] if _is_dense_kernel(variable) else shape
+    if value.size != np.prod(shape) or (value.ndim == len(shape) and list(value.shape) != expected):
+        raise ValueError(f"{where} has shape {list(value.shape)}, the model expects {expected}; "
+                         "does config.json belong to these weights?")
+    if _is_dense_kernel(variable):
+        value = value.T
+    variable.assign(np.reshape(value, shape).astype(variable.dtype.as_numpy_dtype, copy=False))
+    return value.nbytes
 
 
 def _checkpoint_name(name, weights):

@@ -66,9 +66,9 @@ def _generation_kwargs(args):
 
 
 def _load_model(name_or_path):
-    from tfgen.model import GPT2LM
+    from tfgen.model import CausalLM
 
-    lm = GPT2LM.from_pretrained(name_or_path)
+    lm = CausalLM.from_pretrained(name_or_path)
     if lm.tokenizer is None:
         raise UsageError(f"{name_or_path} has no tokenizer files; save the model with its tokenizer")
     return lm
@@ -155,13 +155,13 @@ def _train_tokenizer(args):
 
 def _export(args):
     from tfgen.export import export_saved_model
-    from tfgen.model import GPT2LM
+    from tfgen.model import CausalLM
 
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
                          "or pass --overwrite to replace it")
-    lm = GPT2LM.from_pretrained(args.model)
+    lm = CausalLM.from_pretrained(args.model)
     export_saved_model(lm, output, capacity=args.capacity, num_beams=args.num_beams)
     if lm.tokenizer is not None and lm.tokenizer.sentencepiece_model() is not None:
         serving = "prompts -> completions, sequences"

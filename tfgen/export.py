@@ -1,7 +1,7 @@
 """TF SavedModel export: generation served by TensorFlow alone, strings in and strings out.
 
 The SavedModel holds the GPT-2 weights once and the decode programs of
-`tfgen.generation.decode` (the ones `GPT2LM.generate` runs), each traced
+`tfgen.generation.decode` (the ones `CausalLM.generate` runs), each traced
 once with unknown batch and prompt length and marked for XLA, which compiles
 them per shape when a request comes. Every sampling setting is a request
 input with a default, so no request retraces. With a SentencePiece tokenizer,
@@ -65,7 +65,7 @@ def export_saved_model(lm, path, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
 
 def serving_module(lm, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
     """The tf.Module that export_saved_model saves: the weights, the tokenizer ops and the signature functions."""
-    context = lm.config.n_positions
+    context = lm.net.context
     capacity = context if capacity is None else capacity
     if not 2 <= capacity <= context:
         raise ValueError(f"capacity must be from 2 to the model's context of {context} tokens, got {capacity!r}")
@@ -76,14 +76,14 @@ def serving_module(lm, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
 
 class _ServingModule(tf.Module):
     def __init__(self, lm, capacity, num_beams):
-        super().__init__(name="tfgen_gpt2")
-        self.model_weights = list(lm.gpt2.weights)  # what the programs capture: saved once
+        super().__init__(name="tfgen_lm")
+        self.model_weights = list(lm.net.weights)  # what the programs capture: saved once
         self.capacity = capacity
         self.options = resolve_options(
             1, max_new_tokens=1, eos_token_id=lm.config.eos_token_id, pad_token_id=lm.config.pad_token_id, seed=0
         )
-        # GPT2LM.generate's programs, compiled by XLA per request shape.
-        self.programs = {strategy: tf.function(decode.program(lm.gpt2, strategy, num_beams), jit_compile=True)
+        # CausalLM.generate's programs, compiled by XLA per request shape.
+        self.programs = {strategy: tf.function(decode.program(lm.net, strategy, num_beams), jit_compile=True)
                          for strategy in ("greedy", "sample", "beam")}
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, capacity - 1)
         sampling = {**SAMPLING_SETTINGS, "max_new_tokens": (tf.int32, max_new_tokens)}
@@ -189,7 +189,7 @@ class TextCodec(tf.Module):
         return tf.where(real, right_aligned, self.padding_id), tf.cast(real, tf.int32)
 
     def completions(self, input_ids, attention_mask, sequences):
-        """The new text of each row, as `GPT2LM.complete`'s `new_text`: through the first EOS, specials dropped."""
+        """The new text of each row, as `CausalLM.complete`'s `new_text`: through the first EOS, specials dropped."""
         new = sequences[:, tf.shape(input_ids)[1]:]
         before_end = tf.cumsum(tf.cast(_is_any(new, self.eos_ids), tf.int32), axis=1, exclusive=True) == 0
         prompt = tf.ragged.boolean_mask(input_ids, tf.logical_and(attention_mask > 0, self._plain(input_ids)))

@@ -20,7 +20,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfgen import checkpoint, data, training
-from tfgen.model import GPT2LM
+from tfgen.model import CausalLM
 
 RUN_FILE = "finetune.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -134,7 +134,7 @@ def finetune(settings):
 
 def _train(settings):
     output = Path(settings.output)
-    lm = GPT2LM.from_pretrained(output / CHECKPOINT_DIR if settings.resume else settings.model)
+    lm = CausalLM.from_pretrained(output / CHECKPOINT_DIR if settings.resume else settings.model)
     if lm.tokenizer is None:
         raise ValueError(f"{settings.model} has no tokenizer files; fine-tuning needs the model's tokenizer")
     if not 1 <= settings.block_size <= lm.config.n_positions:

@@ -1,17 +1,18 @@
-"""GPT2LM: a Keras model around transformers' TFGPT2LMHeadModel, with its tokenizer and compiled generate."""
+"""CausalLM and its families' classes (GPT2LM, GPTJLM): Keras models around transformers' TF models, with their
+tokenizer and compiled generate."""
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from transformers import GPT2Config, TFGPT2LMHeadModel
 
-from tfgen import checkpoint
+from tfgen import checkpoint, families
 from tfgen.generation.decode import Decoder
-from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
@@ -40,7 +41,7 @@ class Completion:
 
 
 _SAVE_INSTEAD = (
-    "use lm.save_pretrained(directory) for a checkpoint (config, weights, tokenizer; GPT2LM.from_pretrained reads it), "
+    "use lm.save_pretrained(directory) for a checkpoint (config, weights, tokenizer; CausalLM.from_pretrained reads it), "
     "tfgen.export_saved_model(lm, directory) or `tfgen export MODEL DIRECTORY` for a TF SavedModel that serves "
     "generation, lm.save('model.keras') for a Keras file, or save_weights for the weights alone"
 )
@@ -97,15 +98,34 @@ def _hub_snapshot(repo_id):
     return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + checkpoint.weights_to_fetch(files)))
 
 
-def _load_weights(directory, tokenizer):
+def _model_type(directory):
+    config = json.loads((directory / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
+    return config.get("model_type")
+
+
+def _load_weights(cls, directory, tokenizer, dtype):
+    """A `cls` model with the weights of `directory`, built in `dtype` and each tensor read into it (see read_weights)."""
     weights = checkpoint.weights_file({path.name for path in directory.iterdir()})
     if weights is None:
         raise FileNotFoundError(f"{directory} has no weights: expected one of {', '.join(checkpoint.WEIGHTS_FILES)}")
-    if weights == checkpoint.TF_WEIGHTS_FILE:
-        return GPT2LM(TFGPT2LMHeadModel.from_pretrained(directory, use_safetensors=False), tokenizer)
-    lm = GPT2LM(GPT2Config.from_pretrained(directory), tokenizer)
-    checkpoint.read_weights(lm.gpt2.weights, directory / weights)
+    family = cls.family
+    if weights == checkpoint.TF_WEIGHTS_FILE:  # transformers' h5 loader builds float32 weights first
+        lm = cls(family.transformers_class.from_pretrained(directory, use_safetensors=False), tokenizer)
+        return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
+    with _policy(dtype):
+        lm = cls(family.config_class.from_pretrained(directory), tokenizer)
+    checkpoint.read_weights(lm.net.weights, directory / weights)
     return lm
+
+
+def _policy(dtype):
+    """Variables and computation in `dtype` for the models built inside (float32: the global policy as it is)."""
+    dtype = tf.as_dtype(dtype)
+    if dtype not in (tf.float32, tf.float16, tf.bfloat16):
+        raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype.name!r}")
+    if dtype == tf.float32:
+        return contextlib.nullcontext()
+    return global_policy(tf.keras.mixed_precision.Policy(dtype.name))
 
 
 # What a decoder writes for bytes that do not (yet) make a character: held back while streaming.
@@ -151,28 +171,41 @@ def _drain(generator, on_item):
             return done.value
 
 
-class GPT2LM(tf.keras.Model):
+class CausalLM(tf.keras.Model):
     """A causal language model: `call` gives logits, `generate` decodes with compiled XLA programs.
 
-    Wraps a transformers `TFGPT2LMHeadModel` (pass one, or a `GPT2Config` to
-    build a fresh one) and the `Tokenizer` that goes with it.
+    The base of one class per model family (`GPT2LM`, `GPTJLM`): each wraps
+    its family's transformers TF model (pass one, or a config to build a fresh
+    one) and the `Tokenizer` that goes with it; `self.net` is the
+    `tfgen.families.Family` that decoding runs through.
+    `CausalLM.from_pretrained` picks the class from config.json's model_type.
     """
 
-    def __init__(self, gpt2_or_config, tokenizer=None, **kwargs):
+    family = None  # the tfgen.families class; set by each subclass
+    model_attribute = None  # where the wrapped transformers model is kept (lm.gpt2, lm.gptj)
+    _by_model_type = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:  # a family's own class, not a user's subclass of it
+            CausalLM._by_model_type[cls.family.model_type] = cls
+
+    def __init__(self, model_or_config, tokenizer=None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(gpt2_or_config, TFGPT2LMHeadModel):
-            self.gpt2 = gpt2_or_config
-        else:
-            self.gpt2 = TFGPT2LMHeadModel(gpt2_or_config)
-            # Built in its own name scope, its weights get the names transformers' h5 loader expects.
-            self.gpt2.build_in_name_scope()
+        if type(self) is CausalLM:
+            raise TypeError("CausalLM is the base class; use CausalLM.from_pretrained, GPT2LM or GPTJLM")
+        family = self.family
+        model = (model_or_config if isinstance(model_or_config, family.transformers_class)
+                 else family.build(model_or_config))
+        setattr(self, self.model_attribute, model)
+        self.net = family(model)
         self.tokenizer = tokenizer
-        self.decoder = Decoder(self.gpt2)
+        self.decoder = Decoder(self.net)
         self(tf.zeros([1, 1], tf.int32))  # builds the weights, so summary() and saving work at once
 
     @property
     def config(self):
-        return self.gpt2.config
+        return self.net.config
 
     def call(self, input_ids, attention_mask=None, training=False):
         """Float32 logits [batch, len, vocab] (also under mixed precision).
@@ -181,16 +214,7 @@ class GPT2LM(tf.keras.Model):
         """
         if isinstance(input_ids, dict):
             input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask")
-        if attention_mask is None:
-            logits = self.gpt2(input_ids, training=training).logits
-        else:
-            logits = self.gpt2(
-                input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(tf.cast(attention_mask, tf.int32)),
-                training=training,
-            ).logits
-        return tf.cast(logits, tf.float32)
+        return self.net.logits(input_ids, attention_mask, training)
 
     def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile="auto", **kwargs):
         """Keras compile with language-model defaults.
@@ -218,10 +242,11 @@ class GPT2LM(tf.keras.Model):
     def from_config(cls, config, tokenizer=None):
         """A new, randomly initialised model, for training from scratch.
 
-        `config` is a `GPT2Config` or a dict of its fields. With a tokenizer,
-        the vocabulary size and the BOS/EOS/pad ids are taken from it.
+        `config` is the family's config (`GPT2Config`, `GPTJConfig`) or a dict of its
+        fields. With a tokenizer, the vocabulary size and the BOS/EOS/pad ids are taken from it.
         """
-        config = GPT2Config(**config) if isinstance(config, dict) else GPT2Config(**config.to_dict())
+        config_class = cls.family.config_class
+        config = config_class(**config) if isinstance(config, dict) else config_class(**config.to_dict())
         if tokenizer is not None:
             config.vocab_size = tokenizer.vocab_size
             config.bos_token_id = tokenizer.bos_token_id
@@ -237,7 +262,12 @@ class GPT2LM(tf.keras.Model):
         tf_model.h5, pytorch_model.bin and its index that the directory has;
         all but tf_model.h5 are read without TensorFlow's or PyTorch's loaders
         (see `checkpoint.open_weights`), so no torch is needed.
-        `dtype="bfloat16"` keeps the weights and the computation in bfloat16 (see `with_dtype`).
+        `dtype` ("float32", "bfloat16" or "float16") is the dtype of the weights and the
+        computation (logits stay float32): the model is built in it and each tensor is read
+        from the files straight into its variable, so a model is never held in float32
+        first (except from tf_model.h5, which transformers' loader reads).
+        Called on `CausalLM`, the class comes from config.json's model_type (as
+        `AutoModelForCausalLM` does): `GPT2LM` for gpt2, `GPTJLM` for gptj.
         `special_tokens` (bos_token="</s>", eos_token=..., unk_token, pad_token,
         mask_token) override the tokenizer's, as `PreTrainedTokenizerFast.from_pretrained`
         takes them; an overridden BOS, EOS or pad token also sets the model's id
@@ -246,23 +276,30 @@ class GPT2LM(tf.keras.Model):
         directory = resolve_model_dir(name_or_path)
         if not (directory / checkpoint.CONFIG_FILE).exists():
             raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
+        model_type = _model_type(directory) or (cls.family and cls.family.model_type)  # old configs lack it
+        family = families.family_of(model_type, f"{directory / checkpoint.CONFIG_FILE}")
+        if cls.family is None:
+            cls = CausalLM._by_model_type[family.model_type]
+        elif cls.family is not family:
+            raise ValueError(f"{directory} holds a {model_type} model, which {cls.__name__} cannot load; "
+                             f"use tfgen.CausalLM.from_pretrained, which picks the class from config.json")
         try:
             tokenizer = Tokenizer.from_pretrained(directory, **special_tokens)
         except FileNotFoundError:
             if special_tokens:
                 raise ValueError(f"{directory} has no tokenizer files, so its special tokens cannot be set") from None
             tokenizer = None
-        lm = _load_weights(directory, tokenizer)
+        lm = _load_weights(cls, directory, tokenizer, dtype)
         for key in ("bos_token", "eos_token", "pad_token"):
             if key in special_tokens:
                 setattr(lm.config, f"{key}_id", getattr(tokenizer, f"{key}_id"))
-        return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
+        return lm
 
     def with_dtype(self, dtype):
         """A copy with its weights and computation in `dtype`, e.g. "bfloat16" (half the memory; logits stay float32)."""
-        with global_policy(tf.keras.mixed_precision.Policy(tf.as_dtype(dtype).name)):
-            copy = GPT2LM(GPT2Config(**self.config.to_dict()), self.tokenizer)
-        for target, source in zip(copy.gpt2.weights, self.gpt2.weights):
+        with _policy(dtype):
+            copy = type(self)(self.family.config_class(**self.config.to_dict()), self.tokenizer)
+        for target, source in zip(copy.net.weights, self.net.weights):
             target.assign(tf.cast(source, target.dtype))
         return copy
 
@@ -273,7 +310,7 @@ class GPT2LM(tf.keras.Model):
         an error that names what to use instead.
         """
         if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
-            raise NotImplementedError(f"GPT2LM.save writes only the Keras format (a path ending in .keras), "
+            raise NotImplementedError(f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
                                       f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
         super().save(filepath, overwrite=overwrite, save_format=save_format, **kwargs)
 
@@ -291,7 +328,7 @@ class GPT2LM(tf.keras.Model):
         # Keras' SavedModel format (tf.keras.models.save_model to a directory, tf.saved_model.save) cannot
         # trace the wrapped transformers model; checkpoints (save_weights) pass.
         if save_type == "savedmodel":
-            raise NotImplementedError(f"GPT2LM cannot be saved as a Keras SavedModel; {_SAVE_INSTEAD}")
+            raise NotImplementedError(f"{type(self).__name__} cannot be saved as a Keras SavedModel; {_SAVE_INSTEAD}")
         return super()._trackable_children(save_type, **kwargs)
 
     def save_pretrained(self, directory):
@@ -302,8 +339,8 @@ class GPT2LM(tf.keras.Model):
     def write_checkpoint_files(self, directory):
         """save_pretrained's files, written into an existing directory (not atomically)."""
         directory = Path(directory)
-        self.gpt2.save_pretrained(directory, safe_serialization=False)
-        checkpoint.write_safetensors(self.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE)
+        self.net.model.save_pretrained(directory, safe_serialization=False)
+        checkpoint.write_safetensors(self.net.weights, directory / checkpoint.SAFETENSORS_FILE)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
@@ -363,10 +400,10 @@ class GPT2LM(tf.keras.Model):
         attention_mask = np.asarray(attention_mask, dtype=np.int32).reshape(input_ids.shape)
         longest_prompt = int(attention_mask.sum(axis=1).max())
         options = resolve_options(input_ids.shape[1], **kwargs)
-        if longest_prompt + options.max_new_tokens > self.config.n_positions:
+        if longest_prompt + options.max_new_tokens > self.net.context:
             raise ValueError(
                 f"the prompt ({longest_prompt} tokens) plus max_new_tokens ({options.max_new_tokens}) exceeds the "
-                f"model's context of {self.config.n_positions} tokens; shorten the prompt or lower max_new_tokens"
+                f"model's context of {self.net.context} tokens; shorten the prompt or lower max_new_tokens"
             )
         return input_ids, attention_mask, options
 
@@ -457,3 +494,17 @@ class GPT2LM(tf.keras.Model):
         from tfgen import scoring
 
         return scoring.top_choices(self, prompt, steps, k)
+
+
+class GPT2LM(CausalLM):
+    """GPT-2 (KoGPT2, ko-mini): wraps a transformers `TFGPT2LMHeadModel` (`.gpt2`), or builds one from a `GPT2Config`."""
+
+    family = families.GPT2
+    model_attribute = "gpt2"
+
+
+class GPTJLM(CausalLM):
+    """GPT-J (KoGPT): wraps a transformers `TFGPTJForCausalLM` (`.gptj`), or builds one from a `GPTJConfig`."""
+
+    family = families.GPTJ
+    model_attribute = "gptj"

@@ -54,11 +54,11 @@ def _tokenizer(lm):
 
 
 def score(lm, texts):
-    """GPT2LM.score: one summarize() dict per text, batches of up to BATCH texts per model call."""
+    """CausalLM.score: one summarize() dict per text, batches of up to BATCH texts per model call."""
     tokenizer = _tokenizer(lm)
     input_ids, attention_mask = tokenizer.encode_batch(texts)
     lengths = attention_mask.sum(axis=1)
-    check_lengths(texts, lengths, lm.config.n_positions)
+    check_lengths(texts, lengths, lm.net.context)
     results = []
     for start in range(0, len(texts), BATCH):
         rows = slice(start, start + BATCH)
@@ -72,7 +72,7 @@ def score(lm, texts):
 
 
 def top_choices(lm, prompt, steps, k):
-    """GPT2LM.top_choices: per greedy step, the text so far and the k likeliest next tokens with probabilities."""
+    """CausalLM.top_choices: per greedy step, the text so far and the k likeliest next tokens with probabilities."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     tokenizer = _tokenizer(lm)
@@ -81,10 +81,10 @@ def top_choices(lm, prompt, steps, k):
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
-    if len(ids) + steps - 1 > lm.config.n_positions:
+    if len(ids) + steps - 1 > lm.net.context:
         raise ValueError(
             f"the prompt ({len(ids)} tokens) plus {steps} steps exceeds the model's context of "
-            f"{lm.config.n_positions} tokens; shorten the prompt or take fewer steps"
+            f"{lm.net.context} tokens; shorten the prompt or take fewer steps"
         )
     table = []
     for _ in range(steps):

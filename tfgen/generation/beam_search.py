@@ -40,7 +40,7 @@ def _put_column(buffer, token, column):
     return tf.where(at, token[:, :, None], buffer)
 
 
-def search(gpt2, state, settings, num_beams, num_return_sequences):
+def search(net, state, settings, num_beams, num_return_sequences):
     """Returns the best num_return_sequences finished beams per prompt, a dict of: `sequences`
     [batch * num_return_sequences, capacity] (prompt from column 0, then the new tokens), `prompt_lengths`,
     `lengths` (prompt + new tokens), `token_logprobs` [.., capacity] (each new token's processed
@@ -48,7 +48,7 @@ def search(gpt2, state, settings, num_beams, num_return_sequences):
     rows, capacity = dims(state["tokens"])
     batch = rows // num_beams
     prompt_lengths = tf.reshape(state["prompt_lengths"], [batch, num_beams])[:, 0]
-    vocab = gpt2.config.vocab_size
+    vocab = net.config.vocab_size
     eos_ids = settings["eos_ids"]
     keep = max(2, 1 + eos_ids.shape[0]) * num_beams
     top_beams_mask = tf.range(keep) < num_beams
@@ -57,7 +57,7 @@ def search(gpt2, state, settings, num_beams, num_return_sequences):
     def row_lengths(step):
         return tf.repeat(prompt_lengths + step, num_beams)
 
-    logits, cache = feed_last(gpt2, state["tokens"], state["lengths"], state[CACHE])
+    logits, cache = feed_last(net, state["tokens"], state["lengths"], state[CACHE])
     running = tf.reshape(state["tokens"], [batch, num_beams, capacity])
     state = dict(
         running=running,
@@ -134,7 +134,7 @@ def search(gpt2, state, settings, num_beams, num_return_sequences):
 
     def advance(step, state, cache):
         flat_running = tf.reshape(state["running"], [rows, capacity])
-        logits, cache = feed_last(gpt2, flat_running, row_lengths(step), cache)
+        logits, cache = feed_last(net, flat_running, row_lengths(step), cache)
         state, rows_parent = select(state, logits, step)
         return step + 1, state, reorder(cache, rows_parent)
 

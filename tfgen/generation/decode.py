@@ -102,7 +102,7 @@ def token_results(state):
             "token_logprobs": logprobs}
 
 
-def program(gpt2, strategy, num_beams=1, num_return_sequences=1):
+def program(net, strategy, num_beams=1, num_return_sequences=1):
     """The one-shot decode program of a strategy ("greedy", "sample" or "beam"): (input_ids, attention_mask, settings) -> dict.
 
     The prompts come padded to their bucket, with `new_token_slots` in the
@@ -115,13 +115,12 @@ def program(gpt2, strategy, num_beams=1, num_return_sequences=1):
         capacity = width + dims(settings["new_token_slots"])[0]
         prompts, lengths = decode_state.compact(input_ids, attention_mask, settings["pad_id"])
         prompts, lengths = tf.repeat(prompts, rows_per_prompt, axis=0), tf.repeat(lengths, rows_per_prompt)
-        state = decode_state.empty(gpt2.config, batch * rows_per_prompt, capacity, gpt2.transformer.compute_dtype,
-                                   settings["pad_id"])
+        state = decode_state.empty(net, batch * rows_per_prompt, capacity, settings["pad_id"])
         state = decode_state.with_prompts(state, prompts, lengths, settings["max_new_tokens"])
-        state = decode_state.prefill(gpt2, state, 0, width, tf.ones([batch * rows_per_prompt], tf.bool))
+        state = decode_state.prefill(net, state, 0, width, tf.ones([batch * rows_per_prompt], tf.bool))
         if strategy == "beam":
-            return beam_search.search(gpt2, state, settings, num_beams, num_return_sequences)
-        state = decode_state.advance(gpt2, state, settings["max_new_tokens"], settings, chooser(strategy))
+            return beam_search.search(net, state, settings, num_beams, num_return_sequences)
+        state = decode_state.advance(net, state, settings["max_new_tokens"], settings, chooser(strategy))
         return token_results(state)
 
     return one_shot
@@ -164,12 +163,12 @@ def capacity_tier(needed, context):
 class _Programs:
     """A DecodeState and the compiled programs that move it."""
 
-    def __init__(self, gpt2, rows, capacity, pad_id, counted):
-        self.state = decode_state.DecodeState(gpt2, rows, capacity, pad_id)
-        self.gpt2, self._counted, self._functions = gpt2, counted, {}
+    def __init__(self, net, rows, capacity, pad_id, counted):
+        self.state = decode_state.DecodeState(net, rows, capacity, pad_id)
+        self.net, self._counted, self._functions = net, counted, {}
 
         def prefill(offset, writing):
-            self.state.write(decode_state.prefill(gpt2, self.state.read(), offset, CHUNK, writing))
+            self.state.write(decode_state.prefill(net, self.state.read(), offset, CHUNK, writing))
         self.prefill = self._compile(prefill)
 
     def _compile(self, function):
@@ -185,7 +184,7 @@ class _Programs:
             choose = chooser(strategy)
 
             def advance(num_steps, settings):
-                state = decode_state.advance(self.gpt2, self.state.read(), num_steps, settings, choose)
+                state = decode_state.advance(self.net, self.state.read(), num_steps, settings, choose)
                 self.state.write(state)
                 return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
             self._functions[strategy] = self._compile(advance)
@@ -196,16 +195,16 @@ class _Programs:
         key = ("beam", num_beams, num_return_sequences)
         if key not in self._functions:
             def beam(settings):
-                return beam_search.search(self.gpt2, self.state.read(), settings, num_beams, num_return_sequences)
+                return beam_search.search(self.net, self.state.read(), settings, num_beams, num_return_sequences)
             self._functions[key] = self._compile(beam)
         return self._functions[key]
 
 
 class Decoder:
-    """The decode engine of one TFGPT2LMHeadModel: decode states per (rows, capacity tier) and their programs."""
+    """The decode engine of one model (a `tfgen.families.Family`): decode states per (rows, capacity tier) and their programs."""
 
-    def __init__(self, gpt2):
-        self.gpt2 = gpt2
+    def __init__(self, net):
+        self.net = net
         self.trace_count = 0
         self._programs = collections.OrderedDict()
 
@@ -213,7 +212,7 @@ class Decoder:
         """The `_Programs` of a (rows, capacity): made on first use, kept for the MAX_STATES most recent."""
         key = (rows, capacity, pad_id)
         if key not in self._programs:
-            self._programs[key] = _Programs(self.gpt2, rows, capacity, pad_id, self._counted)
+            self._programs[key] = _Programs(self.net, rows, capacity, pad_id, self._counted)
             if len(self._programs) > MAX_STATES:
                 self._programs.popitem(last=False)
         self._programs.move_to_end(key)
@@ -247,7 +246,7 @@ class Decoder:
         prompts, prompt_lengths = tf.repeat(prompts, beams, axis=0), tf.repeat(prompt_lengths, beams)
         longest = int(tf.reduce_max(prompt_lengths))
         programs = self.programs(int(prompts.shape[0]), capacity_tier(longest + options.max_new_tokens,
-                                                                      self.gpt2.config.n_positions), pad_id)
+                                                                      self.net.context), pad_id)
         state = programs.state
         state.start(prompts[:, :longest], prompt_lengths, prompt_lengths + options.max_new_tokens)
         writing = tf.ones([state.rows], tf.bool)

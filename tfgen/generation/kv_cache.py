@@ -1,14 +1,10 @@
-"""GPT-2's forward pass over a static-shape key/value cache: the model-specific part of decoding.
+"""Attention over a static-shape key/value cache: the cache mechanics every model family's blocks share.
 
-Its interface to the rest of tfgen.generation is three functions: `empty_cache`
-(keys and values per layer at a fixed capacity), `blocks` (embeddings and
-transformer blocks for tokens at given buffer columns of each row, writing
-their keys and values into the cache) and `head` (next-token logits from a
-hidden state). A row's tokens sit in its buffer from column 0 with no padding
-between them, so a token's column is also its position id. Writes go by
+A row's tokens sit in its buffer from column 0 with no padding between them,
+so a token's column is also its position id. Keys and values are written by
 scatter, in place under XLA; a write aimed at a column >= capacity is dropped
 (XLA skips out-of-range scatter updates), which is how a row is left alone.
-It runs on the layers (and so the weights) of a transformers `TFGPT2LMHeadModel`.
+The families (tfgen.families) build their blocks on `attend`.
 """
 
 import math
@@ -32,13 +28,15 @@ def positions_from_mask(attention_mask):
     return tf.maximum(tf.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
-def _split_heads(x, n_head):
+def split_heads(x, n_head):
+    """[rows, len, width] -> [rows, heads, len, head_dim]."""
     batch, length, width = dims(x)
     x = tf.reshape(x, [batch, length, n_head, width // n_head])
     return tf.transpose(x, [0, 2, 1, 3])
 
 
-def _merge_heads(x):
+def merge_heads(x):
+    """[rows, heads, len, head_dim] -> [rows, len, width]."""
     batch, n_head, length, head_dim = dims(x)
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch, length, n_head * head_dim])
 
@@ -53,44 +51,16 @@ def _write(cache, values, columns):
     return tf.tensor_scatter_nd_update(cache, tf.stack([row, head, column], axis=-1), tf.cast(values, cache.dtype))
 
 
-def _attend(attn, x, cache_k, cache_v, columns, n_head):
-    """Self-attention of `x` (at `columns` of each row) over the cache, written in place."""
-    q, k, v = tf.split(attn.c_attn(x), 3, axis=-1)
-    q = _split_heads(q, n_head)
-    cache_k = _write(cache_k, _split_heads(k, n_head), columns)
-    cache_v = _write(cache_v, _split_heads(v, n_head), columns)
+def attend(q, k, v, cache_k, cache_v, columns):
+    """Causal attention of queries at `columns` [rows, len] over the cache, after writing k and v there.
+
+    q, k, v: [rows, heads, len, head_dim]. Returns (merged output [rows, len,
+    width], cache_k, cache_v); each query sees its row's cache up to its own column.
+    """
+    cache_k = _write(cache_k, k, columns)
+    cache_v = _write(cache_v, v, columns)
     capacity = dims(cache_k)[2]
     causal = tf.range(capacity)[None, None, :] <= columns[:, :, None]  # [rows, len, capacity]
     scores = tf.matmul(q, cache_k, transpose_b=True) / math.sqrt(q.shape[-1])
     weights = tf.nn.softmax(tf.where(causal[:, None], scores, MASKED), axis=-1)
-    out = attn.c_proj(_merge_heads(tf.matmul(weights, cache_v)))
-    return out, cache_k, cache_v
-
-
-def blocks(gpt2, token_ids, columns, cache):
-    """Hidden states [rows, len, width] of `token_ids` [rows, len] placed at `columns` [rows, len] of each row.
-
-    Each token attends to its row's cache up to its own column. Returns (hidden
-    states, updated cache). Under a mixed-precision policy the blocks compute
-    in the policy's dtype.
-    """
-    main = gpt2.transformer
-    n_head = gpt2.config.n_head
-    positions = tf.minimum(columns, gpt2.config.n_positions - 1)  # columns past the context are never read
-    h = tf.gather(main.wte.embeddings, token_ids) + tf.gather(main.wpe.embeddings, positions)
-    h = tf.cast(h, main.compute_dtype)
-    new_cache = []
-    for block, (cache_k, cache_v) in zip(main.h, cache):
-        a, cache_k, cache_v = _attend(block.attn, block.ln_1(h), cache_k, cache_v, columns, n_head)
-        h = h + a
-        h = h + block.mlp(block.ln_2(h), training=False)
-        new_cache.append((cache_k, cache_v))
-    return h, new_cache
-
-
-def head(gpt2, hidden):
-    """Float32 next-token logits [rows, vocab] from hidden states [rows, width]."""
-    main = gpt2.transformer
-    h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
-    logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
-    return tf.cast(logits, tf.float32)
+    return merge_heads(tf.matmul(weights, cache_v)), cache_k, cache_v

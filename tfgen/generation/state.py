@@ -3,7 +3,7 @@
 A state is a dict of tensors with a fixed number of rows (slots) and a fixed
 capacity (buffer columns):
 
-- `cache`: keys and values per layer (kv_cache), [rows, heads, capacity, head_dim];
+- `cache`: keys and values per layer (kv_cache; written by the model family's `blocks`), [rows, heads, capacity, head_dim];
 - `tokens` [rows, capacity]: each row's prompt from column 0, then its new tokens;
 - `logprobs` [rows, capacity]: each new token's log-probability, at its column;
 - `lengths` [rows]: tokens in the row; `prompt_lengths` [rows]: where its new tokens start;
@@ -23,17 +23,17 @@ variables (decode.Decoder) both run these functions.
 import numpy as np
 import tensorflow as tf
 
-from tfgen.generation import kv_cache, processors
+from tfgen.generation import processors
 from tfgen.generation.shapes import dims
 
 CACHE = "cache"
 FIELDS = ("tokens", "logprobs", "lengths", "prompt_lengths", "limits", "finished", "step")
 
 
-def empty(config, rows, capacity, dtype, pad_id=0):
-    """A state with every row free (finished, empty)."""
+def empty(net, rows, capacity, pad_id=0):
+    """A state with every row free (finished, empty); `net` is the model's `tfgen.families.Family`."""
     return {
-        CACHE: kv_cache.empty_cache(config, rows, capacity, dtype),
+        CACHE: net.empty_cache(rows, capacity),
         "tokens": tf.fill([rows, capacity], tf.cast(pad_id, tf.int32)),
         "logprobs": tf.zeros([rows, capacity]),
         "lengths": tf.zeros([rows], tf.int32),
@@ -69,7 +69,7 @@ def with_prompts(state, prompts, prompt_lengths, max_new_tokens):
     }
 
 
-def prefill(gpt2, state, offset, width, writing):
+def prefill(net, state, offset, width, writing):
     """Writes the keys and values of columns offset..offset+width of the rows where `writing` [rows] holds.
 
     Other rows are left as they are (their writes are aimed past the capacity
@@ -80,16 +80,16 @@ def prefill(gpt2, state, offset, width, writing):
     columns = offset + tf.range(width)[None, :]
     token_ids = tf.gather(state["tokens"], tf.minimum(columns, capacity - 1)[0], axis=1)
     columns = tf.where(writing[:, None], tf.broadcast_to(columns, [rows, width]), capacity)
-    _, cache = kv_cache.blocks(gpt2, token_ids, columns, state[CACHE])
+    _, cache = net.blocks(token_ids, columns, state[CACHE])
     return {**state, CACHE: cache}
 
 
-def feed_last(gpt2, tokens, lengths, cache):
+def feed_last(net, tokens, lengths, cache):
     """Logits [rows, vocab] after each row's last token (column length-1), whose keys and values are written."""
     column = tf.maximum(lengths - 1, 0)
     last = tf.gather(tokens, column, batch_dims=1)[:, None]
-    hidden, cache = kv_cache.blocks(gpt2, last, column[:, None], cache)
-    return kv_cache.head(gpt2, hidden[:, -1]), cache
+    hidden, cache = net.blocks(last, column[:, None], cache)
+    return net.head(hidden[:, -1]), cache
 
 
 def _put(buffer, column, value, where):
@@ -98,9 +98,9 @@ def _put(buffer, column, value, where):
     return tf.where(at, value[:, None], buffer)
 
 
-def step(gpt2, state, settings, choose):
+def step(net, state, settings, choose):
     """One new token for every unfinished row. `choose(scores, step, settings)` -> (tokens, log-probabilities)."""
-    logits, cache = feed_last(gpt2, state["tokens"], state["lengths"], state[CACHE])
+    logits, cache = feed_last(net, state["tokens"], state["lengths"], state[CACHE])
     lengths = state["lengths"]
     scores = processors.process(logits, state["tokens"], lengths, lengths - state["prompt_lengths"], settings)
     token, logprob = choose(scores, state["step"], settings)
@@ -119,13 +119,13 @@ def step(gpt2, state, settings, choose):
     }
 
 
-def advance(gpt2, state, num_steps, settings, choose):
+def advance(net, state, num_steps, settings, choose):
     """Up to `num_steps` steps (a scalar tensor), fewer if every row finishes."""
     def not_done(i, state):
         return tf.logical_and(i < num_steps, tf.logical_not(tf.reduce_all(state["finished"])))
 
     def body(i, state):
-        return i + 1, step(gpt2, state, settings, choose)
+        return i + 1, step(net, state, settings, choose)
 
     _, state = tf.while_loop(not_done, body, (tf.constant(0), state))
     return state
@@ -146,10 +146,10 @@ class DecodeState(tf.Module):
     in and out as tensors would copy it on every call).
     """
 
-    def __init__(self, gpt2, rows, capacity, pad_id):
+    def __init__(self, net, rows, capacity, pad_id):
         super().__init__(name="decode_state")
         self.rows, self.capacity, self.pad_id = rows, capacity, pad_id
-        initial = empty(gpt2.config, rows, capacity, gpt2.transformer.compute_dtype, pad_id)
+        initial = empty(net, rows, capacity, pad_id)
         self.cache = [(tf.Variable(k, trainable=False), tf.Variable(v, trainable=False)) for k, v in initial[CACHE]]
         self.fields = {name: tf.Variable(initial[name], trainable=False) for name in FIELDS}
 

@@ -1,0 +1,74 @@
+"""The interface of a model family: what decoding, scoring, training and export need from an architecture."""
+
+import tensorflow as tf
+
+from tfgen.generation import kv_cache
+
+
+class Family:
+    """One architecture, on the layers (and so the weights) of a wrapped transformers TF model.
+
+    A subclass names its `model_type` (config.json's), `config_class` and
+    `transformers_class`, and gives the two forward pieces decoding runs over
+    the KV cache: `blocks` (embeddings and transformer blocks for tokens at
+    given buffer columns of each row, keys and values written into the cache)
+    and `head` (logits), plus `attention_projections` (the layers LoRA adapts).
+    Weight names follow transformers' TF <-> PyTorch convention (see
+    `checkpoint.pytorch_name`), which both families keep.
+    """
+
+    model_type = None
+    config_class = None
+    transformers_class = None
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def build(cls, config):
+        """A fresh transformers model of this family, its weights created (in the global dtype policy)."""
+        model = cls.transformers_class(config)
+        # Built in its own name scope, its weights get the names transformers' h5 loader expects.
+        model.build_in_name_scope()
+        return model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def context(self):
+        """The most tokens (prompt + new) a sequence may hold."""
+        return self.config.n_positions
+
+    @property
+    def compute_dtype(self):
+        return self.model.transformer.compute_dtype
+
+    @property
+    def weights(self):
+        return self.model.weights
+
+    def empty_cache(self, rows, capacity):
+        return kv_cache.empty_cache(self.config, rows, capacity, self.compute_dtype)
+
+    def logits(self, input_ids, attention_mask, training):
+        """Float32 logits [batch, len, vocab] of the wrapped model (positions from a left-padded mask)."""
+        if attention_mask is None:
+            return tf.cast(self.model(input_ids, training=training).logits, tf.float32)
+        logits = self.model(input_ids, attention_mask=attention_mask,
+                            position_ids=kv_cache.positions_from_mask(tf.cast(attention_mask, tf.int32)),
+                            training=training).logits
+        return tf.cast(logits, tf.float32)
+
+    def blocks(self, token_ids, columns, cache):
+        """(hidden states [rows, len, width], updated cache) of `token_ids` [rows, len] at `columns` [rows, len]."""
+        raise NotImplementedError
+
+    def head(self, hidden):
+        """Float32 next-token logits [rows, vocab] from hidden states [rows, width]."""
+        raise NotImplementedError
+
+    def attention_projections(self):
+        """The attention projection layers of every block (what `enable_lora` adapts)."""
+        raise NotImplementedError

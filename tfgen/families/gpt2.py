@@ -1,0 +1,38 @@
+"""GPT-2 (`TFGPT2LMHeadModel`): learned positions, fused q/k/v projection (Conv1D), LayerNorm before attention
+and before the MLP, head tied to the token embeddings."""
+
+import tensorflow as tf
+from transformers import GPT2Config, TFGPT2LMHeadModel
+
+from tfgen.families.base import Family
+from tfgen.generation import kv_cache
+
+
+class GPT2(Family):
+    model_type = "gpt2"
+    config_class = GPT2Config
+    transformers_class = TFGPT2LMHeadModel
+
+    def blocks(self, token_ids, columns, cache):
+        main = self.model.transformer
+        n_head = self.config.n_head
+        positions = tf.minimum(columns, self.context - 1)  # columns past the context are never read
+        h = tf.gather(main.wte.embeddings, token_ids) + tf.gather(main.wpe.embeddings, positions)
+        h = tf.cast(h, main.compute_dtype)
+        new_cache = []
+        for block, (cache_k, cache_v) in zip(main.h, cache):
+            q, k, v = (kv_cache.split_heads(x, n_head) for x in tf.split(block.attn.c_attn(block.ln_1(h)), 3, axis=-1))
+            a, cache_k, cache_v = kv_cache.attend(q, k, v, cache_k, cache_v, columns)
+            h = h + block.attn.c_proj(a)
+            h = h + block.mlp(block.ln_2(h), training=False)
+            new_cache.append((cache_k, cache_v))
+        return h, new_cache
+
+    def head(self, hidden):
+        main = self.model.transformer
+        h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
+        logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
+        return tf.cast(logits, tf.float32)
+
+    def attention_projections(self):
+        return [layer for block in self.model.transformer.h for layer in (block.attn.c_attn, block.attn.c_proj)]
