@@ -104,12 +104,13 @@ def test_save_pretrained_writes_what_transformers_reads(gptj, pt_gptj, tmp_path)
 
 def test_fit_lowers_held_out_loss(gptj_dir, ko_lines):
     lm = CausalLM.from_pretrained(gptj_dir)
-    train, held_out = ko_lines[:600], ko_lines[-200:]
+    train = [line for i, line in enumerate(ko_lines) if i % 10]
+    held_out = ko_lines[::10]
 
     def batches(lines):
         return lm_batches(lines, lm.tokenizer, block_size=32, batch_size=16, layout="documents", seed=0)
 
-    lm.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
+    lm.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
     before = lm.evaluate(batches(held_out), verbose=0, return_dict=True)["loss"]
     lm.fit(batches(train), epochs=1, verbose=0)
     after = lm.evaluate(batches(held_out), verbose=0, return_dict=True)["loss"]

@@ -214,7 +214,8 @@ class CausalLM(tf.keras.Model):
         """
         if isinstance(input_ids, dict):
             input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask")
-        return self.net.logits(input_ids, attention_mask, training)
+        # Keras' build_from_config (loading a .keras file) calls with float zeros.
+        return self.net.logits(tf.cast(input_ids, tf.int32), attention_mask, training)
 
     def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile="auto", **kwargs):
         """Keras compile with language-model defaults.
