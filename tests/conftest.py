@@ -63,22 +63,26 @@ def spm_dir(ko_lines, tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="session")
-def hf_tokenizer_dir(ko_lines, tmp_path_factory):
-    """A directory with a BPE ``tokenizer.json`` (Metaspace, byte fallback) and ``tokenizer_config.json``."""
-    tokenizer = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+def bpe_tokenizer_spec(lines, special_tokens, unk_token, vocab_size, limit_alphabet):
+    """A BPE tokenizer.json's contents (Metaspace, byte fallback with its <0xNN> pieces) trained on `lines`."""
+    tokenizer = HFTokenizer(models.BPE(unk_token=unk_token, byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, limit_alphabet=400, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tokenizer.train_from_iterator(ko_lines, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, special_tokens=special_tokens,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer)
     # The trainer does not add the <0xNN> pieces that byte fallback spells with.
     spec = json.loads(tokenizer.to_str())
     vocab = spec["model"]["vocab"]
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return spec
 
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(ko_lines, tmp_path_factory):
+    """A directory with a BPE ``tokenizer.json`` (Metaspace, byte fallback) and ``tokenizer_config.json``."""
+    spec = bpe_tokenizer_spec(ko_lines, SPECIAL_TOKENS, "<unk>", vocab_size=1000, limit_alphabet=400)
     directory = tmp_path_factory.mktemp("hf")
     (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = dict(zip(["bos_token", "eos_token", "pad_token", "unk_token"], SPECIAL_TOKENS))

@@ -162,3 +162,34 @@ def test_the_saved_model_export_serves_what_generate_does(gptj, tmp_path):
                                                 temperature=0.75, **settings).numpy())
     beams = served.generate_beam(tf.constant(ids), tf.constant(mask), max_new_tokens=12)
     np.testing.assert_array_equal(beams["sequences"].numpy(), gptj.generate(ids, mask, num_beams=3, **settings).numpy())
+
+
+def test_cli_generate_and_score_take_a_gptj_model(gptj, gptj_dir, capsys):
+    from tfgen.cli import main
+
+    assert main(["generate", PROMPTS[1], "--model", str(gptj_dir), "--max-new-tokens", "8", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["token_ids"] == [gptj.complete([PROMPTS[1]], max_new_tokens=8)[0][0].new_token_ids]
+    assert main(["score", PROMPTS[0], "--model", str(gptj_dir), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["logprob"] == pytest.approx(gptj.score(PROMPTS[0])["logprob"], abs=1e-4)
+
+
+def test_seed_004_calls_as_the_readme_writes_them(gptj_dir):
+    """README's seed 004 section, run on the tiny GPT-J in place of KoGPT 6B."""
+    import tfgen
+
+    lm = tfgen.CausalLM.from_pretrained(gptj_dir, bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
+                                        pad_token="[PAD]", mask_token="[MASK]")
+    prompt = "야! 너는 AI지? 정말로 말을 알아듣니?"
+    beams = lm.generate_text(prompt, max_length=40, num_beams=5, no_repeat_ngram_size=2, num_return_sequences=5,
+                             early_stopping=True, pad_token_id=lm.tokenizer.eos_token_id)
+    sampled = lm.generate_text(prompt, max_length=40, do_sample=True, top_k=50, top_p=0.95, temperature=0.75,
+                               num_return_sequences=3, pad_token_id=lm.tokenizer.eos_token_id)
+    interview = lm.generate_text("\n요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!\nQ : GPT님, 요즘 바쁘시죠?\nA : ",
+                                 max_length=100, do_sample=True, top_k=50, top_p=0.95, temperature=0.85,
+                                 num_return_sequences=3, pad_token_id=lm.tokenizer.eos_token_id)
+    for texts in (beams, sampled, interview):
+        assert all(isinstance(text, str) for text in texts)
+    assert len(beams) == 5 and len(sampled) == 3 and len(interview) == 3
+    assert all(text.startswith(prompt) for text in beams + sampled)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPTJConfig, GPTJForCausalLM
+
+from conftest import bpe_tokenizer_spec
 
 # KoGPT's special tokens, as seed 004 names them.
 KOGPT_SPECIAL_TOKENS = ["[BOS]", "[EOS]", "[UNK]", "[PAD]", "[MASK]"]
@@ -16,16 +17,7 @@ KOGPT_SPECIAL_TOKENS = ["[BOS]", "[EOS]", "[UNK]", "[PAD]", "[MASK]"]
 @pytest.fixture(scope="session")
 def kogpt_tokenizer_dir(ko_lines, tmp_path_factory):
     """A BPE tokenizer.json (Metaspace, byte fallback) with [BOS] [EOS] [UNK] [PAD] [MASK] and its config."""
-    tokenizer = HFTokenizer(models.BPE(unk_token="[UNK]", byte_fallback=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
-    trainer = trainers.BpeTrainer(vocab_size=800, limit_alphabet=300, special_tokens=KOGPT_SPECIAL_TOKENS,
-                                  show_progress=False)
-    tokenizer.train_from_iterator(ko_lines, trainer)
-    spec = json.loads(tokenizer.to_str())
-    vocab = spec["model"]["vocab"]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec = bpe_tokenizer_spec(ko_lines, KOGPT_SPECIAL_TOKENS, "[UNK]", vocab_size=800, limit_alphabet=300)
     directory = tmp_path_factory.mktemp("kogpt-tokenizer")
     (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config = dict(zip(["bos_token", "eos_token", "unk_token", "pad_token", "mask_token"], KOGPT_SPECIAL_TOKENS))
