@@ -23,8 +23,9 @@ def token_logprobs(lm, prompt_ids, new_ids, top):
         return protocol.logprobs_object([], [], [], [])
     ids = np.array([prompt_ids + new_ids], np.int32)
     logprobs = tf.nn.log_softmax(lm(ids)[0, len(prompt_ids) - 1: -1]).numpy()
-    prompt_length = len(tokenizer.decode(prompt_ids))
-    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i])) - prompt_length for i in range(len(new_ids))]
+    # As OpenAI's: where each token's text starts in prompt + completion; a token inside a character
+    # spelled by byte pieces starts where the character does.
+    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip("\ufffd")) for i in range(len(new_ids))]
     top_logprobs = []
     for row in logprobs:
         best = np.argsort(-row)[:top]

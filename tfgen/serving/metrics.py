@@ -12,6 +12,8 @@ class Metrics:
         self.requests = Counter("tfgen_requests", "Completion requests answered, by HTTP status", ["status"], registry=r)
         self.prompt_tokens = Counter("tfgen_prompt_tokens", "Prompt tokens of admitted rows", registry=r)
         self.completion_tokens = Counter("tfgen_completion_tokens", "Tokens generated", registry=r)
+        self.finished_rows = Counter("tfgen_finished_rows", "Rows that left their slot, by finish_reason "
+                                     "(stop, length, cancelled: the client went away)", ["reason"], registry=r)
         self.queue_depth = Gauge("tfgen_queue_depth", "Rows waiting for a decode slot", registry=r)
         self.busy_slots = Gauge("tfgen_busy_slots", "Decode slots holding a row (batch occupancy)", registry=r)
         Gauge("tfgen_slots", "Decode slots (--max-batch)", registry=r).set(slots)

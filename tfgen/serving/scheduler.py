@@ -171,6 +171,7 @@ class Scheduler:
 
     def _finish(self, job, finish_reason):
         job.finish_reason = finish_reason
+        self.metrics.finished_rows.labels(finish_reason).inc()
         if finish_reason != "cancelled":
             if len(job.text) > job.sent:
                 job.emit("text", job.text[job.sent:])
