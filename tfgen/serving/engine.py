@@ -3,16 +3,19 @@
 TensorFlow runs only on this thread; request handlers reach it through the scheduler.
 """
 
+import logging
 import threading
+import time
 
 import numpy as np
 import tensorflow as tf
 
 from tfgen.serving import protocol
-from tfgen.serving.rows import GenerateRows, batch_size_for
+from tfgen.serving.rows import GenerateRows
 from tfgen.serving.scheduler import Scheduler
 
 WARMUP_PROMPT = "안녕하세요"
+log = logging.getLogger("uvicorn.error")  # the server's log
 
 
 def token_logprobs(lm, prompt_ids, new_ids, top):
@@ -63,6 +66,7 @@ class Engine:
         self._thread.join()
 
     def _run(self):
+        started = time.monotonic()
         try:
             self.lm = self._load()
             rows = GenerateRows(self.lm, self.max_batch)
@@ -70,23 +74,23 @@ class Engine:
                                        logprobs=lambda p, n, top: token_logprobs(self.lm, p, n, top))
             self._warm_up(rows)
         except Exception as error:  # reported by /health and the completions endpoint
+            log.exception("the model failed to load")
             self.failed = error
             return
         finally:
             self._loaded.set()
+        log.info("model loaded and warmed up in %.1f s; ready", time.monotonic() - started)
         self.ready.set()
         self.scheduler.run()
 
     def _warm_up(self, rows):
-        """Compiles the greedy and sampling programs at each batch size a step may run (rows.batch_size_for)."""
+        """Compiles the greedy and the sampling program for the first prompt bucket; longer texts (the next
+        decode.BUCKET columns) compile their programs on first use."""
         prompt_ids = self.lm.tokenizer.encode(WARMUP_PROMPT)
         for do_sample in (False, True):
             sampling = protocol.Sampling(max_tokens=self.scheduler.step_tokens, do_sample=do_sample, temperature=1.0,
                                          top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                                          min_tokens=0)
-            for batch in sorted({batch_size_for(b) for b in range(1, self.max_batch + 1)}):
-                for slot in range(min(batch, self.max_batch)):
-                    rows.start_row(slot, prompt_ids, sampling)
-                rows.step(self.scheduler.step_tokens)
-                for slot in range(min(batch, self.max_batch)):
-                    rows.free_row(slot)
+            rows.start_row(0, prompt_ids, sampling)
+            rows.step(self.scheduler.step_tokens)
+            rows.free_row(0)

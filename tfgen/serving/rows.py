@@ -7,8 +7,10 @@ The scheduler owns a fixed set of slots; between steps it starts a request's row
 `GenerateRows` implements them with today's one-shot decode program: each step re-runs the rows'
 whole text so far (prompt plus tokens decoded) through `GPT2LM.generate` for k more tokens, rows
 that share their settings in one batch. Rows join and leave between steps, which is what
-continuous batching needs, but every step pays a prefill of the whole text and a prompt bucket
-or batch size it has not seen compiles a program. A decode state that keeps the KV cache of
+continuous batching needs, but every step pays a prefill of the whole text, and a prompt bucket
+(decode.BUCKET) it has not seen compiles a program. Each call runs at the full slot count (unused
+rows repeat the first and are discarded), so one program per (strategy, bucket) serves any
+occupancy; a fixed-slot decode state costs the same. A decode state that keeps the KV cache of
 each row across steps (issue 16) makes a step cost one token per row; it plugs in here.
 """
 
@@ -26,11 +28,6 @@ class _Row:
     sampling: Sampling
     decoded: int = 0
     steps: int = 0  # steps this row has taken (derives a seeded row's per-step seed)
-
-
-def batch_size_for(rows):
-    """Batches run at a power of two rows, so a handful of compiled shapes serve every occupancy."""
-    return 1 << max(rows - 1, 0).bit_length()
 
 
 def left_padded(rows, pad_id, batch):
@@ -93,7 +90,7 @@ class GenerateRows:
         rows = [self._rows[slot] for slot in slots]
         s = rows[0].sampling
         remaining = [row.sampling.max_tokens - row.decoded for row in rows]
-        ids, mask = left_padded([row.ids for row in rows], self._pad_id, batch_size_for(len(rows)))
+        ids, mask = left_padded([row.ids for row in rows], self._pad_id, self.slots)
         if s.seed is not None:
             seed = (s.seed * 1_000_003 + rows[0].steps) % 2**31
         else:
