@@ -25,6 +25,7 @@ from tfgen.serving.scheduler import Job, QueueFull
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DISCONNECT_POLL_SECONDS = 0.1
+_ENGINE_FAILED = APIError("decoding failed on the server; see its log", status=500, error_type="server_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,8 @@ async def completions(request):
     events = asyncio.Queue()
 
     def emit(index, kind, value):  # called on the engine thread
-        loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+        with contextlib.suppress(RuntimeError):  # the request's event loop is gone (shutdown)
+            loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
 
     jobs = server.jobs_for(parsed, emit)
     try:
@@ -148,6 +150,8 @@ async def _collect(server, request, jobs, n, events, request_id, created):
             done += kind == "done"
     finally:
         _cancel_unfinished(server, jobs)
+    if any(job.finish_reason == "error" for job in jobs):
+        raise _ENGINE_FAILED
     server.metrics.requests.labels("200").inc()
     choices = [protocol.choice(i, job.text, job.finish_reason, job.logprobs) for i, job in enumerate(jobs)]
     prompt_tokens = sum(len(job.prompt_ids) for job in jobs[::n])  # n jobs per prompt
@@ -162,6 +166,9 @@ async def _stream(server, jobs, events, request_id, created):
     try:
         while done < len(jobs):
             index, kind, value = await events.get()
+            if kind == "done" and value == "error":
+                yield json.dumps(_ENGINE_FAILED.body())
+                return
             if kind == "text":
                 chunk = protocol.choice(index, value, None)
             else:

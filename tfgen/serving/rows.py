@@ -95,8 +95,10 @@ class GenerateRows:
             seed = (s.seed * 1_000_003 + rows[0].steps) % 2**31
         else:
             seed = random.randrange(2**31)
+        # Each row fits the context with its own remaining tokens; the longest row bounds what the batch may add.
+        room = self.lm.config.n_positions - ids.shape[1]
         sequences = self.lm.generate(
-            ids, mask, max_new_tokens=min(k, max(remaining)), do_sample=s.do_sample, temperature=s.temperature,
+            ids, mask, max_new_tokens=min(k, max(remaining), room), do_sample=s.do_sample, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
             no_repeat_ngram_size=s.no_repeat_ngram_size, min_new_tokens=max(s.min_tokens - rows[0].decoded, 0),
             seed=seed,

@@ -8,11 +8,13 @@ Requests talk to it through `Job`s; a job's `emit` callback receives its events 
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 
 from tfgen.serving.protocol import Sampling
 
+log = logging.getLogger("uvicorn.error")  # the server's log
 STEP_TOKENS = 8  # tokens per row per step: a new request waits at most one step for a slot
 
 
@@ -25,7 +27,8 @@ class Job:
     """One choice of a request: a row's prompt, settings and progress.
 
     `emit(kind, value)` gets ("text", piece) as text becomes final, then one ("done", finish_reason)
-    (finish_reason "stop", "length", or "cancelled" when the client went away).
+    (finish_reason "stop", "length", "cancelled" when the client went away, or "error" when the
+    engine step failed; the server's log has why).
     """
 
     prompt_ids: list
@@ -108,7 +111,11 @@ class Scheduler:
                 self._free_done_rows()
                 self._admit()
             if self.active:
-                self._step()
+                try:
+                    self._step()
+                except Exception:  # the rows in the batch fail; the server goes on with the next requests
+                    log.exception("an engine step failed")
+                    self._fail_active()
         for job in list(self.active.values()) + list(self.waiting):
             self._finish(job, "cancelled")
 
@@ -137,6 +144,13 @@ class Scheduler:
                 del self.active[slot]
                 self._finish(job, job.finish_reason)
         self.metrics.busy_slots.set(len(self.active))
+
+    def _fail_active(self):
+        with self._wake:
+            for slot, job in list(self.active.items()):
+                self.rows.free_row(slot)
+                del self.active[slot]
+                self._finish(job, "error")
 
     def _step(self):
         out = self.rows.step(self.step_tokens)
@@ -172,7 +186,7 @@ class Scheduler:
     def _finish(self, job, finish_reason):
         job.finish_reason = finish_reason
         self.metrics.finished_rows.labels(finish_reason).inc()
-        if finish_reason != "cancelled":
+        if finish_reason not in ("cancelled", "error"):
             if len(job.text) > job.sent:
                 job.emit("text", job.text[job.sent:])
                 job.sent = len(job.text)
