@@ -50,6 +50,11 @@ def cut_at_eos(new_ids, eos_ids):
     return new_ids, False
 
 
+def _eos_ban(row, k):
+    """How many of the row's next k tokens may not be EOS (min_tokens)."""
+    return min(max(row.sampling.min_tokens - row.decoded, 0), k)
+
+
 class GenerateRows:
     """Decode rows over `GPT2LM.generate`: each step regenerates k tokens from each row's text so far."""
 
@@ -72,19 +77,20 @@ class GenerateRows:
         """Up to k new token ids per started slot: {slot: (ids, reached_eos)}."""
         groups = {}
         for slot, row in self._rows.items():
-            groups.setdefault(self._group(slot, row), []).append(slot)
+            groups.setdefault(self._group(slot, row, k), []).append(slot)
         out = {}
         for slots in groups.values():
             out.update(self._step_group(slots, k))
         return out
 
-    def _group(self, slot, row):
-        """Rows that can share one generate call: the same settings; a seeded row always runs alone,
-        at batch row 0, so its tokens repeat whatever else the server decodes."""
+    def _group(self, slot, row, k):
+        """Rows that can share one generate call: the same settings and the same EOS ban within the next k
+        tokens; a seeded row always runs alone, at batch row 0, so its tokens repeat whatever else the
+        server decodes."""
         s = row.sampling
         alone = slot if s.seed is not None and s.do_sample else None
         return (s.do_sample, s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.no_repeat_ngram_size,
-                max(s.min_tokens - row.decoded, 0), alone)
+                _eos_ban(row, k), alone)
 
     def _step_group(self, slots, k):
         rows = [self._rows[slot] for slot in slots]
@@ -100,7 +106,7 @@ class GenerateRows:
         sequences = self.lm.generate(
             ids, mask, max_new_tokens=min(k, max(remaining), room), do_sample=s.do_sample, temperature=s.temperature,
             top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            no_repeat_ngram_size=s.no_repeat_ngram_size, min_new_tokens=max(s.min_tokens - rows[0].decoded, 0),
+            no_repeat_ngram_size=s.no_repeat_ngram_size, min_new_tokens=_eos_ban(rows[0], k),
             seed=seed,
         ).numpy()
         out = {}
