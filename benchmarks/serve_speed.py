@@ -190,7 +190,7 @@ def plain_server(model, port):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--clients", nargs="+", type=int, help="concurrent clients (default: 1 4 16 64; --small: 1 4)")
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16, help="tfgen serve's decode slots")
@@ -202,7 +202,8 @@ def parse_args():
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
-        args.clients, args.requests, args.max_tokens = [c for c in args.clients if c <= 4] or [1], 2, 16
+        args.requests, args.max_tokens = 2, 16
+    args.clients = args.clients or ([1, 4] if args.small else [1, 4, 16, 64])
     return args
 
 
