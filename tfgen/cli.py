@@ -171,11 +171,33 @@ def _export(args):
           f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)")
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _serve(args):
+    import os
+
+    try:
+        from tfgen.serving.app import ServerSettings
+        from tfgen.serving.run import serve, served_model_name
+    except ImportError as error:
+        raise UsageError(f"tfgen serve needs the serve extra ({error}): pip install 'tfgen[serve]'") from None
+    settings = ServerSettings(
+        model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
+    )
+    serve(args.model, args.host, args.port, settings)
+
+
+def _int_from(low, what):
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a {what} integer, got {text}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
+
+
+_positive_int = _int_from(1, "positive")
+_non_negative_int = _int_from(0, "non-negative")
 
 
 def _add_model_argument(parser):
@@ -273,6 +295,28 @@ def _add_export(subparsers):
     p.set_defaults(run=_export)
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_serve(subparsers):
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions server with a playground page at /")
+    _add_model_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="decode slots: rows decoded together")
+    p.add_argument("--max-queue", type=_non_negative_int, default=64,
+                   help="rows that may wait for a slot; beyond it requests get 429 with Retry-After")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
+    p.add_argument("--request-timeout", type=_positive_float, default=120.0,
+                   help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
+    p.set_defaults(run=_serve)
+
+
 def build_parser():
     parser = _Parser(prog="tfgen", description="GPT-2 text generation for TensorFlow/Keras")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -281,6 +325,7 @@ def build_parser():
     _add_finetune(subparsers)
     _add_tokenizer(subparsers)
     _add_export(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
