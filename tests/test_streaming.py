@@ -119,3 +119,29 @@ def test_cli_stream_with_beams_or_json_exits_2(tiny_lm_dir, capsys):
         assert main(["generate", "이때", "--model", str(tiny_lm_dir), "--stream", *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--stream" in err
+
+
+def test_a_generation_paused_in_another_thread_keeps_its_own_state(tiny_lm):
+    """A streamed generate (as TextIteratorStreamer runs it, in a thread) and another generate of the same
+    shape at the same time: each gets the tokens it gets alone."""
+    tokenizer = tiny_lm.tokenizer
+    ids, other = [tokenizer.encode(PROMPTS[0])], [tokenizer.encode(PROMPTS[2])]
+    expected, other_expected = (tiny_lm.generate(prompt, **GREEDY).numpy() for prompt in (ids, other))
+    arrived, release = threading.Event(), threading.Event()
+
+    class Pausing(Collecting):
+        def put(self, value):
+            super().put(value)
+            if len(self.puts) == 2:  # the first new token: hold the generation half-way
+                arrived.set()
+                release.wait(600)
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=tiny_lm.generate(ids, streamer=Pausing(),
+                                                                                **GREEDY).numpy()))
+    thread.start()
+    assert arrived.wait(600)
+    np.testing.assert_array_equal(tiny_lm.generate(other, **GREEDY).numpy(), other_expected)
+    release.set()
+    thread.join()
+    np.testing.assert_array_equal(result["out"], expected)

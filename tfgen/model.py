@@ -10,7 +10,7 @@ import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 
 from tfgen import checkpoint
-from tfgen.generation.decode import Decoder
+from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Tokenizer
@@ -140,15 +140,6 @@ def _text_pieces(tokenizer, prompt_ids, prompt_text, blocks, eos_ids, return_ful
         raise RuntimeError(f"the tokenizer's text changed from {sent!r} to {final!r} as tokens were added")
     if final != sent:
         yield final[len(sent):]
-
-
-def _drain(generator, on_item):
-    """Runs a generator to its end, passing each item to `on_item`; returns the generator's return value."""
-    while True:
-        try:
-            on_item(next(generator))
-        except StopIteration as done:
-            return done.value
 
 
 class GPT2LM(tf.keras.Model):
@@ -338,7 +329,7 @@ class GPT2LM(tf.keras.Model):
             out = self.decoder(input_ids, attention_mask, options)
         else:
             streamer.put(input_ids)
-            out = _drain(self.decoder.stream(input_ids, attention_mask, options),
+            out = drain(self.decoder.stream(input_ids, attention_mask, options),
                          lambda block: [streamer.put(column) for column in block.T])
             streamer.end()
         if not return_dict_in_generate:
