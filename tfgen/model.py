@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 
@@ -13,7 +14,7 @@ from tfgen import checkpoint
 from tfgen.generation.decode import Decoder
 from tfgen.generation.kv_cache import positions_from_mask
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Tokenizer
+from tfgen.tokenizer import Completion, Tokenizer  # noqa: F401  (Completion: complete()'s result type)
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 _HUB_FILES = ["config.json", "generation_config.json", "tf_model.h5", "model.safetensors", "pytorch_model.bin",
@@ -27,15 +28,6 @@ class GenerationOutput:
     sequences: tf.Tensor
     token_logprobs: tf.Tensor = None
     sequences_scores: tf.Tensor = None
-
-
-@dataclasses.dataclass
-class Completion:
-    """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
-
-    text: str
-    new_text: str
-    new_token_ids: list
 
 
 _SAVE_INSTEAD = (
@@ -301,15 +293,8 @@ class GPT2LM(tf.keras.Model):
         for i, mask in enumerate(attention_mask):
             prompt_ids = input_ids[i][mask == 1].tolist()
             prompt_text = self.tokenizer.decode(prompt_ids)
-            completions = []
-            for row in sequences[i * repeats:(i + 1) * repeats]:
-                new_ids = row[width:].tolist()
-                ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
-                new_ids = new_ids[: ends[0] + 1] if ends else new_ids
-                text = self.tokenizer.decode(prompt_ids + new_ids)
-                new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.tokenizer.decode(new_ids)
-                completions.append(Completion(text, new_text, new_ids))
-            results.append(completions)
+            results.append([self.tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
+                            for row in sequences[i * repeats:(i + 1) * repeats]])
         return results
 
     def generate_text(self, prompts, return_full_text=True, **kwargs):

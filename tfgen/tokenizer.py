@@ -5,6 +5,7 @@ skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
 interface. This module does not import TensorFlow.
 """
 
+import dataclasses
 import io
 import itertools
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-import tokenizers
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # KoGPT2-v1 names, used when neither the configs nor the model name a token.
@@ -76,6 +76,8 @@ class _HuggingFace:
     filename = "tokenizer.json"
 
     def __init__(self, path):
+        import tokenizers  # only tokenizer.json models need it (the LiteRT runtime needs only SentencePiece)
+
         self.tok = tokenizers.Tokenizer.from_file(str(path))
 
     @property
@@ -106,6 +108,15 @@ class _HuggingFace:
 
     def save(self, path):
         self.tok.save(str(path))
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
+
+    text: str
+    new_text: str
+    new_token_ids: list
 
 
 class Tokenizer:
@@ -249,6 +260,21 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.all_special_ids]
         return self._backend.decode(ids, skip_special_tokens)
+
+    def completion(self, prompt_ids, new_ids, eos_ids, prompt_text=None):
+        """The `Completion` of a prompt's real ids by generated ids, cut after the first of `eos_ids`.
+
+        The new text is the full text minus the decoded prompt (as transformers'
+        pipeline gives it), or the new ids decoded alone where the full text does
+        not start with the prompt's; `prompt_text` saves decoding the prompt again.
+        """
+        new_ids = [int(t) for t in new_ids]
+        ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
+        new_ids = new_ids[: ends[0] + 1] if ends else new_ids
+        prompt_text = self.decode(prompt_ids) if prompt_text is None else prompt_text
+        text = self.decode(list(prompt_ids) + new_ids)
+        new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.decode(new_ids)
+        return Completion(text, new_text, new_ids)
 
     def decode_batch(self, rows, skip_special_tokens=True):
         """:meth:`decode` for each row of ``rows``."""
