@@ -60,7 +60,10 @@ class LiteRTLM:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
         path = Path(path)
         self.config = read_config(path)
-        self.tokenizer = Tokenizer.from_pretrained(path)
+        try:
+            self.tokenizer = Tokenizer.from_pretrained(path)
+        except FileNotFoundError:
+            self.tokenizer = None  # ids in and out only, as GPT2LM without a tokenizer
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
         self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)
@@ -98,6 +101,7 @@ class LiteRTLM:
 
     def complete(self, prompts, **kwargs):
         """For each prompt, a list of num_return_sequences `tfgen.tokenizer.Completion`s."""
+        self._need_tokenizer()
         prompts = list(prompts)
         eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config["eos_token_id"]) or []).tolist())
         results = []
@@ -125,6 +129,7 @@ class LiteRTLM:
         """
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
+        self._need_tokenizer()
         prompt_ids = self.tokenizer.encode(prompt)
         options = self._options(len(prompt_ids), len(prompt_ids), kwargs)
         prompt_text = self.tokenizer.decode(prompt_ids)
@@ -140,6 +145,7 @@ class LiteRTLM:
         """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict)."""
         if isinstance(texts, str):
             return self.score([texts])[0]
+        self._need_tokenizer()
         texts = list(texts)
         rows = [self.tokenizer.encode(text) for text in texts]
         scoring.check_lengths(texts, [len(ids) for ids in rows], self.config["context"])
@@ -148,6 +154,10 @@ class LiteRTLM:
                               self._run["score"](input_ids=np.asarray([ids], np.int32))["token_logprobs"][0])
             for ids in rows
         ]
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this export has no tokenizer; pass token ids to generate() instead")
 
     def _options(self, prompt_width, longest_prompt, kwargs):
         kwargs = dict(kwargs)

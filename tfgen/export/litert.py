@@ -56,8 +56,6 @@ def export_litert(lm, path, quantize="int8", capacity=None):
     if not isinstance(capacity, int) or not 2 <= capacity <= context:
         raise ValueError(f"capacity must be an integer from 2 to the model's context of {context} tokens, "
                          f"got {capacity!r}")
-    if lm.tokenizer is None:
-        raise ValueError("this model has no tokenizer; the LiteRT runtime needs one (load a checkpoint saved with it)")
     start = time.perf_counter()
     model = convert(StepModule(lm.gpt2, capacity), quantize)
     config = {
@@ -74,7 +72,8 @@ def export_litert(lm, path, quantize="int8", capacity=None):
     }
     with checkpoint.atomic_directory(path) as staging:
         (staging / MODEL_FILE).write_bytes(model)
-        lm.tokenizer.save_pretrained(staging)
+        if lm.tokenizer is not None:  # without one, the runtime generates from ids only
+            lm.tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
 
