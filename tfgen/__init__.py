@@ -1,11 +1,17 @@
 """tfgen: GPT-2 text generation for TensorFlow/Keras, Korean first.
 
-The public names load on first use (PEP 562), so `import tfgen.litert`, the
-LiteRT runtime, works where TensorFlow is not installed. The modules that
-build models (model, data, training, export) import `tfgen._env` first.
+Where TensorFlow is installed, importing tfgen prepares and imports it
+(tfgen._env); where it is not, only the LiteRT runtime, tfgen.litert, works.
+The public names load on first use (PEP 562), so that runtime needs neither
+TensorFlow nor transformers.
 """
 
 import importlib
+
+try:
+    from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
+except ImportError:  # no TensorFlow here: tfgen.litert runs without it
+    pass
 
 _PUBLIC = {
     "GPT2LM": "tfgen.model",

@@ -19,7 +19,6 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 import tensorflow as tf
 
 LAYOUTS = ("packed", "documents")

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 

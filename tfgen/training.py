@@ -9,7 +9,6 @@ import contextlib
 import json
 from pathlib import Path
 
-from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 import tensorflow as tf
 
 from tfgen import checkpoint

@@ -1,7 +1,6 @@
 """Exports, one module per format: `saved_model` (a TF SavedModel that serves generation) and `litert`
 (a LiteRT model, int8 weights by default, run by `tfgen.litert.LiteRTLM` without TensorFlow)."""
 
-from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
 from tfgen.export.litert import QUANTIZATIONS, export_litert
 from tfgen.export.saved_model import export_saved_model, serving_module
 
