@@ -215,15 +215,17 @@ def main():
     parser.add_argument("--quality-tokens", type=int, default=16384,
                         help="perplexity over the first this many tokens of each source's validation text")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     if not args.skip_quality and not (args.work / "corpus" / "wikipedia.valid.txt").is_file():
         sys.exit(f"no validation text in {args.work / 'corpus'}; run: python recipes/ko_mini.py prepare")
     info, command = machine_info(), command_line()
     with tempfile.TemporaryDirectory() as work:
-        speed_figures = speed(args, Path(work))
+        speed_figures = None if args.skip_speed else speed(args, Path(work))
         quality_rows = None if args.skip_quality else quality(args, Path(work))
     report(info, command, speed_figures, quality_rows)
-    write_results(results_path("litert_speed", args.small),
+    name = "litert_quality" if args.skip_speed else "litert_speed"
+    write_results(results_path(name, args.small),
                   {"machine": info, "command": command, "speed": speed_figures, "quality": quality_rows})
 
 
