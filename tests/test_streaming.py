@@ -85,7 +85,7 @@ def test_stream_text_never_sends_part_of_a_character(tiny_lm):
     """Token by token through a text whose emoji and rare syllables are several byte pieces each."""
     tokenizer = tiny_lm.tokenizer
     prompt_ids = tokenizer.encode("이때")
-    new_ids = tokenizer.encode(" 😀 똠양꿍 🎉 맛집", add_bos=False)
+    new_ids = tokenizer.encode(" 😀 똠양꿍 🎉 맛집", add_special_tokens=False)
     assert sum(tokenizer.id_to_token(i).startswith("<0x") for i in new_ids) >= 8
     blocks = (np.array([[token]]) for token in new_ids)
     prompt_text = tokenizer.decode(prompt_ids)

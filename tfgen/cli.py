@@ -66,9 +66,14 @@ def _generation_kwargs(args):
 
 
 def _load_model(name_or_path):
-    from tfgen.model import GPT2LM
+    from tfgen.litert import LiteRTLM, is_litert_dir
 
-    lm = GPT2LM.from_pretrained(name_or_path)
+    if is_litert_dir(name_or_path):  # runs without TensorFlow
+        lm = LiteRTLM(name_or_path)
+    else:
+        from tfgen.model import GPT2LM
+
+        lm = GPT2LM.from_pretrained(name_or_path)
     if lm.tokenizer is None:
         raise UsageError(f"{name_or_path} has no tokenizer files; save the model with its tokenizer")
     return lm
@@ -154,20 +159,43 @@ def _train_tokenizer(args):
 
 
 def _export(args):
-    from tfgen.export import export_saved_model
-    from tfgen.model import GPT2LM
-
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
                          "or pass --overwrite to replace it")
+    if args.format == "litert" and args.num_beams is not None:
+        raise UsageError("--num-beams is for --format saved_model; the LiteRT export has no beam search")
+    if args.format == "saved_model" and args.quantize is not None:
+        raise UsageError("--quantize is for --format litert; a SavedModel keeps the checkpoint's weights")
+    from tfgen.model import GPT2LM
+
     lm = GPT2LM.from_pretrained(args.model)
-    export_saved_model(lm, output, capacity=args.capacity, num_beams=args.num_beams)
+    if args.format == "litert":
+        _export_litert(lm, output, args)
+    else:
+        _export_saved_model(lm, output, args)
+
+
+def _export_litert(lm, output, args):
+    from tfgen.export import export_litert
+    from tfgen.litert import read_config
+
+    export_litert(lm, output, quantize=args.quantize or "int8", capacity=args.capacity)
+    config = read_config(output)
+    print(f"{output}: LiteRT model, {config['quantize']} weights; capacity {config['capacity']} tokens "
+          f"(prompt + new); run it with `tfgen generate --model {output}` or tfgen.litert.LiteRTLM")
+
+
+def _export_saved_model(lm, output, args):
+    from tfgen.export.saved_model import DEFAULT_NUM_BEAMS, export_saved_model
+
+    num_beams = args.num_beams or DEFAULT_NUM_BEAMS
+    export_saved_model(lm, output, capacity=args.capacity, num_beams=num_beams)
     if lm.tokenizer is not None and lm.tokenizer.sentencepiece_model() is not None:
         serving = "prompts -> completions, sequences"
     else:
         serving = "input_ids, attention_mask -> sequences (text in and out needs a SentencePiece tokenizer)"
-    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({args.num_beams} "
+    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({num_beams} "
           f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)")
 
 
@@ -284,13 +312,21 @@ def _add_tokenizer(subparsers):
 
 
 def _add_export(subparsers):
-    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out)")
+    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out), "
+                                             "or a LiteRT model that runs without TensorFlow")
     p.add_argument("model", metavar="MODEL_DIR_OR_NAME",
                    help="checkpoint directory, hub id or embedded model (ko-mini)")
-    p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the SavedModel")
+    p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the export")
+    p.add_argument("--format", choices=["saved_model", "litert"], default="saved_model",
+                   help="saved_model: a TF SavedModel; litert: model.tflite, the tokenizer and litert.json, "
+                        "for tfgen.litert.LiteRTLM (pip install \"tfgen[litert]\")")
+    p.add_argument("--quantize", choices=["int8", "fp16", "none"], default=None,
+                   help="LiteRT weights: int8 (default), fp16 or none (float32)")
     p.add_argument("--capacity", type=_positive_int, default=None,
-                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's context)")
-    p.add_argument("--num-beams", type=_positive_int, default=4, help="beam count of the generate_beam signature")
+                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
+                        "context for a SavedModel, 256 or the context for LiteRT)")
+    p.add_argument("--num-beams", type=_positive_int, default=None,
+                   help="beam count of the SavedModel's generate_beam signature (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")
     p.set_defaults(run=_export)
 

@@ -8,7 +8,7 @@ import dataclasses
 import time
 import uuid
 
-from tfgen.generation.processors import MAX_NGRAM_SIZE
+from tfgen.generation.options import MAX_NGRAM_SIZE
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
