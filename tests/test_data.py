@@ -1,5 +1,7 @@
 """tfgen.data: documents from files, lists and datasets, laid out as padded documents or packed blocks."""
 
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -131,3 +133,19 @@ def test_a_fresh_pipeline_repeats_the_seeded_order_across_epochs_so_skipping_res
     for a, b in zip(whole[22:], resumed):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(whole[0], whole[15])  # each epoch has its own order
+
+
+def test_a_document_is_what_encode_gives_then_one_eos(hf_tokenizer_dir, spm_dir, tmp_path):
+    from tfgen import Tokenizer
+
+    text = "근육이 커지기 위해서는"
+    hf = Tokenizer.from_pretrained(hf_tokenizer_dir)  # no post-processor (as KoGPT2-v2's file): no BOS
+    assert data.document_ids(hf, text) == [*hf.encode(text, add_special_tokens=False), hf.eos_token_id]
+    sp = Tokenizer.from_pretrained(spm_dir)  # SentencePiece: BOS first, as at generation
+    assert data.document_ids(sp, text) == [sp.bos_token_id, *sp.encode(text, add_special_tokens=False),
+                                           sp.eos_token_id]
+    shutil.copy(spm_dir / "tokenizer.model", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": true, "add_eos_token": true}')
+    both = Tokenizer.from_pretrained(tmp_path)  # encode adds the EOS already: not a second one
+    assert data.document_ids(both, text) == both.encode(text) and both.encode(text)[-1] == both.eos_token_id
+    assert both.encode(text)[-2] != both.eos_token_id

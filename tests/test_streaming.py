@@ -85,7 +85,7 @@ def test_stream_text_never_sends_part_of_a_character(tiny_lm):
     """Token by token through a text whose emoji and rare syllables are several byte pieces each."""
     tokenizer = tiny_lm.tokenizer
     prompt_ids = tokenizer.encode("이때")
-    new_ids = tokenizer.encode(" 😀 똠양꿍 🎉 맛집", add_bos=False)
+    new_ids = tokenizer.encode(" 😀 똠양꿍 🎉 맛집", add_special_tokens=False)
     assert sum(tokenizer.id_to_token(i).startswith("<0x") for i in new_ids) >= 8
     blocks = (np.array([[token]]) for token in new_ids)
     prompt_text = tokenizer.decode(prompt_ids)
@@ -119,3 +119,29 @@ def test_cli_stream_with_beams_or_json_exits_2(tiny_lm_dir, capsys):
         assert main(["generate", "이때", "--model", str(tiny_lm_dir), "--stream", *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--stream" in err
+
+
+def test_a_generation_paused_in_another_thread_keeps_its_own_state(tiny_lm):
+    """A streamed generate (as TextIteratorStreamer runs it, in a thread) and another generate of the same
+    shape at the same time: each gets the tokens it gets alone."""
+    tokenizer = tiny_lm.tokenizer
+    ids, other = [tokenizer.encode(PROMPTS[0])], [tokenizer.encode(PROMPTS[2])]
+    expected, other_expected = (tiny_lm.generate(prompt, **GREEDY).numpy() for prompt in (ids, other))
+    arrived, release = threading.Event(), threading.Event()
+
+    class Pausing(Collecting):
+        def put(self, value):
+            super().put(value)
+            if len(self.puts) == 2:  # the first new token: hold the generation half-way
+                arrived.set()
+                release.wait(600)
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=tiny_lm.generate(ids, streamer=Pausing(),
+                                                                                **GREEDY).numpy()))
+    thread.start()
+    assert arrived.wait(600)
+    np.testing.assert_array_equal(tiny_lm.generate(other, **GREEDY).numpy(), other_expected)
+    release.set()
+    thread.join()
+    np.testing.assert_array_equal(result["out"], expected)

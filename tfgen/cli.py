@@ -66,9 +66,14 @@ def _generation_kwargs(args):
 
 
 def _load_model(name_or_path):
-    from tfgen.model import CausalLM
+    from tfgen.litert import LiteRTLM, is_litert_dir
 
-    lm = CausalLM.from_pretrained(name_or_path)
+    if is_litert_dir(name_or_path):  # runs without TensorFlow
+        lm = LiteRTLM(name_or_path)
+    else:
+        from tfgen.model import CausalLM
+
+        lm = CausalLM.from_pretrained(name_or_path)
     if lm.tokenizer is None:
         raise UsageError(f"{name_or_path} has no tokenizer files; save the model with its tokenizer")
     return lm
@@ -154,28 +159,73 @@ def _train_tokenizer(args):
 
 
 def _export(args):
-    from tfgen.export import export_saved_model
-    from tfgen.model import CausalLM
-
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
                          "or pass --overwrite to replace it")
+    if args.format == "litert" and args.num_beams is not None:
+        raise UsageError("--num-beams is for --format saved_model; the LiteRT export has no beam search")
+    if args.format == "saved_model" and args.quantize is not None:
+        raise UsageError("--quantize is for --format litert; a SavedModel keeps the checkpoint's weights")
+    from tfgen.model import CausalLM
+
     lm = CausalLM.from_pretrained(args.model)
-    export_saved_model(lm, output, capacity=args.capacity, num_beams=args.num_beams)
+    if args.format == "litert":
+        _export_litert(lm, output, args)
+    else:
+        _export_saved_model(lm, output, args)
+
+
+def _export_litert(lm, output, args):
+    from tfgen.export import export_litert
+    from tfgen.litert import read_config
+
+    export_litert(lm, output, quantize=args.quantize or "int8", capacity=args.capacity)
+    config = read_config(output)
+    print(f"{output}: LiteRT model, {config['quantize']} weights; capacity {config['capacity']} tokens "
+          f"(prompt + new); run it with `tfgen generate --model {output}` or tfgen.litert.LiteRTLM")
+
+
+def _export_saved_model(lm, output, args):
+    from tfgen.export.saved_model import DEFAULT_NUM_BEAMS, export_saved_model
+
+    num_beams = args.num_beams or DEFAULT_NUM_BEAMS
+    export_saved_model(lm, output, capacity=args.capacity, num_beams=num_beams)
     if lm.tokenizer is not None and lm.tokenizer.sentencepiece_model() is not None:
         serving = "prompts -> completions, sequences"
     else:
         serving = "input_ids, attention_mask -> sequences (text in and out needs a SentencePiece tokenizer)"
-    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({args.num_beams} "
+    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({num_beams} "
           f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)")
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _serve(args):
+    import os
+
+    try:
+        from tfgen.serving.app import ServerSettings
+        from tfgen.serving.run import serve, served_model_name
+    except ImportError as error:
+        raise UsageError(f"tfgen serve needs the serve extra ({error}): pip install 'tfgen[serve]'") from None
+    settings = ServerSettings(
+        model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
+    )
+    serve(args.model, args.host, args.port, settings)
+
+
+def _int_from(low, what):
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a {what} integer, got {text}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
+
+
+_positive_int = _int_from(1, "positive")
+_non_negative_int = _int_from(0, "non-negative")
 
 
 def _add_model_argument(parser):
@@ -262,15 +312,45 @@ def _add_tokenizer(subparsers):
 
 
 def _add_export(subparsers):
-    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out)")
+    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out), "
+                                             "or a LiteRT model that runs without TensorFlow")
     p.add_argument("model", metavar="MODEL_DIR_OR_NAME",
                    help="checkpoint directory, hub id or embedded model (ko-mini)")
-    p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the SavedModel")
+    p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the export")
+    p.add_argument("--format", choices=["saved_model", "litert"], default="saved_model",
+                   help="saved_model: a TF SavedModel; litert: model.tflite, the tokenizer and litert.json, "
+                        "for tfgen.litert.LiteRTLM (pip install \"tfgen[litert]\")")
+    p.add_argument("--quantize", choices=["int8", "fp16", "none"], default=None,
+                   help="LiteRT weights: int8 (default), fp16 or none (float32)")
     p.add_argument("--capacity", type=_positive_int, default=None,
-                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's context)")
-    p.add_argument("--num-beams", type=_positive_int, default=4, help="beam count of the generate_beam signature")
+                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
+                        "context for a SavedModel, 256 or the context for LiteRT)")
+    p.add_argument("--num-beams", type=_positive_int, default=None,
+                   help="beam count of the SavedModel's generate_beam signature (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")
     p.set_defaults(run=_export)
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_serve(subparsers):
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions server with a playground page at /")
+    _add_model_argument(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="decode slots: rows decoded together")
+    p.add_argument("--max-queue", type=_non_negative_int, default=64,
+                   help="rows that may wait for a slot; beyond it requests get 429 with Retry-After")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
+    p.add_argument("--request-timeout", type=_positive_float, default=120.0,
+                   help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
+    p.set_defaults(run=_serve)
 
 
 def build_parser():
@@ -281,6 +361,7 @@ def build_parser():
     _add_finetune(subparsers)
     _add_tokenizer(subparsers)
     _add_export(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

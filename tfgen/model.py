@@ -3,6 +3,7 @@ tokenizer and compiled generate."""
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -12,9 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfgen import checkpoint, families
-from tfgen.generation.decode import Decoder
+from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Tokenizer
+from tfgen.tokenizer import Completion, Tokenizer  # noqa: F401  (Completion: complete()'s result type)
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.
@@ -29,15 +30,6 @@ class GenerationOutput:
     sequences: tf.Tensor
     token_logprobs: tf.Tensor = None
     sequences_scores: tf.Tensor = None
-
-
-@dataclasses.dataclass
-class Completion:
-    """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
-
-    text: str
-    new_text: str
-    new_token_ids: list
 
 
 _SAVE_INSTEAD = (
@@ -126,49 +118,6 @@ def _policy(dtype):
     if dtype == tf.float32:
         return contextlib.nullcontext()
     return global_policy(tf.keras.mixed_precision.Policy(dtype.name))
-
-
-# What a decoder writes for bytes that do not (yet) make a character: held back while streaming.
-_INCOMPLETE = "\ufffd"
-
-
-def _through_first(new_ids, eos_ids):
-    """The new token ids up to and including the first EOS."""
-    ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
-    return new_ids[: ends[0] + 1] if ends else new_ids
-
-
-def _texts(tokenizer, prompt_ids, prompt_text, new_ids):
-    """(whole text, new text): the new text is the whole text minus the decoded prompt, as transformers' pipeline has it."""
-    text = tokenizer.decode(prompt_ids + new_ids)
-    return text, text[len(prompt_text):] if text.startswith(prompt_text) else tokenizer.decode(new_ids)
-
-
-def _text_pieces(tokenizer, prompt_ids, prompt_text, blocks, eos_ids, return_full_text):
-    """stream_text's generator: text pieces from blocks of new token ids [1, k], none ending inside a character."""
-    if return_full_text:
-        yield prompt_text
-    new_ids, sent = [], ""
-    for block in blocks:
-        new_ids = _through_first(new_ids + block[0].tolist(), eos_ids)
-        text = _texts(tokenizer, prompt_ids, prompt_text, new_ids)[1].rstrip(_INCOMPLETE)
-        if text.startswith(sent) and len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-    final = _texts(tokenizer, prompt_ids, prompt_text, new_ids)[1]
-    if not final.startswith(sent):  # SentencePiece and byte-fallback decoders only ever add text at the end
-        raise RuntimeError(f"the tokenizer's text changed from {sent!r} to {final!r} as tokens were added")
-    if final != sent:
-        yield final[len(sent):]
-
-
-def _drain(generator, on_item):
-    """Runs a generator to its end, passing each item to `on_item`; returns the generator's return value."""
-    while True:
-        try:
-            on_item(next(generator))
-        except StopIteration as done:
-            return done.value
 
 
 class CausalLM(tf.keras.Model):
@@ -376,7 +325,7 @@ class CausalLM(tf.keras.Model):
             out = self.decoder(input_ids, attention_mask, options)
         else:
             streamer.put(input_ids)
-            out = _drain(self.decoder.stream(input_ids, attention_mask, options),
+            out = drain(self.decoder.stream(input_ids, attention_mask, options),
                          lambda block: [streamer.put(column) for column in block.T])
             streamer.end()
         if not return_dict_in_generate:
@@ -423,12 +372,8 @@ class CausalLM(tf.keras.Model):
         for i, mask in enumerate(attention_mask):
             prompt_ids = input_ids[i][mask == 1].tolist()
             prompt_text = tokenizer.decode(prompt_ids)
-            completions = []
-            for row in sequences[i * repeats:(i + 1) * repeats]:
-                new_ids = _through_first(row[width:].tolist(), eos_ids)
-                text, new_text = _texts(tokenizer, prompt_ids, prompt_text, new_ids)
-                completions.append(Completion(text, new_text, new_ids))
-            results.append(completions)
+            results.append([tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
+                            for row in sequences[i * repeats:(i + 1) * repeats]])
         return results
 
     def stream_text(self, prompt, return_full_text=False, **kwargs):
@@ -451,7 +396,8 @@ class CausalLM(tf.keras.Model):
         prompt_text = tokenizer.decode(prompt_ids)
         input_ids, attention_mask, options = self._checked([prompt_ids], None, kwargs)
         blocks = self.decoder.stream(input_ids, attention_mask, options)
-        return _text_pieces(tokenizer, prompt_ids, prompt_text, blocks, self._eos_ids(kwargs), return_full_text)
+        pieces = tokenizer.text_pieces(prompt_ids, (block[0] for block in blocks), self._eos_ids(kwargs), prompt_text)
+        return itertools.chain([prompt_text], pieces) if return_full_text else pieces
 
     def _text_tokenizer(self):
         if self.tokenizer is None:

@@ -1,17 +1,22 @@
-"""How likely a model finds a text: per-token log-probabilities and perplexity; the top candidates at greedy steps."""
+"""How likely a model finds a text: per-token log-probabilities and perplexity; the top candidates at greedy steps.
+
+TensorFlow is imported only by the functions that compute with it: the LiteRT
+runtime (tfgen.litert), which runs without TensorFlow, shares the rest.
+"""
 
 import math
 
 import numpy as np
-import tensorflow as tf
 
 BATCH = 16  # texts scored in one model call
 
 
 def next_token_logprobs(logits, input_ids):
-    """log P(input_ids[:, t + 1] | input_ids[:, :t + 1]) for each t: [batch, len - 1], in float32."""
+    """log P(input_ids[:, t + 1] | input_ids[:, :t + 1]) for each t: a [batch, len - 1] float32 tensor."""
+    import tensorflow as tf
+
     logprobs = tf.nn.log_softmax(tf.cast(logits[:, :-1], tf.float32), axis=-1)
-    return tf.gather(logprobs, input_ids[:, 1:], batch_dims=2).numpy()
+    return tf.gather(logprobs, input_ids[:, 1:], batch_dims=2)
 
 
 def summarize(tokens, token_logprobs):
@@ -42,6 +47,8 @@ def check_lengths(texts, lengths, context):
 
 def top_probabilities(logits, k):
     """The k most likely token ids of a next-token logits vector, best first, and their softmax probabilities."""
+    import tensorflow as tf
+
     probs = tf.nn.softmax(tf.cast(logits, tf.float32))
     top = tf.math.top_k(probs, k=k)
     return top.indices.numpy(), top.values.numpy()
@@ -64,7 +71,7 @@ def score(lm, texts):
         rows = slice(start, start + BATCH)
         width = lengths[rows].max()  # drop the columns that are padding in every row of this batch
         ids, mask = input_ids[rows, -width:], attention_mask[rows, -width:]
-        logprobs = next_token_logprobs(lm(ids, mask), ids)
+        logprobs = next_token_logprobs(lm(ids, mask), ids).numpy()
         for row_ids, row_logprobs, length in zip(ids, logprobs, lengths[rows]):
             tokens = [tokenizer.token_text(t) for t in row_ids[-length:]]
             results.append(summarize(tokens, row_logprobs[1 - length:]))

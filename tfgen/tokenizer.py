@@ -5,6 +5,7 @@ skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
 interface. This module does not import TensorFlow.
 """
 
+import dataclasses
 import io
 import itertools
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-import tokenizers
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 # tokenizer_config.json's switches for the special tokens encode adds (transformers' names).
@@ -26,6 +26,8 @@ _DEFAULT_SPECIAL_TOKENS = {
     "unk_token": ("<unk>", "<|endoftext|>"),
 }
 _SP_SUFFIXES = (".model", ".spiece")
+# What a decoder writes for bytes that do not (yet) make a character.
+INCOMPLETE = "\ufffd"
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -88,6 +90,8 @@ class _HuggingFace:
     filename = "tokenizer.json"
 
     def __init__(self, path):
+        import tokenizers  # only tokenizer.json models need it (the LiteRT runtime needs only SentencePiece)
+
         self.tok = tokenizers.Tokenizer.from_file(str(path))
         decoder = json.loads(self.tok.to_str()).get("decoder") or {}
         self._byte_level = decoder.get("type") == "ByteLevel"
@@ -121,7 +125,7 @@ class _HuggingFace:
         # is what it adds after another token.
         twice = self.tok.decode([token_id, token_id], skip_special_tokens=False)
         text = twice[len(alone):] if twice.startswith(alone) and len(twice) > len(alone) else alone
-        if "\ufffd" in text and "\ufffd" not in self.id_to_token(token_id):  # only part of a character
+        if INCOMPLETE in text and INCOMPLETE not in self.id_to_token(token_id):  # only part of a character
             if self._byte_level:
                 return _bytes_text(bytes(_BYTE_LEVEL_BYTES[c] for c in self.id_to_token(token_id)))
             return self.id_to_token(token_id)  # a byte-fallback piece such as '<0xEC>'
@@ -135,6 +139,15 @@ class _HuggingFace:
 
     def save(self, path):
         self.tok.save(str(path))
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated sequence: the whole text, the new text and the new token ids (through EOS)."""
+
+    text: str
+    new_text: str
+    new_token_ids: list
 
 
 class Tokenizer:
@@ -310,6 +323,41 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.all_special_ids]
         return self._backend.decode(ids, skip_special_tokens)
+
+    def completion(self, prompt_ids, new_ids, eos_ids, prompt_text=None):
+        """The `Completion` of a prompt's real ids by generated ids, cut after the first of `eos_ids`.
+
+        The new text is the full text minus the decoded prompt (as transformers'
+        pipeline gives it), or the new ids decoded alone where the full text does
+        not start with the prompt's; `prompt_text` saves decoding the prompt again.
+        """
+        new_ids = [int(t) for t in new_ids]
+        ends = [j for j, t in enumerate(new_ids) if t in eos_ids]
+        new_ids = new_ids[: ends[0] + 1] if ends else new_ids
+        prompt_text = self.decode(prompt_ids) if prompt_text is None else prompt_text
+        text = self.decode(list(prompt_ids) + new_ids)
+        new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.decode(new_ids)
+        return Completion(text, new_text, new_ids)
+
+    def text_pieces(self, prompt_ids, id_blocks, eos_ids, prompt_text=None):
+        """The new text of a completion as its ids arrive in blocks, in pieces that join to `completion`'s new text.
+
+        A piece never ends inside a character: text that ends in U+FFFD (bytes
+        that do not make a character yet) waits for the rest of its bytes.
+        """
+        prompt_text = self.decode(prompt_ids) if prompt_text is None else prompt_text
+        new_ids, sent = [], ""
+        for block in id_blocks:
+            new_ids.extend(int(t) for t in block)
+            text = self.completion(prompt_ids, new_ids, eos_ids, prompt_text).new_text.rstrip(INCOMPLETE)
+            if text.startswith(sent) and len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        final = self.completion(prompt_ids, new_ids, eos_ids, prompt_text).new_text
+        if not final.startswith(sent):  # SentencePiece and byte-fallback decoders only ever add text at the end
+            raise RuntimeError(f"the tokenizer's text changed from {sent!r} to {final!r} as tokens were added")
+        if final != sent:
+            yield final[len(sent):]
 
     def decode_batch(self, rows, skip_special_tokens=True):
         """:meth:`decode` for each row of ``rows``."""

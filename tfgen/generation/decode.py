@@ -18,6 +18,8 @@ buffer to a multiple of BUCKET.
 """
 
 import collections
+import contextlib
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -155,6 +157,15 @@ def decode(program, input_ids, attention_mask, settings):
     return caller_layout(input_ids, program(padded_ids, padded_mask, settings), settings["pad_id"])
 
 
+def drain(generator, on_item=lambda item: None):
+    """Runs a generator to its end, passing each item to `on_item`; returns the generator's return value."""
+    while True:
+        try:
+            on_item(next(generator))
+        except StopIteration as done:
+            return done.value
+
+
 def capacity_tier(needed, context):
     """The capacity the engine compiles for when a call needs `needed` columns: a tier, at most the context."""
     return min(next((tier for tier in TIERS if tier >= needed), context), context)
@@ -207,6 +218,8 @@ class Decoder:
         self.net = net
         self.trace_count = 0
         self._programs = collections.OrderedDict()
+        self._busy = set()  # ids of the _Programs whose state a running generation holds
+        self._lock = threading.Lock()
 
     def programs(self, rows, capacity, pad_id):
         """The `_Programs` of a (rows, capacity): made on first use, kept for the MAX_STATES most recent."""
@@ -218,14 +231,24 @@ class Decoder:
         self._programs.move_to_end(key)
         return self._programs[key]
 
+    @contextlib.contextmanager
+    def _held(self, rows, capacity, pad_id):
+        """Programs whose state no other generation is using: the cached ones, or (while those are held, as by
+        a generate running in another thread) a fresh set for this generation alone."""
+        with self._lock:
+            programs = self.programs(rows, capacity, pad_id)
+            if id(programs) in self._busy:
+                programs = _Programs(self.net, rows, capacity, pad_id, self._counted)
+            self._busy.add(id(programs))
+        try:
+            yield programs
+        finally:
+            with self._lock:
+                self._busy.discard(id(programs))
+
     def __call__(self, input_ids, attention_mask, options):
         """`stream` run to its end without looking at the blocks: its dict of numpy arrays."""
-        blocks = self.stream(input_ids, attention_mask, options, streaming=False)
-        while True:
-            try:
-                next(blocks)
-            except StopIteration as done:
-                return done.value
+        return drain(self.stream(input_ids, attention_mask, options, streaming=False))
 
     def stream(self, input_ids, attention_mask, options, streaming=True):
         """A generator: yields each block of new tokens [rows, k] as decoded, returns a dict of numpy arrays.
@@ -245,38 +268,43 @@ class Decoder:
         prompts, prompt_lengths = decode_state.compact(input_ids, tf.constant(attention_mask), pad_id)
         prompts, prompt_lengths = tf.repeat(prompts, beams, axis=0), tf.repeat(prompt_lengths, beams)
         longest = int(tf.reduce_max(prompt_lengths))
-        programs = self.programs(int(prompts.shape[0]), capacity_tier(longest + options.max_new_tokens,
-                                                                      self.net.context), pad_id)
-        state = programs.state
-        state.start(prompts[:, :longest], prompt_lengths, prompt_lengths + options.max_new_tokens)
-        writing = tf.ones([state.rows], tf.bool)
-        for offset in range(0, longest - 1, CHUNK):
-            programs.prefill(tf.constant(offset), writing)
-        settings = settings_tensors(options)
-        if strategy == "beam":
-            results = programs.beam(beams, options.num_return_sequences)(settings)
-        else:
-            advance = programs.advance(strategy)
-            blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
-                          else [options.max_new_tokens])
-            starts, emitted, finished = prompt_lengths.numpy(), 0, False
-            while not finished:
-                now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
-                finished = now["finished"].all()
-                steps = int((now["lengths"] - starts).max())
-                if streaming:
-                    columns = starts[:, None] + np.arange(emitted, steps)[None, :]
-                    yield np.where(columns < now["lengths"][:, None],
-                                   np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
-                                   pad_id)
-                emitted = steps
-            results = token_results(state.read())
+        capacity = capacity_tier(longest + options.max_new_tokens, self.net.context)
+        with self._held(int(prompts.shape[0]), capacity, pad_id) as programs:
+            results = yield from self._run(programs, strategy, prompts[:, :longest], prompt_lengths, options,
+                                           streaming)
         out = caller_layout(input_ids, results, pad_id)
         return {
             "sequences": out["sequences"].numpy(),
             "token_logprobs": out["token_logprobs"].numpy(),
             "sequences_scores": out["sequences_scores"].numpy() if "sequences_scores" in out else None,
         }
+
+    @staticmethod
+    def _run(programs, strategy, prompts, prompt_lengths, options, streaming):
+        """stream's work on a held state: yields the blocks, returns the results for `caller_layout`."""
+        state, pad_id = programs.state, options.pad_token_id
+        state.start(prompts, prompt_lengths, prompt_lengths + options.max_new_tokens)
+        writing = tf.ones([state.rows], tf.bool)
+        for offset in range(0, prompts.shape[1] - 1, CHUNK):
+            programs.prefill(tf.constant(offset), writing)
+        settings = settings_tensors(options)
+        if strategy == "beam":
+            return programs.beam(options.num_beams, options.num_return_sequences)(settings)
+        advance = programs.advance(strategy)
+        blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
+                      else [options.max_new_tokens])
+        starts, emitted, finished = prompt_lengths.numpy(), 0, False
+        while not finished:
+            now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
+            finished = now["finished"].all()
+            steps = int((now["lengths"] - starts).max())
+            if streaming:
+                columns = starts[:, None] + np.arange(emitted, steps)[None, :]
+                yield np.where(columns < now["lengths"][:, None],
+                               np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
+                               pad_id)
+            emitted = steps
+        return token_results(state.read())
 
     def _counted(self, function):
         def traced(*args):

@@ -5,9 +5,9 @@ import random
 
 import numpy as np
 
-from tfgen.generation.processors import MAX_NGRAM_SIZE
-
 DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
+# no_repeat_ngram_size is a runtime tensor of the decode programs (tfgen.generation.processors); it may be at most this.
+MAX_NGRAM_SIZE = 8
 
 # What the request-time settings must be, in the words of resolve_options and of the exported
 # model's request checks (tfgen.export); {} is the value given.

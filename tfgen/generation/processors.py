@@ -12,12 +12,10 @@ applies them all unconditionally.
 
 import tensorflow as tf
 
+from tfgen.generation.options import MAX_NGRAM_SIZE
 from tfgen.generation.shapes import dims
 
 NEG_INF = float("-inf")
-
-# no_repeat_ngram_size is a runtime tensor; it may be at most this.
-MAX_NGRAM_SIZE = 8
 
 
 def _row_lengths(sequence, length):
@@ -34,10 +32,9 @@ def _mark(vocab, tokens, hit):
     rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, width])
     indices = tf.stack([tf.reshape(rows, [-1]), tf.reshape(tokens, [-1])], axis=1)
     hit = tf.broadcast_to(hit, tf.shape(tokens))
-    marks = tf.tensor_scatter_nd_max(
-        tf.zeros([batch, vocab], tf.int32), indices, tf.reshape(tf.cast(hit, tf.int32), [-1])
-    )
-    return marks > 0
+    # A sum of hits, not a max: scatter_nd is also a LiteRT builtin (the decode step of tfgen.export.litert).
+    counts = tf.scatter_nd(indices, tf.reshape(tf.cast(hit, tf.int32), [-1]), [batch, vocab])
+    return counts > 0
 
 
 def repetition_penalty(scores, sequence, length, penalty):
@@ -62,7 +59,8 @@ def no_repeat_ngram(scores, sequence, length, ngram_size):
         latest = tf.gather(sequence, tf.clip_by_value(length - ngram_size + 1 + k, 0, width - 1), batch_dims=1)
         matches = tf.logical_and(matches, tf.logical_or(tf.logical_not(in_prefix), earlier == latest[:, None]))
     matches = tf.logical_and(matches, ngram_size > 0)
-    completions = tf.gather(sequence, tf.minimum(start + ngram_size - 1, width - 1), axis=1)
+    # Clipped at 0 too (n = 0 would index -1): XLA clamps gather indices, LiteRT's gather rejects them.
+    completions = tf.gather(sequence, tf.clip_by_value(start + ngram_size - 1, 0, width - 1), axis=1)
     return tf.where(_mark(scores.shape[-1], completions, matches), NEG_INF, scores)
 
 

@@ -81,15 +81,22 @@ def filter_top_k_top_p(logits, top_k, top_p):
     return tf.where(logits >= threshold, logits, NEG_INF)
 
 
-def sample(logits, seed):
-    """One index per row drawn from softmax(logits), by inverting the cumulative distribution.
+def uniform_draws(seed, rows):
+    """[rows, 1] numbers in [0, 1) from TF's stateless RNG; `seed` is a shape-[2] int tensor (the same seed, the same draws)."""
+    return tf.random.stateless_uniform([rows, 1], seed=seed)
 
-    `seed` is a shape-[2] int tensor for TF's stateless RNG: the same seed gives the same draw.
-    """
+
+def sample(logits, seed):
+    """One index per row drawn from softmax(logits), with `uniform_draws(seed, ...)`: the same seed gives the same draw."""
+    return sample_at(logits, uniform_draws(seed, tf.shape(logits)[0]))
+
+
+def sample_at(logits, uniform):
+    """One index per row drawn from softmax(logits) by inverting the cumulative distribution at `uniform` [rows, 1] in [0, 1)."""
     cdf = tf.math.cumsum(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1), axis=-1)
     total = tf.reduce_max(cdf, axis=-1, keepdims=True)
     # 1 - U lies in (0, 1]: a zero-probability index is never chosen.
-    target = (1.0 - tf.random.stateless_uniform([tf.shape(logits)[0], 1], seed=seed)) * total
+    target = (1.0 - uniform) * total
     index = tf.reduce_sum(tf.cast(cdf < target, tf.int32), axis=-1)
     return tf.minimum(index, cdf.shape[-1] - 1)
 
@@ -103,19 +110,24 @@ def sample_top_k_top_p(logits, top_k, top_p, seed):
     """One token per row from softmax(logits) after top-k and top-p filtering, with its log-probability.
 
     Draws among the best NUM_CANDIDATES logits when the kept set lies there,
-    from the whole filtered vocabulary otherwise.
+    from the whole filtered vocabulary otherwise; `seed` as in `sample`.
     """
+    return sample_top_k_top_p_at(logits, top_k, top_p, uniform_draws(seed, tf.shape(logits)[0]))
+
+
+def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
+    """`sample_top_k_top_p` with the draws given: `uniform` [rows, 1] in [0, 1), as `sample_at` takes them."""
     top_k = _clamp_top_k(top_k, logits.shape[-1])
     best, best_ids, threshold, fits = _candidates(logits, top_k, top_p)
 
     def among_best():
         kept = tf.where(best >= threshold, best, NEG_INF)
-        choice = sample(kept, seed)
+        choice = sample_at(kept, uniform)
         return tf.gather(best_ids, choice, axis=-1, batch_dims=1), chosen_logprob(kept, choice)
 
     def among_all():
         kept = filter_top_k_top_p(logits, top_k, top_p)
-        token = sample(kept, seed)
+        token = sample_at(kept, uniform)
         return token, chosen_logprob(kept, token)
 
     return tf.cond(fits, among_best, among_all)

@@ -1,7 +1,8 @@
 """TF SavedModel export: generation served by TensorFlow alone, strings in and strings out.
 
-The SavedModel holds the GPT-2 weights once and the decode programs of
-`tfgen.generation.decode` (the ones `CausalLM.generate` runs), each traced
+The SavedModel holds the model's weights once and the one-shot decode programs
+of `tfgen.generation.decode` (prompt to end in one call, over the same state
+functions as the engine `CausalLM.generate` runs), each traced
 once with unknown batch and prompt length and marked for XLA, which compiles
 them per shape when a request comes. Every sampling setting is a request
 input with a default, so no request retraces. With a SentencePiece tokenizer,
@@ -82,7 +83,7 @@ class _ServingModule(tf.Module):
         self.options = resolve_options(
             1, max_new_tokens=1, eos_token_id=lm.config.eos_token_id, pad_token_id=lm.config.pad_token_id, seed=0
         )
-        # CausalLM.generate's programs, compiled by XLA per request shape.
+        # One-shot programs over CausalLM.generate's state functions, compiled by XLA per request shape.
         self.programs = {strategy: tf.function(decode.program(lm.net, strategy, num_beams), jit_compile=True)
                          for strategy in ("greedy", "sample", "beam")}
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, capacity - 1)

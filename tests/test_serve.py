@@ -1,0 +1,361 @@
+"""`tfgen serve` as its clients see it: a real server process on 127.0.0.1, OpenAI's own client, a real browser."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tfgen import cli
+from tfgen.serving import protocol
+from tfgen.serving.scheduler import find_stop, settled_text
+
+API_KEY = "test-key"
+STARTUP_SECONDS = 600
+HANGUL = re.compile("[가-힣]")
+PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, path, timeout=10):
+    with urllib.request.urlopen(url + path, timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+class ServerProcess:
+    """`python -m tfgen serve` on a free port of 127.0.0.1, waited for until /health says ok."""
+
+    def __init__(self, model_dir, log_path, *args):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tfgen", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            assert self.process.poll() is None, f"the server exited during startup: {self.log_tail()}"
+            try:
+                if json.loads(_get(self.url, "/health")[1])["status"] == "ok":
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, f"the server did not become ready: {self.log_tail()}"
+            time.sleep(0.5)
+
+    def log_tail(self):
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def client(self, api_key=API_KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+
+    def metric(self, name, **labels):
+        for family in text_string_to_metric_families(_get(self.url, "/metrics")[1]):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=120)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm_dir, tmp_path_factory):
+    process = ServerProcess(tiny_lm_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16", "--api-key", API_KEY)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_lm_dir):
+    return tiny_lm_dir.resolve().name
+
+
+def _greedy(client, model_name, prompt, max_tokens=24, **kwargs):
+    return client.completions.create(model=model_name, prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def test_greedy_completion_equals_generate_text(client, model_name, tiny_lm):
+    for prompt in PROMPTS[:3]:
+        response = _greedy(client, model_name, prompt)
+        expected = tiny_lm.generate_text(prompt, return_full_text=False, max_new_tokens=24)
+        assert response.choices[0].text == expected
+        assert response.id.startswith("cmpl-") and response.object == "text_completion"
+        assert response.model == model_name
+        completion_ids = tiny_lm.complete([prompt], max_new_tokens=24)[0][0].new_token_ids
+        assert response.usage.completion_tokens == len(completion_ids)
+        assert response.usage.prompt_tokens == len(tiny_lm.tokenizer.encode(prompt))
+        eos = tiny_lm.config.eos_token_id
+        assert response.choices[0].finish_reason == ("stop" if completion_ids[-1] == eos else "length")
+
+
+def test_stream_chunks_join_to_the_completion(client, model_name, tiny_lm):
+    prompt = PROMPTS[0]
+    chunks = list(client.completions.create(model=model_name, prompt=prompt, max_tokens=40, temperature=0,
+                                            stream=True))
+    assert len(chunks) > 2  # pieces as they are decoded, then the finish_reason
+    assert "".join(c.choices[0].text for c in chunks) == tiny_lm.generate_text(
+        prompt, return_full_text=False, max_new_tokens=40)
+    assert [c.choices[0].finish_reason for c in chunks][-1] in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_ends_with_done(server, model_name):
+    body = json.dumps({"model": model_name, "prompt": PROMPTS[1], "max_tokens": 8, "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", body, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in response.read().decode().splitlines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]"
+
+
+def test_stop_sequence_cuts_the_text(client, model_name):
+    full = _greedy(client, model_name, PROMPTS[0], max_tokens=40).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    response = _greedy(client, model_name, PROMPTS[0], max_tokens=40, stop=[stop])
+    assert response.choices[0].text == full[: full.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+def test_prompt_list_n_and_seed(client, model_name):
+    response = client.completions.create(model=model_name, prompt=PROMPTS[:2], n=3, max_tokens=12, temperature=1.0,
+                                         top_p=0.9, extra_body={"top_k": 40})
+    assert [c.index for c in response.choices] == list(range(6))
+    assert all(c.text for c in response.choices)
+    seeded = [client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7).choices[0].text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_logprobs_of_greedy_tokens_are_the_best(client, model_name):
+    response = _greedy(client, model_name, PROMPTS[3], max_tokens=10, logprobs=3)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == response.usage.completion_tokens
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 3 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def test_extras_are_applied(client, model_name, tiny_lm):
+    response = _greedy(client, model_name, PROMPTS[0], max_tokens=30,
+                       extra_body={"no_repeat_ngram_size": 2, "repetition_penalty": 1.3, "min_tokens": 30})
+    expected = tiny_lm.generate_text(PROMPTS[0], return_full_text=False, max_new_tokens=30, no_repeat_ngram_size=2,
+                                     repetition_penalty=1.3, min_new_tokens=30)
+    assert response.choices[0].text == expected
+    assert response.usage.completion_tokens == 30
+
+
+def test_wrong_or_missing_key_is_401(server, model_name):
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong-key").completions.create(model=model_name, prompt="안녕", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong-key").models.list()
+    request = urllib.request.Request(server.url + "/v1/completions", b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 401
+    assert json.loads(raised.value.read())["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_tokens": 0}, {"max_tokens": "many"}, {"temperature": 2.5}, {"top_p": 0}, {"n": 0},
+    {"logprobs": 9}, {"stop": ["a", "b", "c", "d", "e"]}, {"prompt": ""}, {"prompt": [1, 2, 3]},
+    {"prompt": "긴 문장 " * 200}, {"max_tokens": 500}, {"extra_body": {"top_k": "x"}},
+    {"extra_body": {"no_repeat_ngram_size": 99}}, {"extra_body": {"min_tokens": 50}},
+    {"extra_body": {"unknown_field": 1}}, {"extra_body": {"echo": True}},
+    {"stream": True, "logprobs": 1},
+])
+def test_bad_request_is_400_and_the_server_keeps_serving(client, model_name, bad):
+    kwargs = {"model": model_name, "prompt": "안녕하세요", "max_tokens": 4, **bad}
+    with pytest.raises(openai.BadRequestError) as raised:
+        result = client.completions.create(**kwargs)
+        list(result)  # a stream raises when it is read
+    assert raised.value.body["message"] and "Traceback" not in raised.value.body["message"]
+    assert _greedy(client, model_name, "안녕하세요", max_tokens=2).choices[0].text is not None
+
+
+def test_malformed_json_gets_openai_error_object(server):
+    for body in (b"{not json", b"\xff\xfe", b"[1, 2]"):
+        request = urllib.request.Request(server.url + "/v1/completions", body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=30)
+        assert raised.value.code == 400
+        error = json.loads(raised.value.read())["error"]
+        assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="안녕", max_tokens=2)
+
+
+def test_models_health_and_metrics(server, client, model_name):
+    assert [m.id for m in client.models.list()] == [model_name]
+    assert json.loads(_get(server.url, "/health")[1])["slots"] == 16
+    names = {family.name for family in text_string_to_metric_families(_get(server.url, "/metrics")[1])}
+    assert {"tfgen_requests", "tfgen_completion_tokens", "tfgen_queue_depth", "tfgen_busy_slots",
+            "tfgen_time_to_first_token_seconds", "tfgen_request_latency_seconds"} <= names
+
+
+@pytest.mark.slow
+def test_concurrent_requests_batch_and_match_alone(client, model_name):
+    """16 concurrent greedy requests against the same 16 one after another (after a round that compiles what
+    their lengths need); the bound is a ratio of 0.5."""
+    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
+
+    def complete(prompt):
+        return _greedy(client, model_name, prompt, max_tokens=48).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(complete, prompts))
+        started = time.monotonic()
+        alone = [complete(p) for p in prompts]
+        sequential = time.monotonic() - started
+        started = time.monotonic()
+        together = list(pool.map(complete, prompts))
+        concurrent = time.monotonic() - started
+    assert together == alone
+    assert concurrent < 0.5 * sequential, (concurrent, sequential)
+
+
+def _rss_mb(server):
+    return psutil.Process(server.process.pid).memory_info().rss / 2**20
+
+
+def test_dropped_stream_frees_its_slot(server, client, model_name):
+    cancelled = server.metric("tfgen_finished_rows_total", reason="cancelled")
+    stream = client.completions.create(model=model_name, prompt=PROMPTS[4], max_tokens=100, temperature=0,
+                                       stream=True, extra_body={"min_tokens": 100})
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 20
+    while server.metric("tfgen_finished_rows_total", reason="cancelled") == cancelled:
+        assert time.monotonic() < deadline, "the dropped stream's row was not cancelled"
+        time.sleep(0.05)
+    assert server.metric("tfgen_busy_slots") == 0
+    assert json.loads(_get(server.url, "/health")[1])["busy_slots"] == 0
+
+
+@pytest.mark.slow
+def test_200_requests_leave_memory_flat(server, client, model_name):
+    def run(count):
+        for i in range(count):
+            _greedy(client, model_name, PROMPTS[i % len(PROMPTS)], max_tokens=8, stream=i % 2 == 1)
+    run(20)
+    before = _rss_mb(server)
+    run(200)
+    assert _rss_mb(server) - before < 30, (before, _rss_mb(server))
+
+
+@pytest.mark.slow
+def test_full_queue_is_429_and_sigterm_drains(tiny_lm_dir, model_name, tmp_path):
+    small = ServerProcess(tiny_lm_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0")
+    try:
+        client = small.client()
+        stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=100, temperature=0,
+                                           stream=True, extra_body={"min_tokens": 100})
+        chunks = iter(stream)
+        pieces = [next(chunks).choices[0].text]
+        with pytest.raises(openai.RateLimitError) as raised:
+            client.completions.create(model=model_name, prompt="안녕", max_tokens=2)
+        assert int(raised.value.response.headers["Retry-After"]) >= 1
+        small.process.send_signal(signal.SIGTERM)
+        rest = list(chunks)  # the stream in flight finishes
+        assert rest[-1].choices[0].finish_reason == "length"
+        pieces += [c.choices[0].text for c in rest]
+        # uvicorn re-raises the SIGTERM it handled once it has shut down
+        assert small.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        with pytest.raises(urllib.error.URLError):
+            _get(small.url, "/health", timeout=5)
+    finally:
+        small.stop()
+    assert len("".join(pieces)) > 0
+
+
+def test_playground_streams_korean_in_chromium(server, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "api_key").send_keys(API_KEY)
+        driver.find_element(By.ID, "prompt").send_keys("대한민국의 수도는")
+        max_tokens = driver.find_element(By.ID, "max_tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("40")
+        driver.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: HANGUL.search(d.find_element(By.ID, "completion").text))
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("끝"))
+        assert HANGUL.search(driver.find_element(By.ID, "completion").text)
+    finally:
+        driver.quit()
+
+
+def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
+    result = subprocess.run([sys.executable, "-m", "tfgen", "serve", "--model", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no model directory" in result.stderr
+    for args in (["--max-batch", "0"], ["--max-queue", "-1"], ["--request-timeout", "0"]):
+        assert cli.main(["serve", *args]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_settled_text_holds_back_partial_characters_and_stop_prefixes():
+    assert settled_text("안녕\ufffd", (), final=False) == 2
+    assert settled_text("안녕하세", ("하세요",), final=False) == 2
+    assert settled_text("안녕하세", ("하세요",), final=True) == 4
+    assert find_stop("가나다라", ("다", "나다")) == 1 and find_stop("가나", ("라",)) is None
+
+
+def test_request_checks_name_the_field():
+    with pytest.raises(protocol.APIError) as raised:
+        protocol.parse_completion_request({"model": "m", "prompt": "p", "top_p": 1.5}, "m")
+    assert raised.value.param == "top_p" and raised.value.status == 400
+    request = protocol.parse_completion_request({"model": "m", "prompt": ["a", "b"], "temperature": 0, "stop": "x"}, "m")
+    assert not request.sampling.do_sample and request.prompts == ("a", "b") and request.stop == ("x",)

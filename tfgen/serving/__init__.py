@@ -1,0 +1,1 @@
+"""`tfgen serve`: an OpenAI-compatible completions server with continuous batching (needs the `serve` extra)."""

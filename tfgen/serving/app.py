@@ -1,0 +1,248 @@
+"""The ASGI app: OpenAI's completions API, models, health, metrics and the playground page (Starlette)."""
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import time
+from pathlib import Path
+
+import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from tfgen.serving import protocol
+from tfgen.serving.engine import Engine
+from tfgen.serving.metrics import Metrics
+from tfgen.serving.protocol import APIError
+from tfgen.serving.scheduler import Job, QueueFull
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DISCONNECT_POLL_SECONDS = 0.1
+_ENGINE_FAILED = APIError("decoding failed on the server; see its log", status=500, error_type="server_error")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    model_name: str  # the id clients pass as `model`
+    max_batch: int = 16  # decode slots
+    max_queue: int = 64  # rows waiting beyond the slots
+    api_key: str = None  # None: no authentication
+    request_timeout: float = 120.0  # seconds from arrival; a row past it ends with finish_reason "length"
+    retry_after: int = 1  # seconds, in a 429's Retry-After
+
+
+def _error_response(error):
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class Server:
+    """The app's state: settings, metrics and the engine (which owns the model)."""
+
+    def __init__(self, load, settings):
+        self.settings = settings
+        self.metrics = Metrics(settings.max_batch)
+        self.engine = Engine(load, settings.max_batch, settings.max_queue, self.metrics)
+        self.created = int(time.time())
+
+    def check_key(self, request):
+        if self.settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.settings.api_key.encode()):
+            raise APIError("missing or wrong API key: send `Authorization: Bearer KEY` with the server's key",
+                           status=401, error_type="authentication_error", code="invalid_api_key")
+
+    def check_ready(self):
+        if self.engine.failed is not None:
+            raise APIError(f"the model failed to load: {self.engine.failed}", status=503, error_type="server_error")
+        if not self.engine.ready.is_set():
+            raise APIError("the model is still loading; retry shortly (GET /health says when it is ready)",
+                           status=503, error_type="server_error", headers={"Retry-After": "1"})
+
+    def jobs_for(self, request, emit):
+        """One Job per (prompt, choice), in OpenAI's choice order; 400 for a prompt that does not fit."""
+        lm = self.engine.lm
+        context = lm.config.n_positions
+        deadline = time.monotonic() + self.settings.request_timeout
+        jobs = []
+        for prompt in request.prompts:
+            prompt_ids = lm.tokenizer.encode(prompt)
+            if len(prompt_ids) + request.sampling.max_tokens > context:
+                raise APIError(
+                    f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds "
+                    f"the model's context of {context} tokens; shorten the prompt or lower max_tokens",
+                    param="prompt", code="context_length_exceeded")
+            prompt_text = lm.tokenizer.decode(prompt_ids)
+            for _ in range(request.n):
+                index = len(jobs)
+                jobs.append(Job(prompt_ids, prompt_text, request.sampling, request.stop, deadline,
+                                emit=lambda kind, value, index=index: emit(index, kind, value),
+                                top_logprobs=request.logprobs))
+        most = self.settings.max_queue + self.settings.max_batch
+        if len(jobs) > most:
+            raise APIError(f"this request needs {len(jobs)} rows (prompts x n); the server holds at most {most}; "
+                           "send fewer prompts or a smaller n", param="n")
+        return jobs
+
+
+async def _body(request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(f"the request body is not valid JSON ({error}); send a JSON object") from None
+
+
+async def completions(request):
+    server = request.app.state.server
+    server.check_key(request)
+    server.check_ready()
+    parsed = protocol.parse_completion_request(await _body(request), server.settings.model_name)
+    loop = asyncio.get_running_loop()
+    events = asyncio.Queue()
+
+    def emit(index, kind, value):  # called on the engine thread
+        with contextlib.suppress(RuntimeError):  # the request's event loop is gone (shutdown)
+            loop.call_soon_threadsafe(events.put_nowait, (index, kind, value))
+
+    jobs = server.jobs_for(parsed, emit)
+    try:
+        server.engine.scheduler.submit(jobs)
+    except QueueFull:
+        raise APIError("the server's queue is full; retry after the Retry-After seconds", status=429,
+                       error_type="rate_limit_exceeded", code="queue_full",
+                       headers={"Retry-After": str(server.settings.retry_after)}) from None
+    server.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in jobs))
+    request_id, created = protocol.completion_id(), int(time.time())
+    if parsed.stream:
+        return EventSourceResponse(
+            _stream(server, jobs, events, request_id, created),
+            # SIGTERM: let streams in flight finish (uvicorn stops taking new connections meanwhile).
+            shutdown_event=anyio.Event(), shutdown_grace_period=server.settings.request_timeout,
+        )
+    return await _collect(server, request, jobs, parsed.n, events, request_id, created)
+
+
+def _cancel_unfinished(server, jobs):
+    for job in jobs:
+        if job.finish_reason is None:
+            server.engine.scheduler.cancel(job)
+
+
+async def _collect(server, request, jobs, n, events, request_id, created):
+    """Waits for every job of a non-streamed request; a client that goes away cancels them."""
+    done = 0
+    try:
+        while done < len(jobs):
+            try:
+                _, kind, _ = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            done += kind == "done"
+    finally:
+        _cancel_unfinished(server, jobs)
+    if any(job.finish_reason == "error" for job in jobs):
+        raise _ENGINE_FAILED
+    server.metrics.requests.labels("200").inc()
+    choices = [protocol.choice(i, job.text, job.finish_reason, job.logprobs) for i, job in enumerate(jobs)]
+    prompt_tokens = sum(len(job.prompt_ids) for job in jobs[::n])  # n jobs per prompt
+    return JSONResponse(protocol.completion(request_id, server.settings.model_name, choices, prompt_tokens,
+                                            sum(len(job.new_ids) for job in jobs), created))
+
+
+async def _stream(server, jobs, events, request_id, created):
+    """Server-sent events: a chunk per new piece of text, one with each choice's finish_reason, then [DONE].
+    The generator is cancelled when the client goes away; its jobs are cancelled with it."""
+    done = 0
+    try:
+        while done < len(jobs):
+            index, kind, value = await events.get()
+            if kind == "done" and value == "error":
+                yield json.dumps(_ENGINE_FAILED.body())
+                return
+            if kind == "text":
+                chunk = protocol.choice(index, value, None)
+            else:
+                done += 1
+                chunk = protocol.choice(index, "", value)
+            yield json.dumps(protocol.completion(request_id, server.settings.model_name, [chunk], None, None, created),
+                             ensure_ascii=False)
+        server.metrics.requests.labels("200").inc()
+        yield "[DONE]"
+    finally:
+        _cancel_unfinished(server, jobs)
+
+
+async def models(request):
+    server = request.app.state.server
+    server.check_key(request)
+    return JSONResponse(protocol.models_list(server.settings.model_name, server.created))
+
+
+async def health(request):
+    engine = request.app.state.server.engine
+    if engine.failed is not None:
+        return JSONResponse({"status": "failed", "error": str(engine.failed)}, status_code=503)
+    if not engine.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503)
+    scheduler = engine.scheduler
+    return JSONResponse({"status": "ok", "busy_slots": scheduler.busy_slots(), "slots": scheduler.rows.slots,
+                         "queued": len(scheduler.waiting)})
+
+
+async def metrics(request):
+    return Response(generate_latest(request.app.state.server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def playground(request):
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+async def _api_error(request, error):
+    request.app.state.server.metrics.requests.labels(str(error.status)).inc()
+    return _error_response(error)
+
+
+async def _http_error(request, error):
+    return _error_response(APIError(error.detail, status=error.status_code, error_type="invalid_request_error"))
+
+
+async def _internal_error(request, error):
+    # Never a traceback to the client; the server's log has it.
+    return _error_response(APIError(f"internal error ({type(error).__name__}); see the server log", status=500,
+                                    error_type="server_error"))
+
+
+def create_app(load, settings):
+    """The Starlette app; `load()` returns the GPT2LM to serve (called on the engine thread at startup)."""
+    server = Server(load, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        await anyio.to_thread.run_sync(server.engine.stop)
+
+    app = Starlette(
+        routes=[
+            Route("/", playground),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", models),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    return app

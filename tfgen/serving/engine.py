@@ -1,0 +1,96 @@
+"""The engine: loads the model on its own thread, warms it up, then runs the scheduler's loop there.
+
+TensorFlow runs only on this thread; request handlers reach it through the scheduler.
+"""
+
+import logging
+import threading
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tfgen.serving import protocol
+from tfgen.serving.rows import GenerateRows
+from tfgen.serving.scheduler import Scheduler
+
+WARMUP_PROMPT = "안녕하세요"
+log = logging.getLogger("uvicorn.error")  # the server's log
+
+
+def token_logprobs(lm, prompt_ids, new_ids, top):
+    """OpenAI's `logprobs` object for new_ids after prompt_ids: the model's own log-probabilities
+    (before temperature and the logits processors, as `GPT2LM.score` reports them)."""
+    tokenizer = lm.tokenizer
+    if not new_ids:
+        return protocol.logprobs_object([], [], [], [])
+    ids = np.array([prompt_ids + new_ids], np.int32)
+    logprobs = tf.nn.log_softmax(lm(ids)[0, len(prompt_ids) - 1: -1]).numpy()
+    # As OpenAI's: where each token's text starts in prompt + completion; a token inside a character
+    # spelled by byte pieces starts where the character does.
+    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip("\ufffd")) for i in range(len(new_ids))]
+    top_logprobs = []
+    for row in logprobs:
+        best = np.argsort(-row)[:top]
+        top_logprobs.append({tokenizer.token_text(int(t)): float(row[t]) for t in best})
+    return protocol.logprobs_object(
+        tokens=[tokenizer.token_text(t) for t in new_ids],
+        token_logprobs=[float(row[t]) for row, t in zip(logprobs, new_ids)],
+        top_logprobs=top_logprobs,
+        text_offset=offsets,
+    )
+
+
+class Engine:
+    """`load()` (a GPT2LM) runs on the engine thread; `ready` is set once the model answered a warm-up request."""
+
+    def __init__(self, load, max_batch, max_queue, metrics):
+        self._load = load
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.lm = None
+        self.scheduler = None
+        self.ready = threading.Event()
+        self.failed = None  # the error that stopped loading
+        self._loaded = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tfgen-engine", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._loaded.wait()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        self._thread.join()
+
+    def _run(self):
+        started = time.monotonic()
+        try:
+            self.lm = self._load()
+            rows = GenerateRows(self.lm, self.max_batch)
+            self.scheduler = Scheduler(rows, self.lm.tokenizer, self.max_queue, self.metrics,
+                                       logprobs=lambda p, n, top: token_logprobs(self.lm, p, n, top))
+            self._warm_up(rows)
+        except Exception as error:  # reported by /health and the completions endpoint
+            log.exception("the model failed to load")
+            self.failed = error
+            return
+        finally:
+            self._loaded.set()
+        log.info("model loaded and warmed up in %.1f s; ready", time.monotonic() - started)
+        self.ready.set()
+        self.scheduler.run()
+
+    def _warm_up(self, rows):
+        """Compiles the greedy and the sampling program for the first prompt bucket; longer texts (the next
+        decode.BUCKET columns) compile their programs on first use."""
+        prompt_ids = self.lm.tokenizer.encode(WARMUP_PROMPT)
+        for do_sample in (False, True):
+            sampling = protocol.Sampling(max_tokens=self.scheduler.step_tokens, do_sample=do_sample, temperature=1.0,
+                                         top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                         min_tokens=0)
+            rows.start_row(0, prompt_ids, sampling)
+            rows.step(self.scheduler.step_tokens)
+            rows.free_row(0)

@@ -1,0 +1,196 @@
+"""The scheduler: a bounded queue of rows waiting for a slot, and the loop that steps the slots.
+
+One thread owns the model. Between steps it frees the slots of rows that are finished, cancelled
+(client gone) or past their time limit, and starts waiting rows in the free slots; then it
+advances every started row by `step_tokens` tokens (`rows.step`) and hands each row its new text.
+Requests talk to it through `Job`s; a job's `emit` callback receives its events (from this thread).
+"""
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+
+from tfgen.serving.protocol import Sampling
+
+log = logging.getLogger("uvicorn.error")  # the server's log
+STEP_TOKENS = 8  # tokens per row per step: a new request waits at most one step for a slot
+
+
+class QueueFull(Exception):
+    """More rows waiting than the queue holds."""
+
+
+@dataclasses.dataclass
+class Job:
+    """One choice of a request: a row's prompt, settings and progress.
+
+    `emit(kind, value)` gets ("text", piece) as text becomes final, then one ("done", finish_reason)
+    (finish_reason "stop", "length", "cancelled" when the client went away, or "error" when the
+    engine step failed; the server's log has why).
+    """
+
+    prompt_ids: list
+    prompt_text: str
+    sampling: Sampling
+    stop: tuple
+    deadline: float  # time.monotonic() after which the row ends with finish_reason "length"
+    emit: object
+    top_logprobs: int = None  # a `logprobs` object with this many alternatives per token is wanted
+    logprobs: dict = None
+    new_ids: list = dataclasses.field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` emitted
+    finish_reason: str = None
+    cancelled: bool = False
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    first_token_at: float = None
+
+
+def settled_text(text, stops, final):
+    """How much of `text` can be sent: all once final; else not a trailing partial character (U+FFFD of
+    byte-fallback pieces) nor a tail that may grow into a stop sequence."""
+    if final:
+        return len(text)
+    end = len(text.rstrip("\ufffd"))
+    hold = max((len(s) - 1 for s in stops), default=0)
+    return max(min(end, len(text) - hold), 0)
+
+
+def find_stop(text, stops):
+    """The index of the earliest stop sequence in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class Scheduler:
+    def __init__(self, rows, tokenizer, max_queue, metrics, logprobs=None, step_tokens=STEP_TOKENS):
+        """`logprobs(prompt_ids, new_ids, top)`: the `logprobs` object of a finished job that asks for it."""
+        self.rows = rows
+        self.logprobs = logprobs
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.step_tokens = step_tokens
+        self.waiting = collections.deque()
+        self.active = {}  # slot -> Job
+        self._wake = threading.Condition()
+        self._stopping = False
+
+    # Called from request handlers (any thread).
+    def submit(self, jobs):
+        with self._wake:
+            if len(self.waiting) + len(jobs) > self.max_queue + self.rows.slots - len(self.active):
+                raise QueueFull
+            self.waiting.extend(jobs)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self._wake.notify()
+
+    def cancel(self, job):
+        with self._wake:
+            job.cancelled = True
+            self._wake.notify()
+
+    def busy_slots(self):
+        return len(self.active)
+
+    def stop(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+
+    # The engine thread.
+    def run(self):
+        while True:
+            with self._wake:
+                while not (self._stopping or self.waiting or self.active):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._free_done_rows()
+                self._admit()
+            if self.active:
+                try:
+                    self._step()
+                except Exception:  # the rows in the batch fail; the server goes on with the next requests
+                    log.exception("an engine step failed")
+                    self._fail_active()
+        for job in list(self.active.values()) + list(self.waiting):
+            self._finish(job, "cancelled")
+
+    def _admit(self):
+        free = [slot for slot in range(self.rows.slots) if slot not in self.active]
+        while free and self.waiting:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                self._finish(job, "cancelled")
+                continue
+            slot = free.pop(0)
+            self.rows.start_row(slot, job.prompt_ids, job.sampling)
+            self.active[slot] = job
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.busy_slots.set(len(self.active))
+
+    def _free_done_rows(self):
+        now = time.monotonic()
+        for slot, job in list(self.active.items()):
+            if job.cancelled:
+                job.finish_reason = "cancelled"
+            elif job.finish_reason is None and now > job.deadline:
+                job.finish_reason = "length"
+            if job.finish_reason is not None:
+                self.rows.free_row(slot)
+                del self.active[slot]
+                self._finish(job, job.finish_reason)
+        self.metrics.busy_slots.set(len(self.active))
+
+    def _fail_active(self):
+        with self._wake:
+            for slot, job in list(self.active.items()):
+                self.rows.free_row(slot)
+                del self.active[slot]
+                self._finish(job, "error")
+
+    def _step(self):
+        out = self.rows.step(self.step_tokens)
+        self.metrics.steps.inc()
+        self.metrics.step_rows.observe(len(out))
+        now = time.monotonic()
+        for slot, (new_ids, reached_eos) in out.items():
+            job = self.active[slot]
+            if new_ids and job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.time_to_first_token.observe(now - job.submitted)
+            self.metrics.completion_tokens.inc(len(new_ids))
+            self._advance(job, new_ids, reached_eos)
+
+    def _advance(self, job, new_ids, reached_eos):
+        job.new_ids.extend(new_ids)
+        full = self.tokenizer.decode(job.prompt_ids + job.new_ids)
+        # The new text is the full text minus the decoded prompt, as GPT2LM.complete computes it.
+        text = full[len(job.prompt_text):] if full.startswith(job.prompt_text) else self.tokenizer.decode(job.new_ids)
+        stop_at = find_stop(text, job.stop)
+        if stop_at is not None:
+            text, job.finish_reason = text[:stop_at], "stop"
+        elif reached_eos:
+            job.finish_reason = "stop"
+        elif len(job.new_ids) >= job.sampling.max_tokens:
+            job.finish_reason = "length"
+        job.text = text
+        end = settled_text(text, job.stop, job.finish_reason is not None)
+        if end > job.sent:
+            job.emit("text", text[job.sent:end])
+            job.sent = end
+
+    def _finish(self, job, finish_reason):
+        job.finish_reason = finish_reason
+        self.metrics.finished_rows.labels(finish_reason).inc()
+        if finish_reason not in ("cancelled", "error"):
+            if len(job.text) > job.sent:
+                job.emit("text", job.text[job.sent:])
+                job.sent = len(job.text)
+            if job.top_logprobs is not None:
+                job.logprobs = self.logprobs(job.prompt_ids, job.new_ids, job.top_logprobs)
+            self.metrics.latency.observe(time.monotonic() - job.submitted)
+        job.emit("done", finish_reason)
