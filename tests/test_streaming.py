@@ -8,7 +8,6 @@ from transformers import TextIteratorStreamer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from tfgen.cli import main
-from tfgen.model import _text_pieces
 
 # Korean prompts with characters the tiny SentencePiece model spells in byte pieces (emoji, a rare syllable).
 PROMPTS = ["이때 😀", "근육이 커지기 위해서는 🎉", "똠양꿍 맛집"]
@@ -87,9 +86,8 @@ def test_stream_text_never_sends_part_of_a_character(tiny_lm):
     prompt_ids = tokenizer.encode("이때")
     new_ids = tokenizer.encode(" 😀 똠양꿍 🎉 맛집", add_special_tokens=False)
     assert sum(tokenizer.id_to_token(i).startswith("<0x") for i in new_ids) >= 8
-    blocks = (np.array([[token]]) for token in new_ids)
     prompt_text = tokenizer.decode(prompt_ids)
-    pieces = list(_text_pieces(tokenizer, prompt_ids, prompt_text, blocks, set(), False))
+    pieces = list(tokenizer.text_pieces(prompt_ids, ([token] for token in new_ids), set(), prompt_text))
     assert "".join(pieces) == tokenizer.decode(prompt_ids + new_ids)[len(prompt_text):]
     assert not any("\ufffd" in piece for piece in pieces)
     assert {"😀", "🎉"} <= {char for piece in pieces for char in piece}
