@@ -18,7 +18,7 @@ import numpy as np
 
 from tfgen import scoring
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Tokenizer
+from tfgen.tokenizer import Tokenizer, completion_texts
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
@@ -114,12 +114,7 @@ class LiteRTLM:
     def generate_text(self, prompts, return_full_text=True, **kwargs):
         """As GPT2LM.generate_text: a string per prompt (a list of them when num_return_sequences > 1)."""
         single = isinstance(prompts, str)
-        results = [
-            [c.text if return_full_text else c.new_text for c in completions]
-            for completions in self.complete([prompts] if single else prompts, **kwargs)
-        ]
-        results = [texts[0] if len(texts) == 1 else texts for texts in results]
-        return results[0] if single else results
+        return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
 
     def stream_text(self, prompt, **kwargs):
         """Yields the new text of one prompt piece by piece, as each token is decoded (no EOS text).

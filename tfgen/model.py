@@ -15,7 +15,7 @@ import tensorflow as tf
 from tfgen import checkpoint, families
 from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Completion, Tokenizer  # noqa: F401  (Completion: complete()'s result type)
+from tfgen.tokenizer import Completion, Tokenizer, completion_texts  # noqa: F401  (Completion: complete()'s result type)
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.
@@ -411,12 +411,7 @@ class CausalLM(tf.keras.Model):
         a single prompt gives a single result, a list gives a list.
         """
         single = isinstance(prompts, str)
-        results = [
-            [c.text if return_full_text else c.new_text for c in completions]
-            for completions in self.complete([prompts] if single else prompts, **kwargs)
-        ]
-        results = [texts[0] if len(texts) == 1 else texts for texts in results]
-        return results[0] if single else results
+        return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
 
     def score(self, texts):
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).

@@ -150,6 +150,14 @@ class Completion:
     new_token_ids: list
 
 
+def completion_texts(completions, return_full_text, single):
+    """generate_text's result from complete()'s: per prompt a string (a list when it has several completions);
+    one prompt's result alone when `single`."""
+    results = [[c.text if return_full_text else c.new_text for c in per_prompt] for per_prompt in completions]
+    results = [texts[0] if len(texts) == 1 else texts for texts in results]
+    return results[0] if single else results
+
+
 class Tokenizer:
     """Text <-> token ids for a GPT-2 model.
 
