@@ -13,6 +13,7 @@ import tensorflow as tf
 from tfgen.serving import protocol
 from tfgen.serving.rows import GenerateRows
 from tfgen.serving.scheduler import Scheduler
+from tfgen.tokenizer import INCOMPLETE
 
 WARMUP_PROMPT = "안녕하세요"
 log = logging.getLogger("uvicorn.error")  # the server's log
@@ -28,7 +29,7 @@ def token_logprobs(lm, prompt_ids, new_ids, top):
     logprobs = tf.nn.log_softmax(lm(ids)[0, len(prompt_ids) - 1: -1]).numpy()
     # As OpenAI's: where each token's text starts in prompt + completion; a token inside a character
     # spelled by byte pieces starts where the character does.
-    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip("\ufffd")) for i in range(len(new_ids))]
+    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip(INCOMPLETE)) for i in range(len(new_ids))]
     top_logprobs = []
     for row in logprobs:
         best = np.argsort(-row)[:top]

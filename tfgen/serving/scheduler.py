@@ -13,6 +13,7 @@ import threading
 import time
 
 from tfgen.serving.protocol import Sampling
+from tfgen.tokenizer import INCOMPLETE
 
 log = logging.getLogger("uvicorn.error")  # the server's log
 STEP_TOKENS = 8  # tokens per row per step: a new request waits at most one step for a slot
@@ -53,7 +54,7 @@ def settled_text(text, stops, final):
     byte-fallback pieces) nor a tail that may grow into a stop sequence."""
     if final:
         return len(text)
-    end = len(text.rstrip("\ufffd"))
+    end = len(text.rstrip(INCOMPLETE))
     hold = max((len(s) - 1 for s in stops), default=0)
     return max(min(end, len(text) - hold), 0)
 
@@ -167,9 +168,8 @@ class Scheduler:
 
     def _advance(self, job, new_ids, reached_eos):
         job.new_ids.extend(new_ids)
-        full = self.tokenizer.decode(job.prompt_ids + job.new_ids)
-        # The new text is the full text minus the decoded prompt, as GPT2LM.complete computes it.
-        text = full[len(job.prompt_text):] if full.startswith(job.prompt_text) else self.tokenizer.decode(job.new_ids)
+        # The rows already cut new_ids after an EOS (rows.cut_at_eos), so no more ids end it here.
+        text = self.tokenizer.completion(job.prompt_ids, job.new_ids, (), job.prompt_text).new_text
         stop_at = find_stop(text, job.stop)
         if stop_at is not None:
             text, job.finish_reason = text[:stop_at], "stop"
