@@ -140,6 +140,7 @@ def fresh_process(model_dir, cache, new_tokens):
     """One fresh process's timings, with the number of compile-cache entries it found and left (a warm
     process that adds entries compiled something: a miss)."""
     env = {**os.environ, "TFGEN_COMPILE_CACHE": str(cache)}
+    env.pop("TF_XLA_FLAGS", None)  # this process's tfgen import set it to its own cache, which would win
     before = cache_entries(cache)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", FRESH, str(model_dir), str(new_tokens), str(PROMPT_LENGTH)],
