@@ -14,6 +14,7 @@ The speed comparison with transformers (batch-1 greedy, batch-8 sampling) is ben
 
     python benchmarks/decode_state.py            # KoGPT2-base size
     python benchmarks/decode_state.py --small    # smoke run
+    python benchmarks/decode_state.py --parts fresh_processes
 """
 
 import argparse
@@ -136,59 +137,94 @@ def measure_tiers(lm, vocab_size, batches):
 
 
 def fresh_process(model_dir, cache, new_tokens):
+    """One fresh process's timings, with the number of compile-cache entries it found and left (a warm
+    process that adds entries compiled something: a miss)."""
     env = {**os.environ, "TFGEN_COMPILE_CACHE": str(cache)}
+    env.pop("TF_XLA_FLAGS", None)  # this process's tfgen import set it to its own cache, which would win
+    before = cache_entries(cache)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", FRESH, str(model_dir), str(new_tokens), str(PROMPT_LENGTH)],
                          env=env, capture_output=True, text=True, check=True)
     wall_s = time.perf_counter() - start
-    return {"wall_s": wall_s, **json.loads(run.stdout.strip().splitlines()[-1])}
+    return {"wall_s": wall_s, **json.loads(run.stdout.strip().splitlines()[-1]),
+            "entries_before": before, "entries_after": cache_entries(cache)}
 
 
-def measure_fresh_processes(model_dir, new_tokens, scratch):
+def cache_entries(cache):
+    return sum(1 for path in Path(cache).rglob("*") if path.is_file())
+
+
+def measure_fresh_processes(model_dir, new_tokens, scratch, repeats):
+    """An empty-cache process first, then import + load and warm-cache processes taken in turns (the machine's
+    load moves both alike)."""
     cache = Path(scratch) / "fresh-cache"
-    rows = [{"process": "import + load", **fresh_process(model_dir, cache, 0)},
-            {"process": "+ generate, empty cache", **fresh_process(model_dir, cache, new_tokens)}]
-    rows += [{"process": "+ generate, warm cache", **fresh_process(model_dir, cache, new_tokens)} for _ in range(2)]
+    rows = [{"process": "+ generate, empty cache", **fresh_process(model_dir, cache, new_tokens)}]
+    for _ in range(repeats):
+        rows.append({"process": "import + load", **fresh_process(model_dir, cache, 0)})
+        rows.append({"process": "+ generate, warm cache", **fresh_process(model_dir, cache, new_tokens)})
     return rows
+
+
+def fresh_ratio(rows):
+    """The fastest warm-cache process's wall time over the fastest import + load process's."""
+    def fastest(process):
+        return min(row["wall_s"] for row in rows if row["process"] == process)
+    return fastest("+ generate, warm cache") / fastest("import + load")
+
+
+PARTS = ("streaming", "no_compile", "tiers", "fresh_processes")
 
 
 def run(args):
     command, info = command_line(), machine_info()
+    results = {}
     with tempfile.TemporaryDirectory(prefix="decode_state-") as scratch:
         model_dir = Path(scratch) / "model"
         config = gpt2_config(args.small)
         model = build_checkpoint(config, model_dir)
-        fresh = measure_fresh_processes(model_dir, args.new_tokens, scratch)
-        from tfgen import GPT2LM
+        if "fresh_processes" in args.parts:
+            results["fresh_processes"] = measure_fresh_processes(model_dir, args.new_tokens, scratch, args.repeats)
+        if set(args.parts) - {"fresh_processes"}:
+            from tfgen import GPT2LM
 
-        lm = GPT2LM.from_pretrained(model_dir)
-        prompts = make_prompts(1, PROMPT_LENGTH, config.vocab_size)
-        streaming = measure_streaming(lm, prompts, args.new_tokens, args.repeats)
-        no_compile = measure_no_compile(lm, config.vocab_size)
-        tiers = measure_tiers(lm, config.vocab_size, [1, 8])
+            lm = GPT2LM.from_pretrained(model_dir)
+            if "streaming" in args.parts:
+                prompts = make_prompts(1, PROMPT_LENGTH, config.vocab_size)
+                results["streaming"] = measure_streaming(lm, prompts, args.new_tokens, args.repeats)
+            if "no_compile" in args.parts:
+                results["no_compile"] = measure_no_compile(lm, config.vocab_size)
+            if "tiers" in args.parts:
+                results["tiers"] = measure_tiers(lm, config.vocab_size, [1, 8])
     print_machine(info, command)
     print(f"model: GPT-2 random weights, fp32, {model['n_layer']} layers x {model['n_embd']} wide, vocab "
-          f"{model['vocab_size']}; batch 1 greedy, prompt {PROMPT_LENGTH} tokens, EOS off\n")
-    print(format_table([streaming], [
-        ("new tokens", "new_tokens", "{}"), ("not streamed s", "plain_s", "{:.3f}"), ("streamed s", "streamed_s", "{:.3f}"),
-        ("streamed/not", "streamed_over_plain", "{:.3f}"), ("first token s", "first_token_s", "{:.3f}"),
-        ("first token / not streamed", "first_token_share", "{:.3f}"), ("same tokens", "same_tokens", "{}")]))
-    print("\nafter one warm-up call (prompt 16, 8 new), unseen prompt lengths and max_new_tokens:")
-    print(format_table(no_compile, [("prompt", "prompt", "{}"), ("new tokens", "new_tokens", "{}"),
-                                    ("traces", "traces", "{}"), ("first call s", "first_s", "{:.3f}"),
-                                    ("second call s", "second_s", "{:.3f}")]))
-    print(f"\ngreedy decode step by capacity tier ({TIER_STEPS} steps, best of 2 after the compiling call):")
-    print(format_table(tiers, [("batch", "batch", "{}"), ("capacity", "capacity", "{}"), ("ms/step", "step_ms", "{:.2f}")]))
-    print(f"\nfresh processes (wall time of the whole process; generate: {args.new_tokens} new tokens):")
-    print(format_table(fresh, [("process", "process", "{}"), ("wall s", "wall_s", "{:.2f}"),
-                               ("import s", "import_s", "{:.2f}"), ("load s", "load_s", "{:.2f}"),
-                               ("generate s", "generate_s", "{:.2f}")]))
-    base = fresh[0]["wall_s"]
-    warm = min(row["wall_s"] for row in fresh[2:])
-    print(f"warm-cache process / import + load process: {warm / base:.2f}")
-    write_results(results_path("decode_state", args.small, args.json),
-                  {"machine": info, "command": command, "model": model, "streaming": streaming,
-                   "no_compile": no_compile, "tiers": tiers, "fresh_processes": fresh})
+          f"{model['vocab_size']}; batch 1 greedy, prompt {PROMPT_LENGTH} tokens, EOS off")
+    if "streaming" in results:
+        print("\n" + format_table([results["streaming"]], [
+            ("new tokens", "new_tokens", "{}"), ("not streamed s", "plain_s", "{:.3f}"),
+            ("streamed s", "streamed_s", "{:.3f}"), ("streamed/not", "streamed_over_plain", "{:.3f}"),
+            ("first token s", "first_token_s", "{:.3f}"), ("first token / not streamed", "first_token_share", "{:.3f}"),
+            ("same tokens", "same_tokens", "{}")]))
+    if "no_compile" in results:
+        print("\nafter one warm-up call (prompt 16, 8 new), unseen prompt lengths and max_new_tokens:")
+        print(format_table(results["no_compile"], [
+            ("prompt", "prompt", "{}"), ("new tokens", "new_tokens", "{}"), ("traces", "traces", "{}"),
+            ("first call s", "first_s", "{:.3f}"), ("second call s", "second_s", "{:.3f}")]))
+    if "tiers" in results:
+        print(f"\ngreedy decode step by capacity tier ({TIER_STEPS} steps, best of 2 after the compiling call):")
+        print(format_table(results["tiers"], [("batch", "batch", "{}"), ("capacity", "capacity", "{}"),
+                                              ("ms/step", "step_ms", "{:.2f}")]))
+    if "fresh_processes" in results:
+        fresh = results["fresh_processes"]
+        print(f"\nfresh processes (wall time of the whole process; generate: {args.new_tokens} new tokens):")
+        print(format_table(fresh, [
+            ("process", "process", "{}"), ("wall s", "wall_s", "{:.2f}"), ("import s", "import_s", "{:.2f}"),
+            ("load s", "load_s", "{:.2f}"), ("generate s", "generate_s", "{:.2f}"),
+            ("cache entries before", "entries_before", "{}"), ("after", "entries_after", "{}")]))
+        results["fresh_ratio"] = fresh_ratio(fresh)
+        print(f"fastest warm-cache process / fastest import + load process: {results['fresh_ratio']:.2f}")
+    name = "decode_state" if set(args.parts) == set(PARTS) else "decode_state-" + "-".join(args.parts)
+    write_results(results_path(name, args.small, args.json),
+                  {"machine": info, "command": command, "model": model, **results})
 
 
 def main():
@@ -196,6 +232,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000): a smoke run")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: all; a subset writes decode_state-PARTS.json)")
     parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/decode_state.json)")
     run(parser.parse_args())
 
