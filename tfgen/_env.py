@@ -22,6 +22,7 @@ before TF reads TF_CPP_MIN_LOG_LEVEL, so the first import of TensorFlow runs
 with stderr captured and everything but those known lines is written back.
 """
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -89,27 +90,41 @@ _STARTUP_NOISE = re.compile(
 )
 
 
-def _import_tensorflow_quietly():
-    if "tensorflow" in sys.modules:
-        return
+# TF reads each persistent-cache entry as a text proto first and, when that fails as it always does, as the binary
+# one it wrote; the failed text parse is logged at error level although the entry then loads.
+CACHE_READ_NOISE = re.compile(r"text_format\.cc.*Error parsing text-format tensorflow\.XlaSerializedCacheEntry")
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise):
+    """Runs the block with file descriptor 2 captured (TF's C++ logging bypasses sys.stderr), then writes back
+    every line that `noise` does not match."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow
-
-            tensorflow.config.list_physical_devices("GPU")  # the CUDA probe logs here
+            yield
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
             kept = [
                 line
                 for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-                if not _STARTUP_NOISE.search(line)
+                if not noise.search(line)
             ]
             sys.stderr.write("".join(kept))
+
+
+def _import_tensorflow_quietly():
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_without(_STARTUP_NOISE):
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # the CUDA probe logs here
 
 
 class _DropLoadNoise(logging.Filter):

@@ -24,6 +24,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from tfgen import _env
 from tfgen.generation import beam_search, sampling, state as decode_state
 from tfgen.generation.shapes import dims
 
@@ -171,6 +172,20 @@ def capacity_tier(needed, context):
     return min(next((tier for tier in TIERS if tier >= needed), context), context)
 
 
+def _quiet_first_call(compiled):
+    """`compiled` with its first call (the one that may load from XLA's persistent cache) run without the
+    cache's read noise on stderr (`_env.CACHE_READ_NOISE`)."""
+    first = [True]
+
+    def call(*args):
+        if not first[0]:
+            return compiled(*args)
+        first[0] = False
+        with _env.native_stderr_without(_env.CACHE_READ_NOISE):
+            return compiled(*args)
+    return call
+
+
 class _Programs:
     """A DecodeState and the compiled programs that move it."""
 
@@ -186,7 +201,7 @@ class _Programs:
         compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
         # Each state's programs trace once; TF would count them together and warn of "frequent retracing".
         compiled._omit_frequent_tracing_warning = True
-        return compiled
+        return _quiet_first_call(compiled)
 
     def advance(self, strategy):
         """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
