@@ -6,7 +6,8 @@ greedy decoding of --new-tokens after a --prompt-length prompt, tokens/s
 LiteRTLM.generate on int8, fp16 and fp32 exports of the same weights, each
 with its export size, conversion time, load time and first-token latency
 (a first call with max_new_tokens=1); for each export, where a token's time
-goes (the decode and next_token invokes, the rest being Python); the int8
+goes (the decode and next_token invokes, writing the new keys and values into
+the runtime's cache, the rest being Python); the int8
 weights' bandwidth bound (their bytes per token against numpy's one-thread
 read bandwidth).
 
@@ -76,7 +77,8 @@ def warm_speed(generate, prompts, settings, repeats):
 
 
 def step_breakdown(runtime, prompts, steps):
-    """Milliseconds per token in the decode and next_token invokes, timed one by one over `steps` greedy steps."""
+    """Milliseconds per token in the decode and next_token invokes and in writing the new cache column, timed one by
+    one over `steps` greedy steps."""
     runners = runtime._run
     ids = prompts[0]
     sequence = np.zeros([1, runtime.capacity], np.int32)
@@ -85,8 +87,8 @@ def step_breakdown(runtime, prompts, steps):
                 "top_p": np.array(1.0, np.float32), "repetition_penalty": np.array(1.0, np.float32),
                 "no_repeat_ngram_size": np.array(0, np.int32), "min_new_steps": np.array(0, np.int32),
                 "eos_ids": np.zeros([0], np.int32), "uniform": np.zeros([1, 1], np.float32)}
-    logits = runners["prefill"](input_ids=ids[None])["logits"]
-    decode_s = choose_s = 0.0
+    logits = runtime._cached(runners["prefill"](input_ids=ids[None]), 0)
+    decode_s = choose_s = write_s = 0.0
     for step in range(steps):
         length = len(ids) + step
         start = time.perf_counter()
@@ -95,9 +97,14 @@ def step_breakdown(runtime, prompts, steps):
         choose_s += time.perf_counter() - start
         sequence[0, length] = token[0]
         start = time.perf_counter()
-        logits = runners["decode"](token=token[None].astype(np.int32), position=np.array(length, np.int32))["logits"]
+        out = runners["decode"](token=token[None].astype(np.int32), position=np.array(length, np.int32),
+                                **runtime._cache_inputs)
         decode_s += time.perf_counter() - start
-    return {"decode_invoke_ms": 1000 * decode_s / steps, "next_token_invoke_ms": 1000 * choose_s / steps}
+        start = time.perf_counter()
+        logits = runtime._cached(out, length)
+        write_s += time.perf_counter() - start
+    return {"decode_invoke_ms": 1000 * decode_s / steps, "next_token_invoke_ms": 1000 * choose_s / steps,
+            "cache_write_ms": 1000 * write_s / steps}
 
 
 def speed(args, work):
@@ -128,7 +135,8 @@ def speed(args, work):
                "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
                **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, n)}
         row["token_ms"] = 1000 / row["tokens_per_s"]
-        row["python_ms"] = row["token_ms"] - row["decode_invoke_ms"] - row["next_token_invoke_ms"]
+        row["python_ms"] = (row["token_ms"] - row["decode_invoke_ms"] - row["next_token_invoke_ms"]
+                            - row["cache_write_ms"])
         rows.append(row)
         del runtime
     reference = rows[0]["sequences"]
@@ -189,6 +197,7 @@ def report(info, command, speed_figures, quality_rows):
             ("", "name", "{}"), ("greedy = tfgen", "greedy_equal_to_tfgen", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
             ("x tfgen", "vs_tfgen", "{:.2f}"), ("ms/token", "token_ms", "{:.2f}"),
             ("decode ms", "decode_invoke_ms", "{:.2f}"), ("next_token ms", "next_token_invoke_ms", "{:.2f}"),
+            ("cache write ms", "cache_write_ms", "{:.3f}"),
             ("python ms", "python_ms", "{:.2f}"), ("size MB", "size_mb", "{:.1f}"), ("convert s", "conversion_s", "{:.1f}"),
             ("load s", "load_s", "{:.2f}"), ("first token s", "first_token_s", "{:.3f}")]))
         bound = speed_figures["bound"]

@@ -6,8 +6,10 @@ transformers. The model's signatures (see tfgen.export.litert) do the math:
 prefill and decode give logits, `next_token` applies the logits processors
 and picks the token (argmax, or a draw at a uniform number that a seeded numpy
 generator gives, one per sampled token), `score` gives log-probabilities.
-What is left here is the loop: one prompt at a time (batch 1), the token
-history, stopping at EOS, and text in and out through `tfgen.Tokenizer`.
+What is left here is the loop: one prompt at a time (batch 1), the KV cache
+(numpy arrays that each decode call reads, its new keys and values written
+in after it), the token history, stopping at EOS, and text in and out through
+`tfgen.Tokenizer`.
 """
 
 import json
@@ -23,7 +25,7 @@ from tfgen.tokenizer import Tokenizer, completion_texts
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
 FORMAT = "tfgen-litert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the KV cache is the runtime's, passed to each decode step
 _INSTALL = 'pip install "tfgen[litert]" (or pip install ai-edge-litert)'
 
 
@@ -69,6 +71,14 @@ class LiteRTLM:
         self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)
         self._run = {name: self._interpreter.get_signature_runner(name)
                      for name in ("prefill", "decode", "next_token", "score")}
+        # The KV cache, [layers, 1, heads, capacity, head_dim] for keys and for values: decode reads it (a view per
+        # layer and kind, each a signature input), this runtime writes each step's new column.
+        inputs = self._run["decode"].get_input_details()
+        layers = sum(name.startswith("key_cache_") for name in inputs)
+        self._keys = np.zeros([layers, *inputs["key_cache_0"]["shape"]], np.float32)
+        self._values = np.zeros_like(self._keys)
+        self._cache_inputs = {f"{kind}_cache_{layer}": cache[layer] for layer in range(layers)
+                              for kind, cache in (("key", self._keys), ("value", self._values))}
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as GPT2LM.generate returns them (a numpy array).
@@ -186,7 +196,7 @@ class LiteRTLM:
             "eos_ids": np.array(options.eos_token_ids, np.int32),
         }
         no_draw = np.zeros([1, 1], np.float32)
-        logits = self._run["prefill"](input_ids=np.asarray(prompt_ids, np.int32)[None])["logits"]
+        logits = self._cached(self._run["prefill"](input_ids=np.asarray(prompt_ids, np.int32)[None]), 0)
         for step in range(options.max_new_tokens):
             uniform = rng.random([1, 1], dtype=np.float32) if options.do_sample else no_draw
             out = self._run["next_token"](logits=logits, sequence=sequence, length=np.array(length, np.int32),
@@ -196,6 +206,13 @@ class LiteRTLM:
             if token in options.eos_token_ids or step + 1 == options.max_new_tokens:
                 return
             sequence[0, length] = token
-            logits = self._run["decode"](token=np.array([[token]], np.int32),
-                                         position=np.array(length, np.int32))["logits"]
+            logits = self._cached(self._run["decode"](token=np.array([[token]], np.int32),
+                                                      position=np.array(length, np.int32), **self._cache_inputs), length)
             length += 1
+
+    def _cached(self, out, column):
+        """The logits of a prefill or decode call, after writing its keys and values into the cache from `column`."""
+        width = out["keys"].shape[2]
+        self._keys[:, 0, :, column:column + width] = out["keys"]
+        self._values[:, 0, :, column:column + width] = out["values"]
+        return out["logits"]

@@ -5,9 +5,14 @@ The directory holds `model.tflite`, the tokenizer files and `litert.json`
 batch-1 signatures into builtin LiteRT ops only, so `ai-edge-litert` runs it
 without TensorFlow:
 
-- `prefill(input_ids [1, n])` -> `logits` [1, vocab]: the prompt from
-  position 0; writes its keys and values into the cache.
-- `decode(token [1, 1], position [])` -> `logits`: one token at a position.
+- `prefill(input_ids [1, n])` -> `logits` [1, vocab], `keys`, `values`
+  [layers, heads, n, head_dim]: the prompt from position 0, attending to
+  itself only; its keys and values, for the runtime's cache.
+- `decode(token [1, 1], position [], key_cache_0, value_cache_0, ...)` ->
+  `logits`, `keys`, `values` [layers, heads, 1, head_dim]: one token at a
+  position, attending to the cache's columns before it (each layer's
+  `key_cache_i` and `value_cache_i`, [1, heads, capacity, head_dim]) and to
+  itself; its keys and values, which the runtime writes at that column.
 - `next_token(logits, sequence [1, capacity], length, step, settings...,
   uniform [1, 1])` -> `token` [1], `logprob` [1]: the logits processors of
   `tfgen.generation.processors` over the token history, then the argmax or
@@ -15,12 +20,11 @@ without TensorFlow:
   runtime draws it from a seeded numpy generator; LiteRT has no stateless RNG).
 - `score(input_ids [1, n])` -> `token_logprobs` [1, n - 1].
 
-The KV cache is state inside the runtime: one resource variable per layer
-for keys and one for values ([1, heads, capacity, head_dim]), read, updated
-in place by the family's `blocks` and assigned back by prefill and decode; it
-measured faster than passing the cache in and out of each call from Python
-(see README, "LiteRT"). Each decode step reads the whole cache, so its cost
-grows with `capacity`.
+The KV cache belongs to the runtime (numpy arrays it passes to `decode`):
+the model only reads it, and hands back one column of keys and values per
+step. A cache held in the model (resource variables) costs more: LiteRT's
+READ_VARIABLE and ASSIGN_VARIABLE copy the whole cache on every step, and a
+scatter into it rewrites it again (see README, "LiteRT").
 
 Weights: "int8" (dynamic-range quantization: int8 weights, float
 activations; XNNPACK's int8 matrix-vector kernels), "fp16" (float16 weights,
@@ -28,6 +32,7 @@ float computation) or "none" (float32).
 """
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +41,8 @@ import tensorflow as tf
 
 from tfgen import checkpoint, scoring
 from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
-from tfgen.generation import processors, sampling
+from tfgen.generation import kv_cache, processors, sampling
+from tfgen.generation.shapes import dims
 
 QUANTIZATIONS = ("int8", "fp16", "none")
 DEFAULT_CAPACITY = 256
@@ -83,7 +89,6 @@ def convert(module, quantize):
     with tempfile.TemporaryDirectory() as saved:
         tf.saved_model.save(module, saved, signatures=module.signatures())
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(module.signatures()))
-        converter.experimental_enable_resource_variables = True  # the KV cache
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "fp16":
@@ -95,6 +100,28 @@ def _scalar(dtype, name):
     return tf.TensorSpec([], dtype, name=name)
 
 
+def attend_beside_cache(q, k, v, cache_k, cache_v, columns):
+    """Causal attention of queries at `columns` [1, n] over the cache's columns before the first of them and over
+    the new keys k and values v themselves; the cache is only read.
+
+    q, k, v: [1, heads, n, head_dim]; cache_k, cache_v: [1, heads, capacity,
+    head_dim], or None where no column comes before (prefill). Returns (merged
+    output [1, n, width], k, v): the runtime writes k and v into its cache.
+    """
+    n = dims(q)[2]
+    scale = math.sqrt(q.shape[-1])
+    causal = tf.range(n)[None, :] <= tf.range(n)[:, None]
+    own = tf.where(causal, tf.matmul(q, k, transpose_b=True) / scale, kv_cache.MASKED)  # [1, heads, n, n]
+    if cache_k is None:
+        return kv_cache.merge_heads(tf.matmul(tf.nn.softmax(own, axis=-1), v)), k, v
+    capacity = cache_k.shape[2]
+    earlier = tf.range(capacity) < columns[0, 0]  # columns from there on hold stale keys of earlier requests
+    past = tf.where(earlier, tf.matmul(q, cache_k, transpose_b=True) / scale, kv_cache.MASKED)
+    weights = tf.nn.softmax(tf.concat([past, own], axis=-1), axis=-1)
+    output = tf.matmul(weights[..., :capacity], cache_v) + tf.matmul(weights[..., capacity:], v)
+    return kv_cache.merge_heads(output), k, v
+
+
 class StepModule(tf.Module):
     """The batch-1 signatures of the LiteRT model, over the layers of a TFGPT2LMHeadModel."""
 
@@ -103,13 +130,14 @@ class StepModule(tf.Module):
         self.net = net
         self.model_weights = list(net.weights)
         config = net.config
-        shape = [1, config.n_head, capacity, config.n_embd // config.n_head]
-        self.cache = [(tf.Variable(tf.zeros(shape), trainable=False), tf.Variable(tf.zeros(shape), trainable=False))
-                      for _ in range(config.n_layer)]
+        cache_spec = [1, config.n_head, capacity, config.n_embd // config.n_head]
         vocab = config.vocab_size
         self.prefill = tf.function(self._prefill, input_signature=[tf.TensorSpec([1, None], tf.int32, name="input_ids")])
-        self.decode = tf.function(self._decode, input_signature=[tf.TensorSpec([1, 1], tf.int32, name="token"),
-                                                                 _scalar(tf.int32, "position")])
+        self.decode = tf.function(self._decode, input_signature=[
+            tf.TensorSpec([1, 1], tf.int32, name="token"), _scalar(tf.int32, "position"),
+            *(tf.TensorSpec(cache_spec, tf.float32, name=f"{kind}_cache_{layer}")
+              for layer in range(config.n_layer) for kind in ("key", "value")),
+        ])
         self.next_token = tf.function(self._next_token, input_signature=[
             tf.TensorSpec([1, vocab], tf.float32, name="logits"),
             tf.TensorSpec([1, capacity], tf.int32, name="sequence"),
@@ -124,20 +152,18 @@ class StepModule(tf.Module):
     def signatures(self):
         return {"prefill": self.prefill, "decode": self.decode, "next_token": self.next_token, "score": self.score}
 
-    def _forward(self, token_ids, columns):
-        cache = [(k.read_value(), v.read_value()) for k, v in self.cache]
-        # A token's column is its position; columns not yet written lie after it and are hidden by causality.
-        hidden, cache = self.net.blocks(token_ids, columns, cache)
-        for (k, v), (new_k, new_v) in zip(self.cache, cache):
-            k.assign(new_k)
-            v.assign(new_v)
-        return {"logits": self.net.head(hidden[:, -1])}
+    def _forward(self, token_ids, columns, cache):
+        # A token's column is its position.
+        hidden, new = self.net.blocks(token_ids, columns, cache, attend=attend_beside_cache)
+        return {"logits": self.net.head(hidden[:, -1]),
+                "keys": tf.stack([k[0] for k, _ in new]), "values": tf.stack([v[0] for _, v in new])}
 
     def _prefill(self, input_ids):
-        return self._forward(input_ids, tf.range(tf.shape(input_ids)[1])[None])
+        no_cache = [(None, None)] * self.net.config.n_layer
+        return self._forward(input_ids, tf.range(tf.shape(input_ids)[1])[None], no_cache)
 
-    def _decode(self, token, position):
-        return self._forward(token, position[None, None])
+    def _decode(self, token, position, *cache):
+        return self._forward(token, position[None, None], list(zip(cache[::2], cache[1::2])))
 
     def _next_token(self, logits, sequence, length, step, do_sample, temperature, top_k, top_p, repetition_penalty,
                     no_repeat_ngram_size, min_new_steps, eos_ids, uniform):

@@ -61,8 +61,13 @@ class Family:
                             training=training).logits
         return tf.cast(logits, tf.float32)
 
-    def blocks(self, token_ids, columns, cache):
-        """(hidden states [rows, len, width], updated cache) of `token_ids` [rows, len] at `columns` [rows, len]."""
+    def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
+        """(hidden states [rows, len, width], updated cache) of `token_ids` [rows, len] at `columns` [rows, len].
+
+        `attend(q, k, v, cache_k, cache_v, columns)` -> (output, cache_k, cache_v) is each layer's attention over
+        its cache entry: `kv_cache.attend` writes the new keys and values into the cache; the LiteRT export passes
+        its own, which leaves the cache to the runtime and returns the new keys and values in its place.
+        """
         raise NotImplementedError
 
     def head(self, hidden):

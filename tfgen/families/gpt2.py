@@ -13,7 +13,7 @@ class GPT2(Family):
     config_class = GPT2Config
     transformers_class = TFGPT2LMHeadModel
 
-    def blocks(self, token_ids, columns, cache):
+    def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
         main = self.model.transformer
         n_head = self.config.n_head
         positions = tf.minimum(columns, self.context - 1)  # columns past the context are never read
@@ -22,7 +22,7 @@ class GPT2(Family):
         new_cache = []
         for block, (cache_k, cache_v) in zip(main.h, cache):
             q, k, v = (kv_cache.split_heads(x, n_head) for x in tf.split(block.attn.c_attn(block.ln_1(h)), 3, axis=-1))
-            a, cache_k, cache_v = kv_cache.attend(q, k, v, cache_k, cache_v, columns)
+            a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
             h = h + block.attn.c_proj(a)
             h = h + block.mlp(block.ln_2(h), training=False)
             new_cache.append((cache_k, cache_v))

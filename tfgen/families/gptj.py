@@ -34,7 +34,7 @@ class GPTJ(Family):
     config_class = GPTJConfig
     transformers_class = TFGPTJForCausalLM
 
-    def blocks(self, token_ids, columns, cache):
+    def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
         main = self.model.transformer
         config = self.config
         rotary_dim = config.rotary_dim or config.n_embd // config.n_head
@@ -47,7 +47,7 @@ class GPTJ(Family):
             q, k, v = (kv_cache.split_heads(projection(x), config.n_head)
                        for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
             q, k = apply_rotary(q, sin, cos, rotary_dim), apply_rotary(k, sin, cos, rotary_dim)
-            a, cache_k, cache_v = kv_cache.attend(q, k, v, cache_k, cache_v, columns)
+            a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
             h = h + attn.out_proj(a) + block.mlp(x)
             new_cache.append((cache_k, cache_v))
         return h, new_cache
