@@ -128,8 +128,8 @@ FULL = Profile(shapes=(Shape(6, 384, 16_000),  # v1's shape
                        Shape(10, 384, 16_000),  # deeper
                        Shape(6, 512, 8_000),  # wider, a smaller vocabulary
                        Shape(8, 448, 12_000)))  # between
-SMOKE = Profile(shapes=(Shape(2, 64, 1_000), Shape(1, 128, 800)), documents_per_source=300, batch_size=4,
-                sweep_flops=5e10, main_flops=2e11, save_steps=50, speed_tokens=32)
+SMOKE = Profile(shapes=(Shape(2, 64, 3_000), Shape(1, 128, 4_000)), documents_per_source=300, batch_size=4,
+                sweep_flops=8e10, main_flops=3e11, save_steps=50, speed_tokens=32)
 
 
 def write_json(path, record):
@@ -168,8 +168,8 @@ def tokenizer_dir(work, vocab_size):
 
 def train_tokenizer(work, vocab_size):
     lines = (line.rstrip("\n") for line in open(work / "corpus" / "train.txt", encoding="utf-8"))
-    tokenizer = train_sentencepiece((line for line in lines if line.strip()), tokenizer_dir(work, vocab_size),
-                                    vocab_size)
+    with checkpoint.atomic_directory(tokenizer_dir(work, vocab_size)) as staging:
+        tokenizer = train_sentencepiece((line for line in lines if line.strip()), staging, vocab_size)
     print(f"tokenizer: {tokenizer.vocab_size:,} pieces", flush=True)
 
 
