@@ -235,7 +235,8 @@ def train_shape(work, directory, stage, shape, profile, steps, dropout, validate
         model=str(directory / "initial"), train=[str(corpus_dir / "train.txt")], output=str(run),
         valid=[str(corpus_dir / f"{name}.valid.txt") for name in SOURCES] if validate else None,
         resume=(run / finetune.RUN_FILE).exists(), epochs=10_000, max_steps=steps, batch_size=profile.batch_size,
-        block_size=profile.context, learning_rate=profile.learning_rate, save_steps=profile.save_steps,
+        block_size=profile.context, learning_rate=profile.learning_rate, warmup_steps=round(0.05 * steps),
+        save_steps=profile.save_steps,
         layout="packed", document="paragraph", mixed_precision=True, seed=0, verbose=2)
     entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(), from_step=from_step)
     write_json(runs_file, runs + [entry])
@@ -430,9 +431,8 @@ def package(work, profile, package_dir):
                        n_positions=lm.config.n_positions, vocab_size=lm.config.vocab_size, dropout=profile.dropout,
                        parameters=lm.gpt2.count_params()),
             training=dict(batch_size=profile.batch_size, block_size=profile.context,
-                          learning_rate=profile.learning_rate, warmup_steps=round(0.05 * run["total_steps"]),
-                          steps=run["total_steps"],
-                          steps_per_epoch=run["steps_per_epoch"], tokens=tokens,
+                          learning_rate=profile.learning_rate, warmup_steps=run["warmup_steps"],
+                          steps=run["total_steps"], steps_per_epoch=run["steps_per_epoch"], tokens=tokens,
                           epochs=run["total_steps"] / run["steps_per_epoch"],
                           flops=tokens * shape.training_flops_per_token(profile.context), runs=runs),
             corpus=read_json(work / "corpus" / "counts.json"),
