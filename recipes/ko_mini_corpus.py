@@ -24,9 +24,9 @@ BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 def tidy_parenthesis(inner):
-    """The text of one parenthesis group without the separators that stood beside stripped words.
+    """The text inside one pair of parentheses without the separators that stood beside stripped words.
 
-    "(, 1924년 10월 1일 ~ )" -> "1924년 10월 1일 ~", "白南準, , 1932년" -> "白南準, 1932년", ", , " -> "".
+    ", 1924년 10월 1일 ~ " -> "1924년 10월 1일 ~", "白南準, , 1932년" -> "白南準, 1932년", ", , " -> "".
     """
     return EDGE_SEPARATORS.sub("", REPEATED_SEPARATORS.sub(r"\1", inner))
 
