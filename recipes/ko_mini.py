@@ -588,7 +588,7 @@ From the shipped weights, for the seeds' prompts:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stages", nargs="*", choices=STAGES, default=list(STAGES))
+    parser.add_argument("stages", nargs="*", help=f"of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared Korean data folder")
     parser.add_argument("--work", type=Path, help="corpus, tokenizers, runs (default: runs/ko-mini, "
                                                   "with --smoke runs/ko-mini-smoke)")
@@ -597,24 +597,27 @@ def main():
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"no data folder at {args.data}; pass --data with the Korean corpora")
+    if unknown := [stage for stage in args.stages if stage not in STAGES]:
+        parser.error(f"no stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    stages = args.stages or STAGES
     profile = SMOKE if args.smoke else FULL
     work = args.work or ROOT / "runs" / ("ko-mini-smoke" if args.smoke else "ko-mini")
-    if "prepare" in args.stages and not (work / "corpus" / "train.txt").exists():
+    if "prepare" in stages and not (work / "corpus" / "train.txt").exists():
         prepare(args.data, work, profile)
-    if "tokenizer" in args.stages:
+    if "tokenizer" in stages:
         for vocab_size in sorted({shape.vocab_size for shape in profile.shapes}):
             if not tokenizer_dir(work, vocab_size).exists():
                 train_tokenizer(work, vocab_size)
-    if "baseline" in args.stages and not (work / "baseline.json").exists():
+    if "baseline" in stages and not (work / "baseline.json").exists():
         write_json(work / "baseline.json", xz_figures(work))
-    if "sweep" in args.stages:
+    if "sweep" in stages:
         sweep(work, profile)
-    if "train" in args.stages:
+    if "train" in stages:
         train(work, profile)
-    if "evaluate" in args.stages and not (work / "evaluation.json").exists():
+    if "evaluate" in stages and not (work / "evaluation.json").exists():
         write_json(work / "evaluation.json",
                    model_figures(GPT2LM.from_pretrained(work / "run" / finetune.CHECKPOINT_DIR), work))
-    if "package" in args.stages:
+    if "package" in stages:
         package(work, profile, work / "package" if args.smoke else PACKAGE_DIR)
 
 
