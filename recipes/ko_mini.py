@@ -41,6 +41,7 @@ two tiny shapes, a few hundred steps) to check the recipe end to end.
 
 import argparse
 import json
+import lzma
 import math
 import os
 import random
