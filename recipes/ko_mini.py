@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tfgen import GPT2LM, checkpoint, finetune  # first: tfgen sets TensorFlow's environment before it loads
+from tfgen import GPT2LM, checkpoint, finetune, training  # first: tfgen sets TensorFlow's environment before it loads
 
 import numpy as np
 import tensorflow as tf
@@ -215,6 +215,15 @@ def _close_interrupted_runs(runs, stage, run, tokens_per_step):
             if entry["stage"] == stage and "ended" not in entry else entry for entry in runs]
 
 
+def bf16_available():
+    """Whether this machine trains in bf16 mixed precision (a GPU, or a CPU with bfloat16 instructions)."""
+    try:
+        training.mixed_precision_policy()
+    except ValueError:
+        return False
+    return True
+
+
 def train_shape(work, directory, stage, shape, profile, steps, dropout, validate):
     """Trains `shape` from scratch for `steps` steps in `directory`/run, resuming what an earlier run left."""
     run = directory / "run"
@@ -238,7 +247,7 @@ def train_shape(work, directory, stage, shape, profile, steps, dropout, validate
         resume=(run / finetune.RUN_FILE).exists(), epochs=10_000, max_steps=steps, batch_size=profile.batch_size,
         block_size=profile.context, learning_rate=profile.learning_rate, warmup_steps=round(0.05 * steps),
         save_steps=profile.save_steps,
-        layout="packed", document="paragraph", mixed_precision=True, seed=0, verbose=2)
+        layout="packed", document="paragraph", mixed_precision=bf16_available(), seed=0, verbose=2)
     entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(), from_step=from_step)
     write_json(runs_file, runs + [entry])
     print(f"{stage}: {shape.name}, steps {from_step} to {steps}", flush=True)
