@@ -1,124 +1,136 @@
-"""The recipe for tfgen's embedded Korean model, ko-mini: corpus, tokenizer, GPT-2 from scratch, evaluation.
+"""The recipe for tfgen's embedded Korean model, ko-mini: corpus, tokenizers, a size sweep, training, evaluation.
 
-    python recipes/ko_mini.py [--data ../shared/data/ko] [--work runs/ko-mini] [stage ...]
+    python recipes/ko_mini.py [--data ../shared/data/ko] [--work runs/ko-mini] [--smoke] [stage ...]
 
-Stages (all, in order, by default; each skips what an earlier run finished,
-and `train` resumes from its last checkpoint):
+Run the same command again after any interruption: each stage skips what an
+earlier run finished and training resumes from its last checkpoint (saved every
+`save_steps` steps). The full run takes hours; start it in the background with a log:
+
+    nohup python recipes/ko_mini.py >> runs/ko-mini.log 2>&1 &
+
+Stages (all, in order, by default):
 
 - prepare:   documents from every corpus in the data folder except the
-             novels (kept for the fine-tuning demo); every 50th document of
-             each source is held out for validation; train.txt is the
-             training documents of all sources, shuffled with a fixed seed.
-- tokenizer: a 16k SentencePiece unigram tokenizer (<unk> <s> </s> <pad>).
+             novels (kept for the fine-tuning demo), cleaned (the Wikipedia
+             extractor's empty brackets and separators, table markup) and
+             deduplicated (repeated lines of reviews, chatbot pairs and
+             sentences); every 50th document of each source is held out for
+             validation; train.txt is the training documents of all sources,
+             shuffled with a fixed seed. corpus/counts.json counts each step.
+- tokenizer: a SentencePiece unigram tokenizer (<unk> <s> </s> <pad>) for
+             each vocabulary size the candidate shapes use.
 - baseline:  bits per character of `xz -9e` on each source's validation
              text, given the source's training text first.
-- train:     a 6 x 384 GPT-2 with a 256-token context, trained from scratch
-             with `tfgen.finetune` (Keras fit, packed 256-token rows, bf16
-             mixed precision where the CPU has it).
+- sweep:     each candidate shape (depth, width, vocabulary) trained from
+             scratch for the same training FLOPs, then its validation bits
+             per character (all sources) and batch-1 greedy tokens/s;
+             sweep.json and sweep.md; the lowest bits per character among
+             the shapes that decode at least MIN_TOKENS_PER_SECOND is chosen.
+- train:     the chosen shape for MAIN_FLOPS (several epochs, so with
+             dropout), with `tfgen.finetune` (Keras fit, packed 256-token rows,
+             bf16 mixed precision where the CPU has it); training_runs.json
+             records every run of every training (machine, load, steps,
+             tokens, wall time to its last checkpoint, finished or interrupted).
 - evaluate:  validation loss and bits per character for each source.
-- package:   float16 weights, the tokenizer and a model card in
-             tfgen/models/ko-mini/.
+- package:   float16 weights, the tokenizer, training.json and the model card
+             in tfgen/models/ko-mini/ (with --smoke: WORK/package).
+
+--smoke runs every stage at a tiny size (a few hundred documents per source,
+two tiny shapes, a few hundred steps) to check the recipe end to end.
 """
 
 import argparse
-import csv
 import json
 import lzma
 import math
+import os
 import random
+import shutil
+import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from tfgen import GPT2LM, checkpoint, finetune  # first: tfgen sets TensorFlow's environment before it loads
+from tfgen import GPT2LM, checkpoint, finetune, training  # first: tfgen sets TensorFlow's environment before it loads
 
 import numpy as np
 import tensorflow as tf
 from transformers import GPT2Config
 
+import ko_mini_corpus as corpus
 from tfgen.data import read_documents
 from tfgen.tokenizer import Tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ko"
 PACKAGE_DIR = ROOT / "tfgen" / "models" / "ko-mini"
-STAGES = ("prepare", "tokenizer", "baseline", "train", "evaluate", "package")
+STAGES = ("prepare", "tokenizer", "baseline", "sweep", "train", "evaluate", "package")
+SOURCES = corpus.SOURCES
 
-VALID_EVERY = 50  # every 50th document of each source is held out
-VOCAB_SIZE = 16_000
-MODEL = dict(n_layer=6, n_embd=384, n_head=6, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-TRAINING = dict(batch_size=16, block_size=256, learning_rate=1e-3, warmup_steps=200, max_steps=2000, save_steps=100,
-                epochs=10, layout="packed", document="paragraph", mixed_precision=True, seed=0)
+MAX_PACKAGE_BYTES = 50 * 2**20
+MIN_TOKENS_PER_SECOND = 100  # batch-1 greedy
+HEAD_SIZE = 64
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
 SAMPLE_SETTINGS = [dict(max_new_tokens=40, no_repeat_ngram_size=3),
                    dict(max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, seed=0)]
 
 
-# --- the corpora: each yields documents (a document's lines are joined with newlines) ---
+@dataclass(frozen=True)
+class Shape:
+    """A GPT-2 shape: depth, width (heads of 64) and vocabulary; KoGPT2-v1's 4x MLP and tied head."""
+    n_layer: int
+    n_embd: int
+    vocab_size: int
 
-def _lines(path, skip_header=False):
-    with open(path, encoding="utf-8") as f:
-        if skip_header:
-            next(f)
-        for line in f:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
+    @property
+    def name(self):
+        return f"{self.n_layer}x{self.n_embd}-{self.vocab_size / 1000:g}k"
 
+    def parameters(self, context):
+        """Token and position embeddings, per block 2 LayerNorms, attention and MLP (12 d² + 13 d), final LayerNorm."""
+        d = self.n_embd
+        return (self.vocab_size + context) * d + self.n_layer * (12 * d * d + 13 * d) + 2 * d
 
-def wikipedia(data):
-    """Korean Wikipedia articles: a title line and paragraphs, blank lines between articles."""
-    return read_documents([data / "HyundongHwang_PyTorchDeepLearningStart" / "kowiki_sample.txt"], "paragraph")
+    def package_bytes(self, context):
+        return 2 * self.parameters(context)  # float16
 
+    def training_flops_per_token(self, context):
+        """Kaplan et al.'s estimate, 3 x (2 N + 2 n_layer n_ctx d): N the block weights and the LM head's matmul."""
+        d = self.n_embd
+        return 6 * (self.n_layer * 12 * d * d + self.vocab_size * d) + 6 * self.n_layer * context * d
 
-def reviews(data):
-    """NSMC movie reviews (the document column), and the movie synopses."""
-    for line in _lines(data / "e9t_nsmc" / "ratings_reconstructed.txt", skip_header=True):
-        review = line.split("\t")[1].strip()
-        if review:
-            yield review
-    yield from (line.strip() for line in _lines(data / "e9t_nsmc" / "synopses.txt"))
-
-
-def bible(data):
-    """The 1961 Korean Bible, one chapter per document."""
-    chapter, verses = None, []
-    for line in _lines(data / "bluesaurel_Korean-Bible-1961-KRV" / "bible_krv_1961.tsv"):
-        reference, text = line.split("\t", 1)
-        this_chapter = reference.split(":")[0]
-        if this_chapter != chapter and verses:
-            yield "\n".join(verses)
-            verses = []
-        chapter = this_chapter
-        verses.append(text.strip())
-    if verses:
-        yield "\n".join(verses)
+    def config(self, context, dropout):
+        return GPT2Config(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_embd // HEAD_SIZE,
+                          n_positions=context, vocab_size=self.vocab_size,
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
 
 
-def chatbot(data):
-    """Chit-chat question and answer pairs, one pair per document."""
-    with open(data / "songys_Chatbot_data" / "ChatbotData.csv", encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            yield f"{row['Q'].strip()}\n{row['A'].strip()}"
+@dataclass(frozen=True)
+class Profile:
+    """How big a recipe run is: the candidate shapes, the corpus and the compute of each training."""
+    shapes: tuple
+    documents_per_source: int = None  # None: all
+    context: int = 256
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    sweep_flops: float = 2.5e14  # each candidate's short run
+    main_flops: float = 4e15  # the chosen shape's run
+    dropout: float = 0.1  # in the main run only: its data repeats, a candidate's short run sees it once
+    save_steps: int = 200
+    speed_tokens: int = 128  # new tokens of the batch-1 greedy speed check
+
+    def steps(self, shape, flops):
+        return max(1, round(flops / (shape.training_flops_per_token(self.context) * self.batch_size * self.context)))
 
 
-def sentences(data):
-    """Single sentences: KLUE dev sets, KorNLI/KorSTS pairs (each sentence once), news."""
-    seen = set()
-    files = [(data / "KLUE-benchmark_KLUE" / "klue_dev_sentences.txt", [0], False),
-             (data / "jungyeul_korean-parallel-corpora" / "news_ko.txt", [0], False)]
-    files += [(path, [0, 1], True) for path in sorted((data / "kakaobrain_KorNLUDatasets" / "KorNLI").glob("*.tsv"))]
-    files += [(path, [5, 6], True) for path in sorted((data / "kakaobrain_KorNLUDatasets" / "KorSTS").glob("*.tsv"))]
-    for path, columns, header in files:
-        for line in _lines(path, skip_header=header):
-            fields = line.split("\t") if len(columns) > 1 else [line]
-            for column in columns:
-                if column < len(fields) and (text := fields[column].strip()) and text not in seen:
-                    seen.add(text)
-                    yield text
-
-
-SOURCES = {"wikipedia": wikipedia, "reviews": reviews, "bible": bible, "chatbot": chatbot, "sentences": sentences}
+FULL = Profile(shapes=(Shape(6, 384, 16_000),  # v1's shape
+                       Shape(10, 384, 16_000),  # deeper
+                       Shape(6, 512, 8_000),  # wider, a smaller vocabulary
+                       Shape(8, 448, 12_000)))  # between
+SMOKE = Profile(shapes=(Shape(2, 64, 3_000), Shape(1, 128, 4_000)), documents_per_source=300, batch_size=4,
+                sweep_flops=8e10, main_flops=3e11, save_steps=50, speed_tokens=32)
 
 
 def write_json(path, record):
@@ -133,49 +145,49 @@ def _write_documents(path, documents):
     checkpoint.write_text_atomically(path, "".join(document + "\n\n" for document in documents))
 
 
-def prepare(data, work):
-    corpus = work / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
+def prepare(data, work, profile):
+    directory = work / "corpus"
+    directory.mkdir(parents=True, exist_ok=True)
     everything, counts = [], {}
-    for name, read in SOURCES.items():
-        documents = list(read(data))
-        train = [d for i, d in enumerate(documents) if i % VALID_EVERY != VALID_EVERY - 1]
-        valid = [d for i, d in enumerate(documents) if i % VALID_EVERY == VALID_EVERY - 1]
-        _write_documents(corpus / f"{name}.train.txt", train)
-        _write_documents(corpus / f"{name}.valid.txt", valid)
+    for name, source in SOURCES.items():
+        documents, counts[name] = corpus.source_documents(source, data, profile.documents_per_source)
+        train, valid = corpus.split_validation(documents)
+        _write_documents(directory / f"{name}.train.txt", train)
+        _write_documents(directory / f"{name}.valid.txt", valid)
         everything += train
-        counts[name] = dict(train_documents=len(train), valid_documents=len(valid),
+        counts[name].update(train_documents=len(train), valid_documents=len(valid),
                             train_characters=sum(map(len, train)), valid_characters=sum(map(len, valid)))
-        print(f"{name}: {len(train):,} training and {len(valid):,} validation documents, "
-              f"{counts[name]['train_characters']:,} training characters", flush=True)
+        print(f"{name}: {json.dumps(counts[name])}", flush=True)
     random.Random(0).shuffle(everything)
-    _write_documents(corpus / "train.txt", everything)
-    write_json(corpus / "counts.json", counts)
+    _write_documents(directory / "train.txt", everything)
+    write_json(directory / "counts.json", counts)
 
 
-def train_tokenizer(work):
-    corpus = work / "corpus" / "train.txt"
-    lines = (line.rstrip("\n") for line in open(corpus, encoding="utf-8"))
-    tokenizer = train_sentencepiece((line for line in lines if line.strip()), work / "tokenizer", VOCAB_SIZE)
+def tokenizer_dir(work, vocab_size):
+    return work / f"tokenizer-{vocab_size}"
+
+
+def train_tokenizer(work, vocab_size):
+    lines = (line.rstrip("\n") for line in open(work / "corpus" / "train.txt", encoding="utf-8"))
+    with checkpoint.atomic_directory(tokenizer_dir(work, vocab_size)) as staging:
+        tokenizer = train_sentencepiece((line for line in lines if line.strip()), staging, vocab_size)
     print(f"tokenizer: {tokenizer.vocab_size:,} pieces", flush=True)
 
 
-def train(work):
-    run = work / "run"
-    if not (run / finetune.RUN_FILE).exists():
-        tokenizer = Tokenizer.from_pretrained(work / "tokenizer")
-        tf.keras.utils.set_random_seed(TRAINING["seed"])
-        GPT2LM.from_config(GPT2Config(**MODEL), tokenizer).save_pretrained(work / "initial")
-    corpus = work / "corpus"
-    settings = finetune.FinetuneSettings(
-        model=str(work / "initial"), train=[str(corpus / "train.txt")], output=str(run),
-        valid=[str(corpus / f"{name}.valid.txt") for name in SOURCES], resume=(run / finetune.RUN_FILE).exists(),
-        verbose=2, **TRAINING)
-    first_step = _checkpoint_step(run)
-    start = time.time()
-    finetune.finetune(settings)
-    _log_training_run(work, dict(started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)),
-                                 seconds=round(time.time() - start), from_step=first_step, to_step=_checkpoint_step(run)))
+# --- training, resumable, and its record ---
+
+def machine():
+    """The machine a run is on, and how busy it is when the run starts."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    return dict(cpu=models[0] if models else "unknown", cores=os.cpu_count(),
+                memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                tensorflow=tf.__version__, load_average_1min=round(os.getloadavg()[0], 2))
+
+
+def _now():
+    return datetime.now(timezone.utc)
 
 
 def _checkpoint_step(run):
@@ -183,11 +195,72 @@ def _checkpoint_step(run):
     return read_json(state)["step"] if state.exists() else 0
 
 
-def _log_training_run(work, entry):
-    """Appends one training run (wall time and steps) to training_runs.json: the card's training time."""
+def _checkpoint_time(run):
+    state = run / finetune.CHECKPOINT_DIR / "training_state" / "trainer_state.json"
+    return datetime.fromtimestamp(state.stat().st_mtime, timezone.utc) if state.exists() else None
+
+
+def close_run(entry, to_step, ended_at, ended, tokens_per_step):
+    """A training run's record completed: steps, tokens and wall time up to `to_step`'s checkpoint."""
+    seconds = max(0, round((ended_at - datetime.fromisoformat(entry["started"])).total_seconds()))
+    return {**entry, "to_step": to_step, "tokens": (to_step - entry["from_step"]) * tokens_per_step,
+            "seconds": seconds, "ended": ended}
+
+
+def _close_interrupted_runs(runs, stage, run, tokens_per_step):
+    """Completes the record of a run of `stage` that stopped without finishing: up to its last checkpoint."""
+    ended_at = _checkpoint_time(run)
+    return [close_run(entry, _checkpoint_step(run), ended_at or datetime.fromisoformat(entry["started"]),
+                      "interrupted", tokens_per_step)
+            if entry["stage"] == stage and "ended" not in entry else entry for entry in runs]
+
+
+def bf16_available():
+    """Whether this machine trains in bf16 mixed precision (a GPU, or a CPU with bfloat16 instructions)."""
+    try:
+        training.mixed_precision_policy()
+    except ValueError:
+        return False
+    return True
+
+
+def train_shape(work, directory, stage, shape, profile, steps, dropout, validate):
+    """Trains `shape` from scratch for `steps` steps in `directory`/run, resuming what an earlier run left."""
+    run = directory / "run"
+    if run.exists() and _checkpoint_step(run) == 0:
+        shutil.rmtree(run)  # stopped before its first checkpoint: nothing to resume
+    tokens_per_step = profile.batch_size * profile.context
+    runs_file = work / "training_runs.json"
+    runs = _close_interrupted_runs(read_json(runs_file) if runs_file.exists() else [], stage, run, tokens_per_step)
+    write_json(runs_file, runs)
+    from_step = _checkpoint_step(run)
+    if from_step >= steps:
+        return
+    if not (run / finetune.RUN_FILE).exists():
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir(work, shape.vocab_size))
+        tf.keras.utils.set_random_seed(0)
+        GPT2LM.from_config(shape.config(profile.context, dropout), tokenizer).save_pretrained(directory / "initial")
+    corpus_dir = work / "corpus"
+    settings = finetune.FinetuneSettings(
+        model=str(directory / "initial"), train=[str(corpus_dir / "train.txt")], output=str(run),
+        valid=[str(corpus_dir / f"{name}.valid.txt") for name in SOURCES] if validate else None,
+        resume=(run / finetune.RUN_FILE).exists(), epochs=10_000, max_steps=steps, batch_size=profile.batch_size,
+        block_size=profile.context, learning_rate=profile.learning_rate, warmup_steps=round(0.05 * steps),
+        save_steps=profile.save_steps,
+        layout="packed", document="paragraph", mixed_precision=bf16_available(), seed=0, verbose=2)
+    entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(), from_step=from_step)
+    write_json(runs_file, runs + [entry])
+    print(f"{stage}: {shape.name}, steps {from_step} to {steps}", flush=True)
+    finetune.finetune(settings)
+    done = close_run(entry, _checkpoint_step(run), _now(), "finished", tokens_per_step)
+    write_json(runs_file, runs + [done])
+    print(f"{stage}: {done['seconds']:,} s, steps {done['from_step']} to {done['to_step']}", flush=True)
+    tf.keras.backend.clear_session()
+
+
+def runs_of(work, stage):
     path = work / "training_runs.json"
-    write_json(path, (read_json(path) if path.exists() else []) + [entry])
-    print(f"training: {entry['seconds']} s, steps {entry['from_step']} to {entry['to_step']}", flush=True)
+    return [entry for entry in read_json(path) if entry["stage"] == stage] if path.exists() else []
 
 
 # --- evaluation ---
@@ -264,22 +337,120 @@ def xz_figures(work):
     return figures
 
 
-def package(work):
+def overall_figures(figures):
+    """The per-source figures of `model_figures` pooled: all validation text as one."""
+    nats = sum(figure["loss"] * figure["tokens"] for figure in figures.values())
+    tokens = sum(figure["tokens"] for figure in figures.values())
+    characters = sum(figure["characters"] for figure in figures.values())
+    return dict(tokens=tokens, characters=characters, loss=nats / tokens,
+                bits_per_character=nats / math.log(2) / characters)
+
+
+def greedy_tokens_per_second(lm, new_tokens, calls=3):
+    """Batch-1 greedy decoding speed: the median of `calls` warm calls of `new_tokens` new tokens."""
+    ids = np.array([lm.tokenizer.encode(PROMPTS[1])], np.int32)
+
+    def seconds():
+        start = time.perf_counter()
+        lm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return time.perf_counter() - start
+
+    seconds()  # traces and compiles
+    return new_tokens / statistics.median(seconds() for _ in range(calls))
+
+
+# --- the size sweep ---
+
+def sweep(work, profile):
+    """Trains each candidate shape for `profile.sweep_flops` and writes sweep.json and sweep.md."""
+    results = []
+    for shape in profile.shapes:
+        directory = work / "sweep" / shape.name
+        if not (directory / "result.json").exists():
+            stage = f"sweep {shape.name}"
+            steps = profile.steps(shape, profile.sweep_flops)
+            train_shape(work, directory, stage, shape, profile, steps, dropout=0.0, validate=False)
+            lm = GPT2LM.from_pretrained(directory / "run" / finetune.CHECKPOINT_DIR)
+            tokens = steps * profile.batch_size * profile.context
+            seconds = sum(entry["seconds"] for entry in runs_of(work, stage))
+            write_json(directory / "result.json", dict(
+                shape=shape.name, **asdict(shape), parameters=lm.gpt2.count_params(),
+                package_bytes=shape.package_bytes(profile.context), steps=steps, tokens=tokens,
+                training_flops=tokens * shape.training_flops_per_token(profile.context), training_seconds=seconds,
+                greedy_tokens_per_second=greedy_tokens_per_second(lm, profile.speed_tokens),
+                validation=overall_figures(model_figures(lm, work))))
+            tf.keras.backend.clear_session()
+        results.append(read_json(directory / "result.json"))
+    chosen = choose_shape(results)
+    write_json(work / "sweep.json", dict(equal_compute="training FLOPs", flops_per_shape=profile.sweep_flops,
+                                         results=results, chosen=chosen))
+    checkpoint.write_text_atomically(work / "sweep.md", sweep_table(results, chosen) + "\n")
+    print(f"sweep: {chosen} chosen\n{sweep_table(results, chosen)}", flush=True)
+
+
+def choose_shape(results):
+    """The name of the shape with the lowest validation bits per character among those within the limits."""
+    fitting = [result for result in results if result["package_bytes"] <= MAX_PACKAGE_BYTES
+               and result["greedy_tokens_per_second"] >= MIN_TOKENS_PER_SECOND]
+    if not fitting:
+        raise SystemExit(f"no candidate shape decodes at {MIN_TOKENS_PER_SECOND} tokens/s within "
+                         f"{MAX_PACKAGE_BYTES / 2**20:.0f} MiB; add smaller shapes to the profile")
+    return min(fitting, key=lambda result: result["validation"]["bits_per_character"])["shape"]
+
+
+def sweep_table(results, chosen):
+    """The sweep as a markdown table, the chosen shape in bold."""
+    rows = ["| shape | layers | width | vocabulary | parameters | fp16 MB | steps | tokens | training PFLOPs | "
+            "wall time | greedy tokens/s | val loss (nats/token) | val bpc |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        name = f"**{r['shape']}**" if r["shape"] == chosen else r["shape"]
+        rows.append(f"| {name} | {r['n_layer']} | {r['n_embd']} | {r['vocab_size']:,} | {r['parameters']:,} | "
+                    f"{r['package_bytes'] / 1e6:.1f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f} M | "
+                    f"{r['training_flops'] / 1e15:.3f} | {r['training_seconds'] / 60:.0f} min | "
+                    f"{r['greedy_tokens_per_second']:.0f} | {r['validation']['loss']:.3f} | "
+                    f"{r['validation']['bits_per_character']:.3f} |")
+    return "\n".join(rows)
+
+
+def chosen_shape(work, profile):
+    name = read_json(work / "sweep.json")["chosen"]
+    return next(shape for shape in profile.shapes if shape.name == name)
+
+
+def train(work, profile):
+    shape = chosen_shape(work, profile)
+    train_shape(work, work, "train", shape, profile, profile.steps(shape, profile.main_flops), profile.dropout,
+                validate=True)
+
+
+def package(work, profile, package_dir):
     """Float16 weights (half the bytes; evaluated again as shipped), the tokenizer, the record and the card."""
+    shape = chosen_shape(work, profile)
     lm = GPT2LM.from_pretrained(work / "run" / finetune.CHECKPOINT_DIR)
-    with checkpoint.atomic_directory(PACKAGE_DIR) as staging:
+    run = read_json(work / "run" / finetune.RUN_FILE)
+    runs = runs_of(work, "train")
+    tokens = sum(entry["tokens"] for entry in runs)
+    with checkpoint.atomic_directory(package_dir) as staging:
         lm.gpt2.config.save_pretrained(staging)
         checkpoint.write_safetensors(lm.gpt2.weights, staging / checkpoint.SAFETENSORS_FILE, dtype=np.float16)
         lm.tokenizer.save_pretrained(staging)
         shipped = GPT2LM.from_pretrained(staging)
-        run = read_json(work / "run" / finetune.RUN_FILE)
         record = dict(
-            model={**MODEL, "vocab_size": lm.config.vocab_size, "parameters": lm.gpt2.count_params()},
-            training={**TRAINING, "steps_per_epoch": run["steps_per_epoch"],
-                      "runs": read_json(work / "training_runs.json")},
+            model=dict(name=shape.name, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=lm.config.n_head,
+                       n_positions=lm.config.n_positions, vocab_size=lm.config.vocab_size, dropout=profile.dropout,
+                       parameters=lm.gpt2.count_params()),
+            training=dict(batch_size=profile.batch_size, block_size=profile.context,
+                          learning_rate=profile.learning_rate, warmup_steps=run["warmup_steps"],
+                          steps=run["total_steps"], steps_per_epoch=run["steps_per_epoch"], tokens=tokens,
+                          epochs=run["total_steps"] / run["steps_per_epoch"],
+                          flops=tokens * shape.training_flops_per_token(profile.context), runs=runs),
             corpus=read_json(work / "corpus" / "counts.json"),
+            sweep={**read_json(work / "sweep.json"),
+                   "runs": [entry for entry in read_json(work / "training_runs.json") if entry["stage"] != "train"]},
             evaluation=dict(float32=read_json(work / "evaluation.json"), xz=read_json(work / "baseline.json"),
                             shipped=model_figures(shipped, work)),
+            greedy_tokens_per_second=greedy_tokens_per_second(shipped, profile.speed_tokens),
             samples=[dict(settings=settings, texts=shipped.generate_text(PROMPTS, **settings))
                      for settings in SAMPLE_SETTINGS],
         )
@@ -297,11 +468,32 @@ LICENCES = {
 }
 
 
+def _run_line(entry):
+    machine = entry["machine"]
+    return (f"{entry['started']}, {entry['seconds'] / 3600:.2f} h, steps {entry['from_step']:,}-{entry['to_step']:,} "
+            f"({entry['tokens'] / 1e6:.1f} M tokens), {entry['ended']}; {machine['cpu']}, {machine['cores']} cores, "
+            f"load {machine['load_average_1min']} at the start")
+
+
+def corpus_table(counts):
+    rows = ["| source | documents read | lines read | extractor fragments fixed | lines cleaned / dropped | "
+            "repeated lines | dropped by dedup | documents kept | lines kept | training characters |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in SOURCES:
+        c = counts[name]
+        cleaning = (f"{c['lines_changed_by_cleaning']:,} / {c['lines_dropped_by_cleaning']:,}"
+                    if "extractor_fragments" in c else "-")
+        rows.append(f"| {name} | {c['documents_read']:,} | {c['lines_read']:,} | {c.get('extractor_fragments', 0):,} | "
+                    f"{cleaning} | {c['repeated_lines']:,} | {c['lines_dropped_by_deduplication']:,} | "
+                    f"{c['documents']:,} | {c['lines']:,} | {c['train_characters']:,} |")
+    return "\n".join(rows)
+
+
 def model_card(record):
     """The model card (README.md), from the packaging record: every figure in it comes from `record`."""
-    model, training, evaluation = record["model"], record["training"], record["evaluation"]
-    tokens_seen = training["max_steps"] * training["batch_size"] * training["block_size"]
-    seconds = sum(run["seconds"] for run in training["runs"])
+    model, training, evaluation, sweep_record = record["model"], record["training"], record["evaluation"], \
+        record["sweep"]
+    seconds = sum(entry["seconds"] for entry in training["runs"])
     rows = []
     for name in SOURCES:
         fp32, shipped, xz = evaluation["float32"][name], evaluation["shipped"][name], evaluation["xz"][name]
@@ -313,24 +505,26 @@ def model_card(record):
         samples.append(f"`{sample['settings']}`:\n")
         samples += [f"- {text!r}" for text in sample["texts"]]
         samples.append("")
-    runs = "; ".join(f"{run['started']}, {run['seconds']:,} s, steps {run['from_step']}-{run['to_step']}"
-                     + (f" ({run['note']})" if run.get("note") else "") for run in training["runs"])
-    sources = "\n".join(f"- {name}: {LICENCES[name]}; {record['corpus'][name]['train_characters']:,} training "
-                        f"characters" for name in SOURCES)
+    runs = "\n".join(f"- {_run_line(entry)}" for entry in training["runs"])
+    sweep_runs = "\n".join(f"- {entry['stage']}: {_run_line(entry)}" for entry in sweep_record["runs"])
+    sources = "\n".join(f"- {name}: {LICENCES[name]}" for name in SOURCES)
     return f"""# ko-mini: tfgen's embedded Korean GPT-2
 
 A small Korean GPT-2 trained from scratch by tfgen itself, shipped inside the package so that
 tfgen works offline: `GPT2LM.from_pretrained("ko-mini")`, `tfgen.default_model_path()`, and every
-`tfgen` command without `--model`. It is small and saw only {tokens_seen / 1e6:.1f} M tokens: its Korean is
-often broken and it knows little (see the samples and the validation figures below). Use it to learn
-and test tfgen offline, or as a starting point for fine-tuning; for real text, load skt/kogpt2-base-v2.
+`tfgen` command without `--model`. It is small and saw {training['tokens'] / 1e6:.1f} M tokens
+({training['epochs']:.1f} epochs of its corpus): see the samples and the validation figures below for what it
+can do. Use it to learn and test tfgen offline, or as a starting point for fine-tuning; for real text, load
+skt/kogpt2-base-v2.
 
 - GPT-2, {model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, a {model['n_positions']}-token
-  context, no dropout; {model['parameters']:,} parameters (the LM head shares the token embedding).
+  context, dropout {model['dropout']} in training; {model['parameters']:,} parameters (the LM head shares the
+  token embedding).
 - SentencePiece unigram tokenizer, {model['vocab_size']:,} pieces, KoGPT2-v1 conventions: `<unk>` 0, `<s>` 1,
   `</s>` 2, `<pad>` 3; byte fallback, so any text round-trips.
 - Weights stored as float16 (`model.safetensors`, PyTorch layout; PyTorch's `GPT2LMHeadModel` reads the
-  directory too) and loaded as float32.
+  directory too) and loaded as float32. Batch-1 greedy decoding ran at {record['greedy_tokens_per_second']:.0f}
+  tokens/s on the packaging machine.
 
 ## Licence
 
@@ -344,21 +538,44 @@ and the novel excerpt of NLP-kr/tensorflow-ml-nlp-tf2, which are kept for the fi
 
 {sources}
 
-Every {VALID_EVERY}th document of each source is held out for validation (an article, a review, a
-Bible chapter, a Q/A pair, a sentence).
+Cleaning: Wikipedia's extractor stripped foreign-script words and links but left their brackets and
+separators ("(, 1924년 10월 1일 ~ )", "()", "(, , )"): separators at the edges of a parenthesis and repeated
+ones inside it are removed, and brackets left empty are removed with the space before them; wiki table
+markup lines are dropped. Deduplication: a line of reviews, chatbot pairs or sentences that an earlier
+document of its source already had is dropped (chatbot answers repeat verbatim; KorNLI repeats its
+premises); Wikipedia's repeated lines (section headings) and the Bible's (its formulae) are kept.
+Every {corpus.VALID_EVERY}th document of each source, after deduplication, is held out for validation, so no
+line of a deduplicated source is in both.
+
+{corpus_table(record['corpus'])}
+
+## Size sweep
+
+Each candidate shape was trained from scratch for the same training FLOPs
+({sweep_record['flops_per_shape']:.2e}, by 6 x (block weights + LM head) + 6 x layers x context x width per
+token), without dropout (less than one epoch), then scored on the whole validation split; bits per character
+compare across vocabularies, loss per token does not. The chosen shape (bold) has the lowest bits per
+character among those within 50 MiB and {MIN_TOKENS_PER_SECOND} tokens/s batch-1 greedy:
+
+{sweep_table(sweep_record['results'], sweep_record['chosen'])}
+
+Sweep runs:
+
+{sweep_runs}
 
 ## Recipe
 
-`python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, train, evaluate, package; it resumes
-where it stopped). Training: tfgen's `finetune` (Keras `fit`) from random weights, packed rows of
-{training['block_size']} tokens, batch {training['batch_size']}, AdamW with peak learning rate
-{training['learning_rate']}, {training['warmup_steps']} warmup steps then linear decay,
-{training['max_steps']:,} steps = {tokens_seen:,} tokens seen
-({tokens_seen / (training['steps_per_epoch'] * training['batch_size'] * training['block_size']):.2f} epochs),
-bf16 mixed precision on the CPU.
+`python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, sweep, train, evaluate, package; run
+again, it resumes where it stopped). Training: tfgen's `finetune` (Keras `fit`) from random weights, packed
+rows of {training['block_size']} tokens, batch {training['batch_size']}, AdamW with peak learning rate
+{training['learning_rate']}, {training['warmup_steps']:,} warmup steps then linear decay, {training['steps']:,}
+steps ({training['steps_per_epoch']:,} per epoch), {training['flops'] / 1e15:.2f} PFLOPs, bf16 mixed
+precision on the CPU.
 
-Training ran on a 2-core CPU machine shared with other work, in {len(training['runs'])} runs
-({seconds / 60:.0f} min of wall time in all): {runs}.
+Training ran in {len(training['runs'])} run(s), {seconds / 3600:.2f} h of wall time up to the last checkpoint
+of each (an interrupted run's steps after its last checkpoint were done again by the next):
+
+{runs}
 
 ## Validation
 
@@ -381,26 +598,37 @@ From the shipped weights, for the seeds' prompts:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stages", nargs="*", choices=STAGES, default=list(STAGES))
+    parser.add_argument("stages", nargs="*", help=f"of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared Korean data folder")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ko-mini", help="corpus, tokenizer and run")
+    parser.add_argument("--work", type=Path, help="corpus, tokenizers, runs (default: runs/ko-mini, "
+                                                  "with --smoke runs/ko-mini-smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every stage at a tiny size, packaged into WORK/package: checks the recipe")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"no data folder at {args.data}; pass --data with the Korean corpora")
-    work = args.work
-    if "prepare" in args.stages and not (work / "corpus" / "train.txt").exists():
-        prepare(args.data, work)
-    if "tokenizer" in args.stages and not (work / "tokenizer").exists():
-        train_tokenizer(work)
-    if "baseline" in args.stages and not (work / "baseline.json").exists():
+    if unknown := [stage for stage in args.stages if stage not in STAGES]:
+        parser.error(f"no stage {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    stages = args.stages or STAGES
+    profile = SMOKE if args.smoke else FULL
+    work = args.work or ROOT / "runs" / ("ko-mini-smoke" if args.smoke else "ko-mini")
+    if "prepare" in stages and not (work / "corpus" / "train.txt").exists():
+        prepare(args.data, work, profile)
+    if "tokenizer" in stages:
+        for vocab_size in sorted({shape.vocab_size for shape in profile.shapes}):
+            if not tokenizer_dir(work, vocab_size).exists():
+                train_tokenizer(work, vocab_size)
+    if "baseline" in stages and not (work / "baseline.json").exists():
         write_json(work / "baseline.json", xz_figures(work))
-    if "train" in args.stages:
-        train(work)
-    if "evaluate" in args.stages and not (work / "evaluation.json").exists():
+    if "sweep" in stages:
+        sweep(work, profile)
+    if "train" in stages:
+        train(work, profile)
+    if "evaluate" in stages and not (work / "evaluation.json").exists():
         write_json(work / "evaluation.json",
                    model_figures(GPT2LM.from_pretrained(work / "run" / finetune.CHECKPOINT_DIR), work))
-    if "package" in args.stages:
-        package(work)
+    if "package" in stages:
+        package(work, profile, work / "package" if args.smoke else PACKAGE_DIR)
 
 
 if __name__ == "__main__":
