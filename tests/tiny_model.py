@@ -64,3 +64,17 @@ def h5_only_dir(tiny_lm_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
     return GPT2LM.from_pretrained(tiny_lm_dir)
+
+
+def load_recording_assigns(load, monkeypatch):
+    """(the model `load()` returns, the dtype of every value assigned to a TF variable while it ran)."""
+    from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
+
+    assigned, assign = [], BaseResourceVariable.assign
+
+    def recording(variable, value, *args, **kwargs):
+        assigned.append(tf.as_dtype(value.dtype))
+        return assign(variable, value, *args, **kwargs)
+
+    monkeypatch.setattr(BaseResourceVariable, "assign", recording)
+    return load(), assigned
