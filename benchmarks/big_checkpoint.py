@@ -1,15 +1,15 @@
 """Loading a big checkpoint within memory: writes a sharded fp16 safetensors checkpoint of random weights (GPT-J or
 GPT-2), then, in a fresh process per dtype, loads it with `CausalLM.from_pretrained(dtype=...)` and generates.
 
-    python benchmarks/big_checkpoint.py --shape kogpt-6b      # GPT-J 28 x 4096, vocab 64512: ~6.1 B parameters, 12.2 GB bf16
-    python benchmarks/big_checkpoint.py --shape 1b --family gptj gpt2 --dtype bfloat16 float32   # ~1.07 / 1.04 B
+    python benchmarks/big_checkpoint.py --shape kogpt-6b      # GPT-J 28 x 4096, vocab 64512: 6.17 B parameters, 12.3 GB bf16
+    python benchmarks/big_checkpoint.py --shape 1b --family gptj gpt2 --dtype bfloat16 float32   # 1.07 / 1.04 B
     python benchmarks/big_checkpoint.py --shape small --family gptj gpt2 --dtype bfloat16 float32   # smoke run
 
 The bound checked: the peak RSS while loading (the kernel's VmHWM) minus the RSS before it (TensorFlow,
 transformers' TF model classes and tfgen imported) is within 1.5x the weights' bytes in the target dtype. "kept" is
 the RSS after loading minus the RSS before it (the weights and what loading leaves behind), "transient" the peak
 minus the RSS after loading. After loading: a first generate call of 8 tokens (compiling included), then a timed
-call of --new-tokens tokens (tokens/s). The checkpoint goes to a temporary directory (12.2 GB for kogpt-6b), deleted
+call of --new-tokens tokens (tokens/s). The checkpoint goes to a temporary directory (12.3 GB for kogpt-6b), deleted
 at the end. Results: benchmarks/results/big_checkpoint-SHAPE.json.
 """
 
