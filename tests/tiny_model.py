@@ -66,15 +66,23 @@ def tiny_lm(tiny_lm_dir):
     return GPT2LM.from_pretrained(tiny_lm_dir)
 
 
+
 def load_recording_assigns(load, monkeypatch):
-    """(the model `load()` returns, the dtype of every value assigned to a TF variable while it ran)."""
-    from tensorflow.python.ops.resource_variable_ops import BaseResourceVariable
+    """(the model `load()` returns, the dtype of every value checkpoint.read_weights assigned to a variable)."""
+    from tfgen import checkpoint
 
-    assigned, assign = [], BaseResourceVariable.assign
+    assigned, assign = [], checkpoint._assign
 
-    def recording(variable, value, *args, **kwargs):
-        assigned.append(tf.as_dtype(value.dtype))
-        return assign(variable, value, *args, **kwargs)
+    class Recording:
+        def __init__(self, variable):
+            self.variable = variable
 
-    monkeypatch.setattr(BaseResourceVariable, "assign", recording)
+        def __getattr__(self, name):
+            return getattr(self.variable, name)
+
+        def assign(self, value):
+            assigned.append(tf.as_dtype(value.dtype))
+            return self.variable.assign(value)
+
+    monkeypatch.setattr(checkpoint, "_assign", lambda variable, *args: assign(Recording(variable), *args))
     return load(), assigned
