@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the GPT-2 shapes, machine info, peak RSS, timing, the table, the results file.
+"""What the benchmark scripts share: the model shapes, machine info, peak RSS, timing, the table, the results file.
 
 Nothing here imports a framework (transformers only inside gpt2_config), so a
 benchmark's parent process stays light and each child imports only its own.
@@ -21,6 +21,11 @@ SPECIAL_TOKENS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 3}
 SMALL_SHAPE = {"vocab_size": 1000, "n_positions": 1024, "n_embd": 64, "n_layer": 2, "n_head": 4}
 BASE_SHAPE = {"vocab_size": 51200, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}  # KoGPT2-base
 SHAPE_KEYS = ["n_layer", "n_embd", "n_head", "vocab_size", "n_positions"]
+# Models of about 1 B parameters (KoGPT's vocabulary and context; GPT-2's head is tied to its embedding).
+GPT2_1B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 2048, "n_layer": 18, "n_head": 16}
+GPTJ_SMALL_SHAPE = {"vocab_size": 1000, "n_positions": 1024, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}
+GPTJ_1B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 2048, "n_layer": 16, "n_head": 16, "rotary_dim": 64}
+KOGPT_6B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64}
 
 
 def gpt2_shape(small):
@@ -29,9 +34,14 @@ def gpt2_shape(small):
 
 
 def gpt2_config(small):
-    from transformers import GPT2Config
+    return model_config("gpt2", gpt2_shape(small))
 
-    return GPT2Config(**gpt2_shape(small), **SPECIAL_TOKENS)
+
+def model_config(family, shape):
+    """transformers' config of a family ("gpt2", "gptj") with the given sizes and the benchmarks' special ids."""
+    from transformers import GPT2Config, GPTJConfig
+
+    return {"gpt2": GPT2Config, "gptj": GPTJConfig}[family](**shape, **SPECIAL_TOKENS)
 
 
 def seconds(call):

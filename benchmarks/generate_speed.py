@@ -1,7 +1,7 @@
 """Generation speed: tfgen against transformers' XLA-compiled TF generate and its PyTorch generate.
 
-All three run on the same random-weight GPT-2 (built once with tfgen and saved
-as an HF checkpoint), the same prompts and the same settings, with EOS stopping
+All of them run on the same random-weight model (GPT-2, or GPT-J with --family gptj; built once with tfgen and saved
+as an HF checkpoint in fp32), the same prompts and the same settings, with EOS stopping
 off so every call makes exactly the requested number of tokens.
 
 Each implementation runs in its own process (this script with the internal
@@ -14,6 +14,7 @@ other one (USE_TF / USE_TORCH).
     python benchmarks/generate_speed.py                      # everything, KoGPT2-base size
     python benchmarks/generate_speed.py --small              # smoke run with a tiny model
     python benchmarks/generate_speed.py --cases greedy-b1 --new-tokens 32 --repeats 2
+    python benchmarks/generate_speed.py --family gptj --cases greedy-b1 sample-b8 first-call   # a ~1 B GPT-J
 """
 
 import argparse
@@ -31,16 +32,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, peak_rss_mib,  # noqa: E402
-                      print_machine, results_path, seconds, write_results)
+from _harness import (GPTJ_1B_SHAPE, GPTJ_SMALL_SHAPE, SHAPE_KEYS, command_line, format_table,  # noqa: E402
+                      gpt2_shape, machine_info, model_config, peak_rss_mib, print_machine, results_path, seconds,
+                      write_results)
 
-IMPLEMENTATIONS = ["tfgen", "tfgen-bf16", "tf-xla", "torch"]
+IMPLEMENTATIONS = ["tfgen", "tfgen-bf16", "tf-xla", "torch", "torch-bf16"]
 FRAMEWORK_ENV = {
     "tfgen": {"USE_TF": "1", "USE_TORCH": "0"},
     "tfgen-bf16": {"USE_TF": "1", "USE_TORCH": "0"},
     "tf-xla": {"USE_TF": "1", "USE_TORCH": "0"},
     "torch": {"USE_TF": "0", "USE_TORCH": "1"},
+    "torch-bf16": {"USE_TF": "0", "USE_TORCH": "1"},
 }
+FAMILY_NAMES = {"gpt2": "GPT-2", "gptj": "GPT-J"}
 GREEDY = {"do_sample": False}
 SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
 BLOCKING = {**SAMPLING, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
@@ -60,22 +64,31 @@ ALL_CASES = list(CASES) + ["bandwidth"]
 PROMPT_SEED = 0
 BANDWIDTH_BYTES = 2**30
 BANDWIDTH_REPEATS = 5
-SETTINGS = ["impls", "cases", "new_tokens", "prompt_length", "new_prompt_length", "warmup", "repeats", "small"]
+SETTINGS = ["family", "impls", "cases", "new_tokens", "prompt_length", "new_prompt_length", "warmup", "repeats",
+            "small"]
 
 
-def build_checkpoint(config, model_dir):
+def model_shape(family, small):
+    """The benchmark's model: GPT-2 tiny or KoGPT2-base; GPT-J tiny or ~1 B parameters (16 x 2048, vocab 64512)."""
+    if family == "gpt2":
+        return gpt2_shape(small)
+    return dict(GPTJ_SMALL_SHAPE if small else GPTJ_1B_SHAPE)
+
+
+def build_checkpoint(family, small, model_dir):
     """Builds a seeded random-weight model with tfgen and saves it; returns its shape, parameter count and bytes."""
     import tensorflow as tf
-    from tfgen import GPT2LM
+    from tfgen import GPT2LM, GPTJLM
 
     tf.keras.utils.set_random_seed(0)
-    lm = GPT2LM(config)
+    shape = model_shape(family, small)
+    lm = {"gpt2": GPT2LM, "gptj": GPTJLM}[family](model_config(family, shape))
     lm.save_pretrained(model_dir)
-    # One variable per tensor: the LM head reuses the token embedding, so it counts once.
-    parameters = sum(v.shape.num_elements() for v in lm.gpt2.weights)
-    weight_bytes = sum(v.shape.num_elements() * v.dtype.size for v in lm.gpt2.weights)
-    shape = {key: getattr(config, key) for key in ["n_layer", "n_embd", "n_head", "vocab_size", "n_positions"]}
-    return {**shape, "parameters": parameters, "bytes": weight_bytes}
+    # One variable per tensor: GPT-2's LM head reuses the token embedding, so it counts once.
+    parameters = sum(v.shape.num_elements() for v in lm.net.weights)
+    weight_bytes = sum(v.shape.num_elements() * v.dtype.size for v in lm.net.weights)
+    return {"family": family, **{key: shape[key] for key in SHAPE_KEYS}, "parameters": parameters,
+            "bytes": weight_bytes}
 
 
 def measure_bandwidth():
@@ -96,9 +109,9 @@ def measure_bandwidth():
 
 
 def load_tfgen(model_dir, dtype="float32"):
-    from tfgen import GPT2LM
+    from tfgen import CausalLM
 
-    lm = GPT2LM.from_pretrained(model_dir, dtype=dtype)
+    lm = CausalLM.from_pretrained(model_dir, dtype=dtype)
 
     def generate(input_ids, attention_mask, settings):
         return lm.generate(input_ids, attention_mask, eos_token_id=None, seed=0, **settings).numpy()
@@ -109,9 +122,9 @@ def load_tfgen(model_dir, dtype="float32"):
 def load_tf_xla(model_dir):
     """transformers' TF generate compiled as its docs advise: tf.function(model.generate, jit_compile=True)."""
     import tensorflow as tf
-    from transformers import TFGPT2LMHeadModel
+    from transformers import TFAutoModelForCausalLM
 
-    model = TFGPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=False)
+    model = TFAutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=False)
     model.generation_config.eos_token_id = None
     xla_generate = tf.function(model.generate, jit_compile=True)
 
@@ -123,12 +136,12 @@ def load_tf_xla(model_dir):
     return generate, xla_generate.experimental_get_tracing_count
 
 
-def load_torch(model_dir):
+def load_torch(model_dir, dtype="float32"):
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
 
     def generate(input_ids, attention_mask, settings):
@@ -142,7 +155,7 @@ def load_torch(model_dir):
 
 
 LOADERS = {"tfgen": load_tfgen, "tfgen-bf16": lambda model_dir: load_tfgen(model_dir, "bfloat16"),
-           "tf-xla": load_tf_xla, "torch": load_torch}
+           "tf-xla": load_tf_xla, "torch": load_torch, "torch-bf16": lambda model_dir: load_torch(model_dir, "bfloat16")}
 
 
 # ---- measurements, run inside an implementation's process
@@ -234,6 +247,14 @@ def run_implementation(args):
 # ---- the parent process: checkpoint, bandwidth, one process per implementation, report
 
 
+def build_model(args, model_dir, result_file):
+    """The checkpoint, built in a process of its own (so its memory is not held while the implementations run)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--build", "--family", args.family, "--model-dir",
+               str(model_dir), "--result-file", str(result_file), *(["--small"] if args.small else [])]
+    subprocess.run(command, check=True)
+    return json.loads(Path(result_file).read_text())
+
+
 def run_child(args, implementation, cases, model_dir, result_file):
     command = [sys.executable, str(Path(__file__).resolve()), "--only", implementation, "--model-dir", str(model_dir),
                "--result-file", str(result_file), "--cases", *cases, "--new-tokens", *map(str, args.new_tokens),
@@ -268,9 +289,9 @@ def greedy_agreement(rows):
 
 def report(info, command, model, bandwidth, rows, agreement):
     print_machine(info, command)
-    print(f"model: GPT-2 random weights, fp32, {model['n_layer']} layers x {model['n_embd']} wide, vocab "
-          f"{model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters, {model['bytes'] / 1e6:.1f} MB "
-          "(tied embedding counted once)")
+    print(f"model: {FAMILY_NAMES[model['family']]} random weights, fp32, {model['n_layer']} layers x {model['n_embd']} "
+          f"wide, vocab {model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters, "
+          f"{model['bytes'] / 1e6:.1f} MB{' (tied embedding counted once)' if model['family'] == 'gpt2' else ''}")
     print("each implementation runs in its own process; first-call rows: a further fresh process, model load, one call")
     print("first-call s: the row's first call in its process (tracing/compiling included); new-prompt s: first call "
           "at the unseen prompt length after warm-up; traces: tf.function traces during the row\n")
@@ -290,7 +311,6 @@ def report(info, command, model, bandwidth, rows, agreement):
 
 
 def run_benchmark(args):
-    os.environ.update(FRAMEWORK_ENV["tfgen"])  # this process only builds the checkpoint, with TF
     command = command_line()
     info = machine_info()
     bandwidth = measure_bandwidth() if "bandwidth" in args.cases else None
@@ -298,7 +318,7 @@ def run_benchmark(args):
     rows = []
     with tempfile.TemporaryDirectory(prefix="generate_speed-") as scratch:
         model_dir = Path(scratch) / "model"
-        model = build_checkpoint(gpt2_config(args.small), model_dir)
+        model = build_model(args, model_dir, Path(scratch) / "model.json")
         for implementation in args.impls:
             if "first-call" in args.cases:
                 rows += run_child(args, implementation, ["first-call"], model_dir, Path(scratch) / "first.json")
@@ -307,7 +327,8 @@ def run_benchmark(args):
     agreement = greedy_agreement(rows)
     report(info, command, model, bandwidth, rows, agreement)
     settings = {key: getattr(args, key) for key in SETTINGS}
-    write_results(results_path("generate_speed", args.small, args.json),
+    name = "generate_speed" if args.family == "gpt2" else f"generate_speed-{args.family}"
+    write_results(results_path(name, args.small, args.json),
                   {"machine": info, "command": command, "settings": settings, "model": model,
                    "bandwidth": bandwidth, "results": rows, "greedy_agreement": agreement})
 
@@ -320,6 +341,8 @@ def parse_args():
                              "batch 1, 4 beams; first-call: a fresh "
                              "process's first call; new-length: a call at an unseen prompt length; bandwidth: the "
                              "memory-bandwidth bound for batch-1 decoding (default: all)")
+    parser.add_argument("--family", choices=FAMILY_NAMES, default="gpt2",
+                        help="gpt2: KoGPT2-base size; gptj: 16 layers x 2048, vocab 64512 (~1.07 B parameters)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS)
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[32, 256], help="tokens generated per call")
     parser.add_argument("--prompt-length", type=int, default=16)
@@ -328,11 +351,13 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000): a smoke run")
     parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/generate_speed.json, "
-                                                  "generate_speed-small.json with --small)")
+                                                  "generate_speed-gptj.json with --family gptj, -small before .json "
+                                                  "with --small)")
     # Internal: set by the parent for the process that measures one implementation.
     parser.add_argument("--only", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be at least 1")
@@ -343,7 +368,11 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.only:
+    if args.build:
+        os.environ.update(FRAMEWORK_ENV["tfgen"])
+        model = build_checkpoint(args.family, args.small, args.model_dir)
+        Path(args.result_file).write_text(json.dumps(model))
+    elif args.only:
         run_implementation(args)
     else:
         run_benchmark(args)

@@ -10,8 +10,9 @@ from transformers import GPTJForCausalLM
 
 from test_sampling import transformers_filter
 from tiny_gptj import pt_reference
+from tiny_model import load_recording_assigns
 
-from tfgen import CausalLM, GPT2LM, GPTJLM
+from tfgen import CausalLM, GPT2LM, GPTJLM, checkpoint
 from tfgen.data import lm_batches
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
@@ -126,11 +127,24 @@ def test_keras_file_round_trip(gptj, tmp_path):
     assert loaded.generate_text(PROMPTS[1], max_new_tokens=6) == gptj.generate_text(PROMPTS[1], max_new_tokens=6)
 
 
-def test_bfloat16_loads_every_weight_in_bfloat16(gptj_dir):
-    lm = CausalLM.from_pretrained(gptj_dir, dtype="bfloat16")
+def test_bfloat16_loads_every_weight_in_bfloat16(gptj_dir, monkeypatch):
+    lm, assigned = load_recording_assigns(lambda: CausalLM.from_pretrained(gptj_dir, dtype="bfloat16"), monkeypatch)
     assert {v.dtype for v in lm.gptj.weights} == {tf.bfloat16}
+    assert set(assigned) == {tf.bfloat16} and len(assigned) == len(lm.gptj.weights)  # no float32 copy assigned
     assert lm(np.array([[5, 6, 7]])).dtype == tf.float32
     assert lm.generate([[5, 6, 7]], max_new_tokens=4, eos_token_id=None).shape == (1, 7)
+
+
+def test_h5_and_tensors_read_in_many_blocks_load_the_same_weights(gptj, gptj_dir, gptj_bin_dir, tmp_path,
+                                                                   monkeypatch):
+    gptj.save_pretrained(tmp_path)
+    (tmp_path / checkpoint.SAFETENSORS_FILE).unlink()  # tf_model.h5 is read
+    monkeypatch.setattr(checkpoint, "_BLOCK_BYTES", 100)  # a few rows per block: every tensor in many blocks
+    for directory, dtype in [(tmp_path, "bfloat16"), (tmp_path, "float32"), (gptj_dir, "float32"),
+                             (gptj_bin_dir, "bfloat16")]:
+        lm = CausalLM.from_pretrained(directory, dtype=dtype)
+        for ours, theirs in zip(lm.gptj.weights, gptj.gptj.weights):
+            np.testing.assert_array_equal(ours.numpy(), tf.cast(theirs, dtype).numpy())
 
 
 def test_unsupported_model_types_and_mismatched_classes_are_clear_errors(gptj_dir, tiny_lm_dir, tmp_path):

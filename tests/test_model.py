@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2LMHeadModel, TFGPT2LMHeadModel
 
 from tfgen import GPT2LM, checkpoint
-from tiny_model import tiny_config
+from tiny_model import load_recording_assigns, tiny_config
 
 TEXTS = ["안녕하세요", "근육이 커지기 위해서는 단백질이 필요하다"]
 
@@ -163,3 +163,32 @@ def test_bfloat16_copy_keeps_half_size_weights_and_close_logits(tiny_lm_dir, bat
     assert ids.shape == (input_ids.shape[0], input_ids.shape[1] + 6)
     np.testing.assert_array_equal(ids[:, : input_ids.shape[1]], input_ids)
     assert ((ids >= 0) & (ids < bf16.config.vocab_size)).all()
+
+
+def _values(lm):
+    return [variable.numpy() for variable in lm.net.weights]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tf_model_h5_loads_in_a_dtype_as_the_float32_load_cast_to_it(h5_only_dir, safetensors_only_dir, dtype,
+                                                                      monkeypatch):
+    fp32 = GPT2LM.from_pretrained(h5_only_dir)
+    for ours, theirs in zip(_values(fp32), _values(GPT2LM.from_pretrained(safetensors_only_dir))):
+        np.testing.assert_array_equal(ours, theirs)
+    # Read tensor by tensor into the target dtype: no float32 value reaches a variable.
+    half, assigned = load_recording_assigns(lambda: GPT2LM.from_pretrained(h5_only_dir, dtype=dtype), monkeypatch)
+    assert set(assigned) == {tf.as_dtype(dtype)} and len(assigned) == len(half.net.weights)
+    for ours, weight in zip(_values(half), fp32.net.weights):
+        np.testing.assert_array_equal(ours, tf.cast(weight, dtype).numpy())
+
+
+@pytest.mark.parametrize("weights", ["h5", "safetensors", "bin"])
+def test_tensors_read_in_many_blocks_load_the_same_weights(weights, h5_only_dir, safetensors_only_dir, tiny_lm,
+                                                           tmp_path, monkeypatch):
+    directory = {"h5": h5_only_dir, "safetensors": safetensors_only_dir}.get(weights)
+    if weights == "bin":
+        directory = tmp_path
+        GPT2LMHeadModel.from_pretrained(safetensors_only_dir).save_pretrained(directory, safe_serialization=False)
+    monkeypatch.setattr(checkpoint, "_BLOCK_BYTES", 100)  # a few rows per block: every tensor in many blocks
+    for ours, theirs in zip(_values(GPT2LM.from_pretrained(directory, dtype="bfloat16")), tiny_lm.net.weights):
+        np.testing.assert_array_equal(ours, tf.cast(theirs, tf.bfloat16).numpy())

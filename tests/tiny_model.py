@@ -64,3 +64,25 @@ def h5_only_dir(tiny_lm_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
     return GPT2LM.from_pretrained(tiny_lm_dir)
+
+
+
+def load_recording_assigns(load, monkeypatch):
+    """(the model `load()` returns, the dtype of every value checkpoint.read_weights assigned to a variable)."""
+    from tfgen import checkpoint
+
+    assigned, assign = [], checkpoint._assign
+
+    class Recording:
+        def __init__(self, variable):
+            self.variable = variable
+
+        def __getattr__(self, name):
+            return getattr(self.variable, name)
+
+        def assign(self, value):
+            assigned.append(tf.as_dtype(value.dtype))
+            return self.variable.assign(value)
+
+    monkeypatch.setattr(checkpoint, "_assign", lambda variable, *args: assign(Recording(variable), *args))
+    return load(), assigned

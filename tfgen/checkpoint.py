@@ -4,7 +4,8 @@ transformers' TF and PyTorch models of a family have the same weights under rela
 (`pytorch_name`); GPT-2's Conv1D keeps [in, out] in both (only its biases differ: [1, n] in TF,
 [n] in PyTorch), a Keras Dense kernel (GPT-J's projections and head) is the transposed Linear weight.
 `open_weights` reads model.safetensors, pytorch_model.bin (`torch_pickle`) and
-the shards of either's index as one name -> numpy array mapping, a tensor at a time.
+the shards of either's index as one name -> numpy array mapping, a tensor at a time;
+`read_weights` reads those and a TF model's tf_model.h5 into a model's variables.
 """
 
 import contextlib
@@ -13,12 +14,12 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tfgen.torch_pickle import TorchCheckpoint
@@ -50,21 +51,83 @@ def weights_to_fetch(filenames):
     return [chosen, *sorted(fnmatch.filter(filenames, _SHARDS[chosen]))] if chosen in _SHARDS else [chosen]
 
 
+# safetensors' dtype names; BF16 as ml_dtypes' bfloat16 (numpy has none; TensorFlow's tf.bfloat16 is the same type).
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+# How many bytes of a tensor are read at a time when it is cast into its variable (see _assign).
+_BLOCK_BYTES = 1 << 25
+
+
+class _StoredTensor:
+    """A tensor's bytes in a file, read (with plain reads, not a memory map) only when rows are sliced:
+    `tensor[a:b]` is rows a..b of its first axis, `tensor[()]` all of it."""
+
+    def __init__(self, path, offset, dtype, shape):
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, tuple(shape)
+        self.ndim = len(self.shape)
+        self.nbytes = int(np.prod(self.shape)) * dtype.itemsize
+
+    def __getitem__(self, rows):
+        if rows == ():
+            return self._read(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("a stored tensor is read in runs of rows")
+        return self._read(start, max(start, stop))
+
+    def _read(self, start, stop):
+        row = int(np.prod(self.shape[1:]))
+        values = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        with open(self.path, "rb") as file:
+            file.seek(self.offset + start * row * self.dtype.itemsize)
+            if file.readinto(values.view(np.uint8).reshape(-1)) != values.nbytes:
+                raise ValueError(f"{self.path} is truncated: a tensor's data is cut short")
+        return values
+
+
 class _SafetensorsFile(Mapping):
+    """A .safetensors file: an 8-byte header length, a JSON header (name -> dtype, shape, byte range), the data."""
+
     def __init__(self, path):
-        self._file = safe_open(str(path), framework="numpy")
-        self._names = list(self._file.keys())
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > size - 8:
+                raise ValueError(f"{self.path} is not a safetensors file (its header length exceeds the file)")
+            header = json.loads(file.read(length))
+        header.pop("__metadata__", None)
+        self._tensors = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{self.path}: {name} has the dtype {entry['dtype']}, which tfgen cannot read")
+            dtype = np.dtype(_numpy_dtype(_SAFETENSORS_DTYPES[entry["dtype"]]))
+            begin, end = entry["data_offsets"]
+            tensor = _StoredTensor(self.path, 8 + length + begin, dtype, entry["shape"])
+            if end - begin != tensor.nbytes or 8 + length + end > size:
+                raise ValueError(f"{self.path}: the byte range of {name} does not fit its shape or the file")
+            self._tensors[name] = tensor
+
+    def stored(self):
+        """name -> `_StoredTensor`, nothing read yet."""
+        return dict(self._tensors)
 
     def __getitem__(self, name):
-        if name not in self._names:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
+        return self._tensors[name][()]
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self._tensors)
 
     def __len__(self):
-        return len(self._names)
+        return len(self._tensors)
+
+
+def _numpy_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes  # a dependency of TensorFlow's
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
 
 
 class _Shards(Mapping):
@@ -104,12 +167,17 @@ def open_weights(path):
     return _Shards(path) if path.name.endswith(".index.json") else _open_file(path)
 
 
+def tf_name(tf_variable_name):
+    """A TF variable's name from its model's layers on, as transformers' h5 files match them:
+    'tfgpt2lm_head_model_1/transformer/h_._0/ln_1/gamma:0' -> 'transformer/h_._0/ln_1/gamma:0'."""
+    layers = re.search(r"(^|/)(transformer|lm_head)/", tf_variable_name)
+    return tf_variable_name[layers.end(1):] if layers else tf_variable_name
+
+
 def pytorch_name(tf_variable_name):
     """transformers' PyTorch name of a TF variable: 'tfgpt2lm_head_model/transformer/h_._0/ln_1/gamma:0' ->
     'transformer.h.0.ln_1.weight', 'tfgptj_for_causal_lm/lm_head/kernel:0' -> 'lm_head.weight'."""
-    name = tf_variable_name.split(":")[0]
-    name = name[re.search(r"(^|/)(transformer|lm_head)/", name).end(1):]
-    name = re.sub(r"h_\._(\d+)", r"h.\1", name)
+    name = re.sub(r"h_\._(\d+)", r"h.\1", tf_name(tf_variable_name).split(":")[0])
     parts = name.split("/")
     parts[-1] = {"gamma": "weight", "beta": "bias", "embeddings": "weight", "kernel": "weight"}.get(parts[-1], parts[-1])
     return ".".join(parts)
@@ -140,7 +208,8 @@ def write_safetensors(variables, path, dtype=None):
 def _files_and_names(path):
     """[(file, the tensor names it holds)] of a checkpoint: the file itself, or an index's shards in order."""
     if not path.name.endswith(".index.json"):
-        return [(path, set(_open_file(path)))]
+        with _stored_tensors(path) as tensors:
+            return [(path, set(tensors))]
     weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
     shards = {}
     for name, shard in weight_map.items():
@@ -151,25 +220,51 @@ def _files_and_names(path):
     return [(path.parent / shard, shards[shard]) for shard in sorted(shards)]
 
 
-def read_weights(variables, path):
-    """Assigns a PyTorch-layout checkpoint (see `open_weights`) to TF variables, one tensor at a time.
+@contextlib.contextmanager
+def _stored_tensors(path):
+    """A weights file's name -> tensor mapping, the tensors unread: safetensors' and h5's are read as their rows
+    are sliced (h5py datasets), a .bin's storage when it is looked up. An h5 file (a transformers TF model's
+    Keras weights) is named by `tf_name`, the others by PyTorch's names."""
+    if path.suffix == ".h5":
+        import h5py  # a dependency of TensorFlow's
 
-    Each tensor goes from the file straight into its variable in the
-    variable's dtype (float16/bfloat16/float32), so the model is never held
-    twice nor in a wider dtype; shards are read one after another, each
-    closed before the next is opened. Every variable must be found, under its
-    PyTorch name or without the "transformer." prefix (GPT2Model checkpoints);
-    other tensors in the file, such as the causal-mask buffers attn.bias and
+        with h5py.File(path, "r") as file:
+            # Keras' h5 layout: a group per top-level layer, its weights' full TF names in the weight_names attribute.
+            yield {tf_name(weight): file[layer][weight]
+                   for layer in _h5_strings(file.attrs["layer_names"])
+                   for weight in _h5_strings(file[layer].attrs["weight_names"])}
+    else:
+        yield _SafetensorsFile(path).stored() if path.suffix == ".safetensors" else TorchCheckpoint(path)
+
+
+def _h5_strings(values):
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
+
+
+def read_weights(variables, path):
+    """Assigns a checkpoint to TF variables, one tensor at a time.
+
+    `path` is a PyTorch-layout checkpoint (see `open_weights`), whose tensors
+    are found under `pytorch_name` (or without the "transformer." prefix, as
+    GPT2Model checkpoints have them), or a transformers TF model's tf_model.h5
+    (Keras' h5 layout, names by `tf_name`). Each tensor goes from the file
+    into its variable in the variable's dtype (float16/bfloat16/float32), a
+    block of rows at a time, so the model is never held twice nor in a wider
+    dtype: only the one tensor being read is (once, in the variable's dtype).
+    Shards are read one after another. Every variable must be found; other
+    tensors in the file, such as the causal-mask buffers attn.bias and
     attn.masked_bias of older checkpoints, are not weights and are left unread.
     A progress bar over the shards' bytes shows on a terminal (tqdm; not when stderr is redirected).
     """
     from tqdm.auto import tqdm
 
     path = Path(path)
+    in_tf_layout = path.suffix == ".h5"
+    name_of = tf_name if in_tf_layout else pytorch_name
     files = _files_and_names(path)
     everything = set().union(*(names for _, names in files))
-    names = {variable.name: _checkpoint_name(pytorch_name(variable.name), everything) for variable in variables}
-    missing = [pytorch_name(variable.name) for variable in variables if names[variable.name] is None]
+    names = {variable.name: _checkpoint_name(name_of(variable.name), everything) for variable in variables}
+    missing = [name_of(variable.name) for variable in variables if names[variable.name] is None]
     if missing:
         raise ValueError(f"{path} lacks the weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
                          "does config.json's model_type belong to these weights?")
@@ -178,24 +273,37 @@ def read_weights(variables, path):
               desc=f"Loading {len(files)} checkpoint shard{'s' if len(files) > 1 else ''}") as progress:
         for number, (file, held) in enumerate(files, 1):
             progress.set_postfix_str(f"shard {number}/{len(files)}")
-            weights = _open_file(file)
-            for variable in variables:
-                if names[variable.name] in held:
-                    progress.update(_assign(variable, weights[names[variable.name]], f"{file}: {names[variable.name]}"))
-            del weights  # unmaps the file before the next one is read
+            with _stored_tensors(file) as tensors:
+                for variable in variables:
+                    name = names[variable.name]
+                    if name in held:
+                        transposed = not in_tf_layout and _is_dense_kernel(variable)
+                        progress.update(_assign(variable, tensors[name], transposed, f"{file}: {name}"))
 
 
-def _assign(variable, value, where):
-    """variable <- a PyTorch-layout array (transposed for a Dense kernel), in the variable's dtype; its bytes."""
+def _assign(variable, stored, transposed, where):
+    """variable <- a stored tensor (transposed: a PyTorch Linear weight for a Dense kernel), in the variable's dtype.
+
+    The value is built in the variable's dtype and layout from blocks of the
+    tensor's rows (`_BLOCK_BYTES` each), so besides the variables only this
+    tensor is held, once. Returns the bytes read.
+    """
     shape = variable.shape.as_list()
-    expected = shape[::-1] if _is_dense_kernel(variable) else shape
-    if value.size != np.prod(shape) or (value.ndim == len(shape) and list(value.shape) != expected):
-        raise ValueError(f"{where} has shape {list(value.shape)}, the model expects {expected}; "
+    expected = shape[::-1] if transposed else shape
+    stored_shape = list(stored.shape)
+    if int(np.prod(stored_shape)) != int(np.prod(shape)) or (len(stored_shape) == len(shape) and stored_shape != expected):
+        raise ValueError(f"{where} has shape {stored_shape}, the model expects {expected}; "
                          "does config.json belong to these weights?")
-    if _is_dense_kernel(variable):
-        value = value.T
-    variable.assign(np.reshape(value, shape).astype(variable.dtype.as_numpy_dtype, copy=False))
-    return value.nbytes
+    value = np.empty(shape, variable.dtype.as_numpy_dtype)
+    rows = value.T if transposed else value.reshape(stored_shape)  # a view of value in the stored tensor's layout
+    if not stored_shape:
+        rows[()] = stored[()]
+    else:
+        step = max(1, _BLOCK_BYTES // max(1, stored.nbytes // stored_shape[0]))
+        for start in range(0, stored_shape[0], step):
+            rows[start:start + step] = stored[start:start + step]  # numpy casts into the variable's dtype
+    variable.assign(value)
+    return stored.nbytes
 
 
 def _checkpoint_name(name, weights):

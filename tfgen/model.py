@@ -100,12 +100,8 @@ def _load_weights(cls, directory, tokenizer, dtype):
     weights = checkpoint.weights_file({path.name for path in directory.iterdir()})
     if weights is None:
         raise FileNotFoundError(f"{directory} has no weights: expected one of {', '.join(checkpoint.WEIGHTS_FILES)}")
-    family = cls.family
-    if weights == checkpoint.TF_WEIGHTS_FILE:  # transformers' h5 loader builds float32 weights first
-        lm = cls(family.transformers_class.from_pretrained(directory, use_safetensors=False), tokenizer)
-        return lm if tf.as_dtype(dtype) == tf.float32 else lm.with_dtype(dtype)
     with _policy(dtype):
-        lm = cls(family.config_class.from_pretrained(directory), tokenizer)
+        lm = cls(cls.family.config_class.from_pretrained(directory), tokenizer)
     checkpoint.read_weights(lm.net.weights, directory / weights)
     return lm
 
@@ -209,13 +205,13 @@ class CausalLM(tf.keras.Model):
         """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it.
 
         Weights are read from the first of model.safetensors, its sharded index,
-        tf_model.h5, pytorch_model.bin and its index that the directory has;
-        all but tf_model.h5 are read without TensorFlow's or PyTorch's loaders
-        (see `checkpoint.open_weights`), so no torch is needed.
+        tf_model.h5, pytorch_model.bin and its index that the directory has,
+        by `checkpoint.read_weights` (neither TensorFlow's, transformers' nor
+        PyTorch's loaders), so no torch is needed.
         `dtype` ("float32", "bfloat16" or "float16") is the dtype of the weights and the
         computation (logits stay float32): the model is built in it and each tensor is read
         from the files straight into its variable, so a model is never held in float32
-        first (except from tf_model.h5, which transformers' loader reads).
+        first nor twice.
         Called on `CausalLM`, the class comes from config.json's model_type (as
         `AutoModelForCausalLM` does): `GPT2LM` for gpt2, `GPTJLM` for gptj.
         `special_tokens` (bos_token="</s>", eos_token=..., unk_token, pad_token,
