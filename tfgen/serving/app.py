@@ -70,7 +70,7 @@ class Server:
     def jobs_for(self, request, emit):
         """One Job per (prompt, choice), in OpenAI's choice order; 400 for a prompt that does not fit."""
         lm = self.engine.lm
-        context = lm.config.n_positions
+        context = self.engine.scheduler.rows.capacity
         deadline = time.monotonic() + self.settings.request_timeout
         jobs = []
         for prompt in request.prompts:
