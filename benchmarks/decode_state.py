@@ -112,7 +112,7 @@ def measure_no_compile(lm, vocab_size):
 def measure_tiers(lm, vocab_size, batches):
     """Seconds per step of the greedy advance program at each tier, from a PROMPT_LENGTH prompt."""
     import tensorflow as tf
-    from tfgen.generation.decode import CHUNK, TIERS, settings_tensors
+    from tfgen.generation.decode import TIERS, settings_tensors
     from tfgen.generation.options import resolve_options
 
     options = resolve_options(PROMPT_LENGTH, max_new_tokens=TIER_STEPS, eos_token_id=None, pad_token_id=0)
@@ -126,8 +126,7 @@ def measure_tiers(lm, vocab_size, batches):
             times = []
             for _ in range(3):  # the first compiles
                 programs.state.start(prompts, lengths, lengths + TIER_STEPS)
-                for offset in range(0, PROMPT_LENGTH - 1, CHUNK):
-                    programs.prefill(tf.constant(offset), tf.ones([batch], tf.bool))
+                programs.prefill_columns(PROMPT_LENGTH, np.ones(batch, bool))
                 start = time.perf_counter()
                 advance(tf.constant(TIER_STEPS), settings_tensors(options))
                 programs.state.value("lengths")

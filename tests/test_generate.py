@@ -174,7 +174,7 @@ def test_any_prompt_length_and_max_new_tokens_within_a_tier_adds_no_trace():
 def test_rows_started_into_a_running_state_decode_what_they_would_alone(tiny_lm, prompt_batch):
     """The engine's slots are independent: a row started (and prefilled) while others are half-way through
     generates what it generates alone, and the others go on unchanged."""
-    from tfgen.generation.decode import CHUNK, settings_tensors
+    from tfgen.generation.decode import settings_tensors
 
     ids, mask = prompt_batch
     options = resolve_options(ids.shape[1], max_new_tokens=12, eos_token_id=None, pad_token_id=0)
@@ -188,9 +188,7 @@ def test_rows_started_into_a_running_state_decode_what_they_would_alone(tiny_lm,
         compact = np.stack([np.pad(prompts[r], (0, width - len(prompts[r]))) for r in rows])
         lengths = np.array([len(prompts[r]) for r in rows], np.int32)
         state.start_rows(rows, compact, lengths, lengths + 12)
-        writing = tf.constant(np.isin(np.arange(len(ids)), rows))
-        for offset in range(0, width - 1, CHUNK):
-            programs.prefill(tf.constant(offset), writing)
+        programs.prefill_columns(width, np.isin(np.arange(len(ids)), rows))
 
     assert state.value("finished").all()  # the state the batch above left: every slot free
     start([0, 2])

@@ -153,9 +153,12 @@ def test_prompt_list_n_and_seed(client, model_name):
                                          top_p=0.9, extra_body={"top_k": 40})
     assert [c.index for c in response.choices] == list(range(6))
     assert all(c.text for c in response.choices)
-    seeded = [client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7).choices[0].text
-              for _ in range(2)]
-    assert seeded[0] == seeded[1]
+    seeded = [[c.text for c in client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7,
+                                                          n=2).choices] for _ in range(2)]
+    assert seeded[0] == seeded[1]  # the request repeats exactly
+    assert seeded[0][0] != seeded[0][1]  # its choices differ
+    alone = client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7).choices[0].text
+    assert alone == seeded[0][0]
 
 
 def test_logprobs_of_greedy_tokens_are_the_best(client, model_name):

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfgen import _env
 from tfgen.generation import beam_search, sampling, state as decode_state
-from tfgen.generation.shapes import dims
+from tfgen.generation.shapes import dims, per_row
 
 BUCKET = 32
 CHUNK = 32  # prompt columns per prefill call
@@ -35,6 +35,11 @@ TIERS = (128, 256, 512, 1024)
 STREAM_BLOCKS = (1, 4)  # a streamed generation's steps per advance call: the first, then every later one
 MAX_STATES = 4  # decode states (and their programs) kept, the least recently used dropped first
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
+# The settings a call may give per row ([rows] instead of a scalar), with their dtypes; `draw_index` (which of
+# its step's draws a sampling row takes, see sampling.row_draws) is given only per row, and defaults to the row's index.
+ROW_SETTINGS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "seed": np.int64,
+                "draw_index": np.int32, "repetition_penalty": np.float32, "no_repeat_ngram_size": np.int32,
+                "min_new_steps": np.int32}
 
 
 def round_up(n, multiple=BUCKET):
@@ -51,7 +56,10 @@ def left_pad(input_ids, attention_mask, width, pad_token_id):
 def settings_tensors(options):
     """The runtime settings of one call, as the tensors a compiled program takes.
 
-    A field of `options` may already be a tensor (the exported model's request inputs).
+    A field of `options` may already be a tensor (the exported model's request inputs). Each setting is a
+    scalar, for every row alike; the row settings (ROW_SETTINGS) may instead be given [rows], one per row,
+    as a server's rows are (`tfgen.serving.rows.StateRows`). The processors and the choice broadcast a
+    scalar, so both run the same code.
     """
     return {
         "max_new_tokens": tf.cast(options.max_new_tokens, tf.int32),
@@ -82,18 +90,33 @@ def bad_word_tensors(bad_words_ids):
     }
 
 
-def chooser(strategy):
-    """The token choice of "greedy" or "sample": (scores, step, settings) -> (tokens, log-probabilities)."""
-    if strategy == "greedy":
-        def greedy(scores, step, settings):
-            token = tf.argmax(scores, axis=-1, output_type=tf.int32)
-            return token, sampling.chosen_logprob(scores, token)
-        return greedy
+def greedy_choice(scores):
+    """The best token of each row and its log-probability."""
+    token = tf.argmax(scores, axis=-1, output_type=tf.int32)
+    return token, sampling.chosen_logprob(scores, token)
 
-    def sample(scores, step, settings):
-        scores = sampling.apply_temperature(scores, settings["temperature"])
-        seed = tf.stack([settings["seed"], tf.cast(step, tf.int64)])
-        return sampling.sample_top_k_top_p(scores, settings["top_k"], settings["top_p"], seed)
+
+def chooser(strategy):
+    """The token choice of "greedy" or "sample": (scores, steps, settings) -> (tokens, log-probabilities).
+
+    "sample" draws row r's token with `sampling.row_draws` from its seed, its step count (`steps` [rows])
+    and its `draw_index` (a setting; without it, r); a row at temperature 0 takes the best token.
+    """
+    if strategy == "greedy":
+        return lambda scores, steps, settings: greedy_choice(scores)
+
+    def sample(scores, steps, settings):
+        rows = dims(scores)[0]
+        temperature = per_row(settings["temperature"], rows, tf.float32)
+        greedy = temperature == 0.0
+        warped = sampling.apply_temperature(scores, tf.where(greedy, 1.0, temperature))
+        draw_index = settings["draw_index"] if "draw_index" in settings else tf.range(rows)
+        uniform = sampling.row_draws(per_row(settings["seed"], rows, tf.int64), steps, draw_index)
+        # A greedy row's top-k of 1 keeps the draw among the best logits (no row needs the whole vocabulary).
+        top_k = tf.where(greedy, 1, per_row(settings["top_k"], rows, tf.int32))
+        token, logprob = sampling.sample_top_k_top_p_at(warped, top_k, settings["top_p"], uniform)
+        best, best_logprob = greedy_choice(scores)
+        return tf.where(greedy, best, token), tf.where(greedy, best_logprob, logprob)
     return sample
 
 
@@ -197,6 +220,13 @@ class _Programs:
             self.state.write(decode_state.prefill(net, self.state.read(), offset, CHUNK, writing))
         self.prefill = self._compile(prefill)
 
+    def prefill_columns(self, width, writing):
+        """Prefill calls over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
+        tokens: its last one is fed by the first step)."""
+        writing = tf.constant(writing)
+        for offset in range(0, width - 1, CHUNK):
+            self.prefill(tf.constant(offset), writing)
+
     def _compile(self, function):
         compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
         # Each state's programs trace once; TF would count them together and warn of "frequent retracing".
@@ -246,6 +276,11 @@ class Decoder:
         self._programs.move_to_end(key)
         return self._programs[key]
 
+    def own_programs(self, rows, capacity, pad_id):
+        """A `_Programs` for one caller alone, outside the ones generate calls share: rows that live across
+        calls (a server's slots)."""
+        return _Programs(self.net, rows, capacity, pad_id, self._counted)
+
     @contextlib.contextmanager
     def _held(self, rows, capacity, pad_id):
         """Programs whose state no other generation is using: the cached ones, or (while those are held, as by
@@ -253,7 +288,7 @@ class Decoder:
         with self._lock:
             programs = self.programs(rows, capacity, pad_id)
             if id(programs) in self._busy:
-                programs = _Programs(self.net, rows, capacity, pad_id, self._counted)
+                programs = self.own_programs(rows, capacity, pad_id)
             self._busy.add(id(programs))
         try:
             yield programs
@@ -299,9 +334,7 @@ class Decoder:
         """stream's work on a held state: yields the blocks, returns the results for `caller_layout`."""
         state, pad_id = programs.state, options.pad_token_id
         state.start(prompts, prompt_lengths, prompt_lengths + options.max_new_tokens)
-        writing = tf.ones([state.rows], tf.bool)
-        for offset in range(0, prompts.shape[1] - 1, CHUNK):
-            programs.prefill(tf.constant(offset), writing)
+        programs.prefill_columns(prompts.shape[1], np.ones(state.rows, bool))
         settings = settings_tensors(options)
         if strategy == "beam":
             return programs.beam(options.num_beams, options.num_return_sequences)(settings)

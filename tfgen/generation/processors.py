@@ -5,7 +5,8 @@ scores. The history is the decode state's fixed-width buffer `sequence`
 [batch, width]: columns 0..`length` of each row (`length` [batch], or a
 scalar for every row) hold its prompt's tokens, then the new ones; the
 columns after are not read.
-Every setting is a runtime tensor (the bad-word list's shape aside), and each processor is a no-op at its
+Every setting is a runtime tensor (the bad-word list's shape aside), one value for every row (a scalar) or
+one per row ([batch]: the rows of a server's batch each have their own), and each processor is a no-op at its
 neutral value (penalty 1, n-gram size 0, no bad words, minimum 0), so the decode program
 applies them all unconditionally.
 """
@@ -13,13 +14,13 @@ applies them all unconditionally.
 import tensorflow as tf
 
 from tfgen.generation.options import MAX_NGRAM_SIZE
-from tfgen.generation.shapes import dims
+from tfgen.generation.shapes import dims, per_row
 
 NEG_INF = float("-inf")
 
 
 def _row_lengths(sequence, length):
-    return tf.broadcast_to(tf.cast(length, tf.int32), dims(sequence)[:1])
+    return per_row(length, dims(sequence)[0], tf.int32)
 
 
 def _history_mask(sequence, length):
@@ -40,27 +41,28 @@ def _mark(vocab, tokens, hit):
 def repetition_penalty(scores, sequence, length, penalty):
     """Divides positive scores of tokens already in the history by `penalty`, multiplies negative ones."""
     seen = _mark(scores.shape[-1], sequence, _history_mask(sequence, length))
-    penalty = tf.cast(penalty, scores.dtype)
+    penalty = per_row(penalty, dims(scores)[0], scores.dtype)[:, None]
     penalized = tf.where(scores < 0, scores * penalty, scores / penalty)
     return tf.where(seen, penalized, scores)
 
 
 def no_repeat_ngram(scores, sequence, length, ngram_size):
     """Bans every token that would repeat an n-gram of the history (n = ngram_size; 0 is off)."""
-    width = dims(sequence)[1]
+    batch, width = dims(sequence)
     length = _row_lengths(sequence, length)
     start = tf.range(width)  # the n-gram starting at each column
-    ngram_size = tf.cast(ngram_size, tf.int32)
+    ngram_size = per_row(ngram_size, batch, tf.int32)
+    size = ngram_size[:, None]
     # An n-gram whose first n-1 tokens equal the history's last n-1 bans its n-th token.
-    matches = start[None, :] + ngram_size <= length[:, None]
+    matches = start[None, :] + size <= length[:, None]
     for k in range(MAX_NGRAM_SIZE - 1):
-        in_prefix = k < ngram_size - 1
+        in_prefix = k < size - 1
         earlier = tf.gather(sequence, tf.minimum(start + k, width - 1), axis=1)
         latest = tf.gather(sequence, tf.clip_by_value(length - ngram_size + 1 + k, 0, width - 1), batch_dims=1)
         matches = tf.logical_and(matches, tf.logical_or(tf.logical_not(in_prefix), earlier == latest[:, None]))
-    matches = tf.logical_and(matches, ngram_size > 0)
+    matches = tf.logical_and(matches, size > 0)
     # Clipped at 0 too (n = 0 would index -1): XLA clamps gather indices, LiteRT's gather rejects them.
-    completions = tf.gather(sequence, tf.clip_by_value(start + ngram_size - 1, 0, width - 1), axis=1)
+    completions = tf.gather(sequence, tf.clip_by_value(start[None, :] + size - 1, 0, width - 1), batch_dims=1)
     return tf.where(_mark(scores.shape[-1], completions, matches), NEG_INF, scores)
 
 
@@ -86,7 +88,7 @@ def bad_words(scores, sequence, length, words, word_lengths):
 def ban_tokens_before(scores, token_ids, generated, min_steps):
     """Bans `token_ids` (the EOS ids) while fewer than `min_steps` tokens have been generated.
 
-    `generated` is the count of new tokens so far: [batch], or a scalar for every row.
+    `generated` (the count of new tokens so far) and `min_steps`: [batch], or a scalar for every row.
     """
     vocab = scores.shape[-1]
     is_banned_id = tf.reduce_any(tf.range(vocab)[None, :] == token_ids[:, None], axis=0)

@@ -1,10 +1,14 @@
 """Next-token selection: temperature, top-k and top-p filtering, and sampling.
 
 Pure tensor functions with transformers' semantics, written to compile under
-XLA with every setting a runtime tensor (a new value never retraces).
+XLA with every setting a runtime tensor (a new value never retraces). Each
+setting is one value for every row (a scalar) or one per row ([rows]): the
+rows of a server's batch each decode with their own.
 """
 
 import tensorflow as tf
+
+from tfgen.generation.shapes import dims, per_row
 
 # Top-k and top-p usually keep a few dozen tokens: the kept set is looked for
 # among this many best logits, and only when it does not fit there is the
@@ -19,18 +23,25 @@ NEG_INF = float("-inf")
 
 
 def apply_temperature(logits, temperature):
-    return logits / tf.cast(temperature, logits.dtype)
+    """logits divided by a temperature for every row (a scalar) or one per row ([rows], logits [rows, vocab])."""
+    temperature = tf.cast(temperature, logits.dtype)
+    return logits / (temperature[:, None] if temperature.shape.rank == 1 else temperature)
 
 
-def _clamp_top_k(top_k, vocab):
-    top_k = tf.cast(top_k, tf.int32)
+def _column(setting, logits, dtype):
+    """A setting as a [rows, 1] column against logits [rows, vocab]."""
+    return per_row(setting, dims(logits)[0], dtype)[:, None]
+
+
+def _clamp_top_k(top_k, logits):
+    top_k, vocab = _column(top_k, logits, tf.int32), logits.shape[-1]
     return tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)
 
 
 def _min_of_first(sorted_desc, count):
-    """The count-th largest value of each descending row: the smallest of the first `count`."""
-    first = tf.range(sorted_desc.shape[-1]) < count
-    return tf.reduce_min(tf.where(first, sorted_desc, float("inf")), axis=-1)
+    """The count-th largest value of each descending row ([rows, 1]): the smallest of the first `count` [rows, 1]."""
+    first = tf.range(sorted_desc.shape[-1])[None, :] < count
+    return tf.reduce_min(tf.where(first, sorted_desc, float("inf")), axis=-1, keepdims=True)
 
 
 def _threshold_in(sorted_desc, logits, top_k, top_p):
@@ -38,28 +49,28 @@ def _threshold_in(sorted_desc, logits, top_k, top_p):
 
     `sorted_desc` holds each row's best logits in descending order: the whole
     row, or a prefix of it (then the answer is right only if the kept set lies
-    inside the prefix). `top_k` is clamped to [1, vocab]; `top_p` >= 1 means off.
+    inside the prefix). `top_k` [rows, 1] is clamped to [1, vocab]; `top_p` [rows, 1] >= 1 means off.
     """
     vocab = logits.shape[-1]
-    kth = tf.where(top_k < vocab, _min_of_first(sorted_desc, top_k), NEG_INF)[:, None]
+    kth = tf.where(top_k < vocab, _min_of_first(sorted_desc, top_k), NEG_INF)
     # transformers' top-p: drop a token when the tokens ranked above it already reach top_p.
     log_norm = tf.reduce_logsumexp(tf.where(logits >= kth, logits, NEG_INF), axis=-1, keepdims=True)
     probs = tf.exp(tf.where(sorted_desc >= kth, sorted_desc, NEG_INF) - log_norm)
     mass_above = tf.math.cumsum(probs, axis=-1, exclusive=True)
     kept = tf.reduce_sum(tf.cast(mass_above < tf.cast(top_p, probs.dtype), tf.int32), axis=-1, keepdims=True)
-    nucleus_edge = _min_of_first(sorted_desc, tf.maximum(kept, 1))[:, None]
+    nucleus_edge = _min_of_first(sorted_desc, tf.maximum(kept, 1))
     return tf.where(top_p < 1.0, tf.maximum(nucleus_edge, kth), kth)
 
 
 def _candidates(logits, top_k, top_p):
-    """The best logits and their ids, the kept set's threshold, and whether the kept set lies among them."""
+    """The best logits and their ids, the kept set's threshold, and whether each row's kept set lies among them."""
     vocab = logits.shape[-1]
     width = min(NUM_CANDIDATES, vocab)
     best, best_ids = tf.math.top_k(logits, width)
     threshold = _threshold_in(best, logits, top_k, top_p)
     # Exact only if no logit outside the prefix reaches the threshold, and the
     # top-k normaliser was computable (top-k cut inside the prefix, or off).
-    outside_below = tf.reduce_all(tf.reduce_min(best, axis=-1, keepdims=True) < threshold) if width < vocab else True
+    outside_below = tf.reduce_min(best, axis=-1, keepdims=True) < threshold if width < vocab else True
     fits = tf.logical_and(tf.logical_or(top_k <= width, top_k >= vocab), outside_below)
     return best, best_ids, threshold, fits
 
@@ -69,12 +80,16 @@ def filter_top_k_top_p(logits, top_k, top_p):
 
     top_k <= 0 and top_p >= 1 switch each filter off; at least one token is always kept.
     """
+    return _filtered(logits, _clamp_top_k(top_k, logits), _column(top_p, logits, tf.float32))
+
+
+def _filtered(logits, top_k, top_p):
+    """`filter_top_k_top_p` with top_k clamped and both settings as [rows, 1] columns."""
     vocab = logits.shape[-1]
-    top_k = _clamp_top_k(top_k, vocab)
     _, _, threshold, fits = _candidates(logits, top_k, top_p)
     both_off = tf.logical_and(top_k >= vocab, top_p >= 1.0)  # threshold is -inf: nothing to sort for
     threshold = tf.cond(
-        tf.logical_or(fits, both_off),
+        tf.reduce_all(tf.logical_or(fits, both_off)),
         lambda: threshold,
         lambda: _threshold_in(tf.sort(logits, axis=-1, direction="DESCENDING"), logits, top_k, top_p),
     )
@@ -84,6 +99,22 @@ def filter_top_k_top_p(logits, top_k, top_p):
 def uniform_draws(seed, rows):
     """[rows, 1] numbers in [0, 1) from TF's stateless RNG; `seed` is a shape-[2] int tensor (the same seed, the same draws)."""
     return tf.random.stateless_uniform([rows, 1], seed=seed)
+
+
+def row_draws(seeds, steps, draw_index):
+    """[rows, 1] numbers in [0, 1): row r's is draw `draw_index[r]` of `uniform_draws([seeds[r], steps[r]], rows)`.
+
+    So a row's number depends on its own seed, step and draw index alone, not
+    on the other rows. `generate`'s rows share seed and step and each takes
+    the draw at its own index (step i's draws are those of seed [seed, i]).
+    """
+    rows = dims(seeds)[0]
+
+    def draw(args):
+        seed, step, index = args
+        return tf.gather(uniform_draws(tf.stack([seed, tf.cast(step, tf.int64)]), rows), index)
+
+    return tf.map_fn(draw, (seeds, steps, draw_index), fn_output_signature=tf.float32)
 
 
 def sample(logits, seed):
@@ -106,18 +137,14 @@ def chosen_logprob(logits, index):
     return tf.gather(logits, index, axis=-1, batch_dims=1) - tf.reduce_logsumexp(logits, axis=-1)
 
 
-def sample_top_k_top_p(logits, top_k, top_p, seed):
+def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
     """One token per row from softmax(logits) after top-k and top-p filtering, with its log-probability.
 
-    Draws among the best NUM_CANDIDATES logits when the kept set lies there,
-    from the whole filtered vocabulary otherwise; `seed` as in `sample`.
+    Draws at `uniform` [rows, 1] in [0, 1) (as `sample_at` takes them) among
+    the best NUM_CANDIDATES logits when every row's kept set lies there, from
+    the whole filtered vocabulary otherwise.
     """
-    return sample_top_k_top_p_at(logits, top_k, top_p, uniform_draws(seed, tf.shape(logits)[0]))
-
-
-def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
-    """`sample_top_k_top_p` with the draws given: `uniform` [rows, 1] in [0, 1), as `sample_at` takes them."""
-    top_k = _clamp_top_k(top_k, logits.shape[-1])
+    top_k, top_p = _clamp_top_k(top_k, logits), _column(top_p, logits, tf.float32)
     best, best_ids, threshold, fits = _candidates(logits, top_k, top_p)
 
     def among_best():
@@ -126,8 +153,8 @@ def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
         return tf.gather(best_ids, choice, axis=-1, batch_dims=1), chosen_logprob(kept, choice)
 
     def among_all():
-        kept = filter_top_k_top_p(logits, top_k, top_p)
+        kept = _filtered(logits, top_k, top_p)
         token = sample_at(kept, uniform)
         return token, chosen_logprob(kept, token)
 
-    return tf.cond(fits, among_best, among_all)
+    return tf.cond(tf.reduce_all(fits), among_best, among_all)

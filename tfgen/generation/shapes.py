@@ -12,3 +12,8 @@ def dims(tensor):
     """
     dynamic = tf.shape(tensor)
     return [dynamic[i] if size is None else size for i, size in enumerate(tensor.shape)]
+
+
+def per_row(setting, rows, dtype):
+    """A decode setting as [rows]: given per row ([rows]), or one value for every row (a scalar, broadcast)."""
+    return tf.broadcast_to(tf.cast(setting, dtype), [rows])

@@ -9,7 +9,8 @@ capacity (buffer columns):
 - `lengths` [rows]: tokens in the row; `prompt_lengths` [rows]: where its new tokens start;
 - `limits` [rows]: the length at which the row stops; `finished` [rows]: done (EOS,
   limit, or a free slot);
-- `step` []: the sampling counter (the seed of step i is [seed, i]).
+- `steps` [rows]: each row's sampling counter, its steps since it started (its step i samples with
+  seed [seed, i], the row's seed).
 
 The cache holds keys and values for columns 0..length-2 of a running row; the
 token at length-1 is fed by the next step, so prefill never needs logits and
@@ -27,7 +28,7 @@ from tfgen.generation import processors
 from tfgen.generation.shapes import dims
 
 CACHE = "cache"
-FIELDS = ("tokens", "logprobs", "lengths", "prompt_lengths", "limits", "finished", "step")
+FIELDS = ("tokens", "logprobs", "lengths", "prompt_lengths", "limits", "finished", "steps")
 
 
 def empty(net, rows, capacity, pad_id=0):
@@ -40,7 +41,7 @@ def empty(net, rows, capacity, pad_id=0):
         "prompt_lengths": tf.zeros([rows], tf.int32),
         "limits": tf.zeros([rows], tf.int32),
         "finished": tf.ones([rows], tf.bool),
-        "step": tf.zeros([], tf.int32),
+        "steps": tf.zeros([rows], tf.int32),
     }
 
 
@@ -65,7 +66,7 @@ def with_prompts(state, prompts, prompt_lengths, max_new_tokens):
         "prompt_lengths": prompt_lengths,
         "limits": prompt_lengths + max_new_tokens,
         "finished": tf.zeros([rows], tf.bool),
-        "step": tf.zeros([], tf.int32),
+        "steps": tf.zeros([rows], tf.int32),
     }
 
 
@@ -99,11 +100,14 @@ def _put(buffer, column, value, where):
 
 
 def step(net, state, settings, choose):
-    """One new token for every unfinished row. `choose(scores, step, settings)` -> (tokens, log-probabilities)."""
+    """One new token for every unfinished row. `choose(scores, steps, settings)` -> (tokens, log-probabilities).
+
+    Settings are scalars (every row alike) or [rows] (each row its own); see decode.settings_tensors.
+    """
     logits, cache = feed_last(net, state["tokens"], state["lengths"], state[CACHE])
     lengths = state["lengths"]
     scores = processors.process(logits, state["tokens"], lengths, lengths - state["prompt_lengths"], settings)
-    token, logprob = choose(scores, state["step"], settings)
+    token, logprob = choose(scores, state["steps"], settings)
     running = tf.logical_not(state["finished"])
     lengths_after = lengths + tf.cast(running, tf.int32)
     is_eos = tf.reduce_any(token[:, None] == settings["eos_ids"][None, :], axis=1)
@@ -115,7 +119,7 @@ def step(net, state, settings, choose):
         "logprobs": _put(state["logprobs"], lengths, logprob, running),
         "lengths": lengths_after,
         "finished": tf.logical_or(state["finished"], tf.logical_and(running, ends)),
-        "step": state["step"] + 1,
+        "steps": state["steps"] + tf.cast(running, tf.int32),
     }
 
 
@@ -167,8 +171,8 @@ class DecodeState(tf.Module):
     def start_rows(self, rows, prompts, prompt_lengths, limits):
         """Puts compact `prompts` [n, width] into the slots `rows` [n]; they run until `limits` [n] tokens.
 
-        Other rows and the sampling counter are untouched; the rows' cache is
-        filled by prefill programs next.
+        Other rows are untouched; the rows' sampling counters start at 0 and
+        their cache is filled by prefill programs next.
         """
         rows = tf.convert_to_tensor(rows, tf.int32)[:, None]
         prompts = tf.convert_to_tensor(prompts, tf.int32)
@@ -180,14 +184,21 @@ class DecodeState(tf.Module):
         fields["prompt_lengths"].scatter_nd_update(rows, prompt_lengths)
         fields["limits"].scatter_nd_update(rows, limits)
         fields["finished"].scatter_nd_update(rows, tf.zeros(rows.shape[:1], tf.bool))
+        fields["steps"].scatter_nd_update(rows, tf.zeros(rows.shape[:1], tf.int32))
+
+    def finish_rows(self, rows):
+        """Marks the slots `rows` finished (free): the next advance leaves them as they are."""
+        rows = tf.convert_to_tensor(rows, tf.int32)[:, None]
+        self.fields["finished"].scatter_nd_update(rows, tf.ones(rows.shape[:1], tf.bool))
 
     def start(self, prompts, prompt_lengths, limits):
-        """start_rows on every row, and the sampling counter back to 0 (as a fresh generate call)."""
+        """start_rows on every row (as a fresh generate call)."""
         prompts = np.asarray(prompts, np.int32)
         tokens = np.full([self.rows, self.capacity], self.pad_id, np.int32)
         tokens[:, : prompts.shape[1]] = prompts
         values = {"tokens": tokens, "logprobs": np.zeros(tokens.shape, np.float32), "lengths": prompt_lengths,
-                  "prompt_lengths": prompt_lengths, "limits": limits, "finished": np.zeros(self.rows, bool), "step": 0}
+                  "prompt_lengths": prompt_lengths, "limits": limits, "finished": np.zeros(self.rows, bool),
+                  "steps": np.zeros(self.rows, np.int32)}
         for name, value in values.items():
             self.fields[name].assign(value)
 

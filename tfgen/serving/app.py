@@ -70,7 +70,7 @@ class Server:
     def jobs_for(self, request, emit):
         """One Job per (prompt, choice), in OpenAI's choice order; 400 for a prompt that does not fit."""
         lm = self.engine.lm
-        context = lm.config.n_positions
+        context = self.engine.scheduler.rows.capacity
         deadline = time.monotonic() + self.settings.request_timeout
         jobs = []
         for prompt in request.prompts:
@@ -81,9 +81,10 @@ class Server:
                     f"the model's context of {context} tokens; shorten the prompt or lower max_tokens",
                     param="prompt", code="context_length_exceeded")
             prompt_text = lm.tokenizer.decode(prompt_ids)
-            for _ in range(request.n):
+            for choice in range(request.n):
                 index = len(jobs)
-                jobs.append(Job(prompt_ids, prompt_text, request.sampling, request.stop, deadline,
+                sampling = dataclasses.replace(request.sampling, seed=protocol.choice_seed(request.sampling.seed, choice))
+                jobs.append(Job(prompt_ids, prompt_text, sampling, request.stop, deadline,
                                 emit=lambda kind, value, index=index: emit(index, kind, value),
                                 top_logprobs=request.logprobs))
         most = self.settings.max_queue + self.settings.max_batch

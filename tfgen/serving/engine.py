@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfgen.serving import protocol
-from tfgen.serving.rows import GenerateRows
+from tfgen.serving.rows import StateRows
 from tfgen.serving.scheduler import Scheduler
 from tfgen.tokenizer import INCOMPLETE
 
@@ -70,7 +70,7 @@ class Engine:
         started = time.monotonic()
         try:
             self.lm = self._load()
-            rows = GenerateRows(self.lm, self.max_batch)
+            rows = StateRows(self.lm, self.max_batch)
             self.scheduler = Scheduler(rows, self.lm.tokenizer, self.max_queue, self.metrics,
                                        logprobs=lambda p, n, top: token_logprobs(self.lm, p, n, top))
             self._warm_up(rows)
@@ -85,9 +85,9 @@ class Engine:
         self.scheduler.run()
 
     def _warm_up(self, rows):
-        """Compiles the greedy and the sampling program for the first prompt bucket; longer texts (the next
-        decode.BUCKET columns) compile their programs on first use."""
-        prompt_ids = self.lm.tokenizer.encode(WARMUP_PROMPT)
+        """Compiles the rows' programs: prefill, and the greedy and the sampling advance (what every later
+        request runs, whatever its prompt length and settings)."""
+        prompt_ids = self.lm.tokenizer.encode(WARMUP_PROMPT) * 2  # two tokens at least: prefill runs too
         for do_sample in (False, True):
             sampling = protocol.Sampling(max_tokens=self.scheduler.step_tokens, do_sample=do_sample, temperature=1.0,
                                          top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,

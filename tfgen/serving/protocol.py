@@ -8,6 +8,8 @@ import dataclasses
 import time
 import uuid
 
+import numpy as np
+
 from tfgen.generation.options import MAX_NGRAM_SIZE
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
@@ -145,6 +147,14 @@ def parse_completion_request(body, served_model):
         model=model, prompts=_prompts(body["prompt"]), n=_number(body, "n", 1, 1, 128, integer=True),
         stream=stream, stop=_stop(body.get("stop")), logprobs=logprobs, sampling=sampling, user=body.get("user"),
     )
+
+
+def choice_seed(seed, choice):
+    """The seed of a request's choice: its `seed` for the first, one drawn from (seed, choice) for the others, so
+    the `n` choices of a seeded request differ and the request repeats exactly; None (unseeded) stays None."""
+    if seed is None or choice == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, choice]).generate_state(1)[0]) % 2**31
 
 
 def completion_id():

@@ -1,119 +1,87 @@
-"""Decode rows: the interface the scheduler drives, and its implementation over `GPT2LM.generate`.
+"""Decode rows: the interface the scheduler drives, on the decode state that keeps each row's KV cache.
 
 The scheduler owns a fixed set of slots; between steps it starts a request's row in a free slot
 (`start_row`), advances every started row by up to k tokens (`step`) and frees rows that are done
 (`free_row`). Any object with these three methods and `slots` can drive the server.
 
-`GenerateRows` implements them with today's one-shot decode program: each step re-runs the rows'
-whole text so far (prompt plus tokens decoded) through `GPT2LM.generate` for k more tokens, rows
-that share their settings in one batch. Rows join and leave between steps, which is what
-continuous batching needs, but every step pays a prefill of the whole text, and a prompt bucket
-(decode.BUCKET) it has not seen compiles a program. Each call runs at the full slot count (unused
-rows repeat the first and are discarded), so one program per (strategy, bucket) serves any
-occupancy; a fixed-slot decode state costs the same. A decode state that keeps the KV cache of
-each row across steps (issue 16) makes a step cost one token per row; it plugs in here.
+`StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: a new row
+is put into its slot and prefilled there alone (`writing` on its row only) while the other rows
+keep their cache and tokens, and each step is one advance program call over every slot (a step
+costs one token per running row). Every row has its own settings ([rows] setting tensors,
+decode.ROW_SETTINGS) and its own sampling counter, so what a row decodes does not depend on the
+rows beside it, nor on its slot or when it joined.
 """
 
-import dataclasses
 import random
 
 import numpy as np
+import tensorflow as tf
 
-from tfgen.serving.protocol import Sampling
-
-
-@dataclasses.dataclass
-class _Row:
-    ids: list  # the prompt, then the tokens decoded so far
-    sampling: Sampling
-    decoded: int = 0
-    steps: int = 0  # steps this row has taken (derives a seeded row's per-step seed)
+from tfgen.generation.decode import ROW_SETTINGS, settings_tensors
+from tfgen.generation.options import resolve_options
 
 
-def left_padded(rows, pad_id, batch):
-    """[batch, longest] ids and mask, rows right-aligned; rows past len(rows) repeat the first (discarded)."""
-    rows = rows + [rows[0]] * (batch - len(rows))
-    width = max(len(r) for r in rows)
-    ids = np.full((batch, width), pad_id, np.int32)
-    mask = np.zeros((batch, width), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return ids, mask
+def row_settings(sampling, seed):
+    """A row's values of decode.ROW_SETTINGS for a request's `Sampling` (temperature 0: greedy)."""
+    return {
+        "temperature": sampling.temperature if sampling.do_sample else 0.0,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": seed,
+        "draw_index": 0,  # the row's draws come from its own seed and step count alone
+        "repetition_penalty": sampling.repetition_penalty,
+        "no_repeat_ngram_size": sampling.no_repeat_ngram_size,
+        "min_new_steps": sampling.min_tokens,
+    }
 
 
-def cut_at_eos(new_ids, eos_ids):
-    """The ids through the first EOS, and whether one was there."""
-    for i, token in enumerate(new_ids):
-        if token in eos_ids:
-            return new_ids[: i + 1], True
-    return new_ids, False
-
-
-def _eos_ban(row, k):
-    """How many of the row's next k tokens may not be EOS (min_tokens)."""
-    return min(max(row.sampling.min_tokens - row.decoded, 0), k)
-
-
-class GenerateRows:
-    """Decode rows over `GPT2LM.generate`: each step regenerates k tokens from each row's text so far."""
+class StateRows:
+    """Decode rows on a decode state of `slots` rows whose capacity is the model's context."""
 
     def __init__(self, lm, slots):
-        self.lm = lm
+        config = lm.config
+        options = resolve_options(1, max_new_tokens=1, eos_token_id=config.eos_token_id,
+                                  pad_token_id=config.pad_token_id)
         self.slots = slots
-        self._rows = {}
-        self._eos_ids = {lm.config.eos_token_id} if lm.config.eos_token_id is not None else set()
-        self._pad_id = lm.tokenizer.padding_id
+        self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
+        self._programs = lm.decoder.own_programs(slots, self.capacity, options.pad_token_id)
+        self._eos_ids = set(options.eos_token_ids)
+        self._shared = settings_tensors(options)  # EOS, pad and the (empty) bad words: the same for every row
+        self._settings = {name: np.zeros(slots, dtype) for name, dtype in ROW_SETTINGS.items()}
+        self._sent = {}  # slot -> the row's tokens (prompt and new) handed to the scheduler so far
 
     def start_row(self, slot, prompt_ids, sampling):
-        if slot in self._rows or not 0 <= slot < self.slots:
+        """Puts a prompt into a free slot and prefills it there; the other rows are left as they are."""
+        length = len(prompt_ids)
+        if slot in self._sent or not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is taken or out of range")
-        self._rows[slot] = _Row(list(prompt_ids), sampling)
+        if length + sampling.max_tokens > self.capacity:
+            raise ValueError(f"{length} prompt tokens + max_tokens {sampling.max_tokens} exceed the capacity "
+                             f"{self.capacity}")
+        state = self._programs.state
+        state.start_rows([slot], [prompt_ids], [length], [length + sampling.max_tokens])
+        self._programs.prefill_columns(length, np.arange(self.slots) == slot)
+        seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
+        for name, value in row_settings(sampling, seed).items():
+            self._settings[name][slot] = value
+        self._sent[slot] = length
 
     def free_row(self, slot):
-        self._rows.pop(slot, None)
+        """Ends the row at once: its slot is finished, so the next step leaves it alone."""
+        if self._sent.pop(slot, None) is not None:
+            self._programs.state.finish_rows([slot])
 
     def step(self, k):
-        """Up to k new token ids per started slot: {slot: (ids, reached_eos)}."""
-        groups = {}
-        for slot, row in self._rows.items():
-            groups.setdefault(self._group(slot, row, k), []).append(slot)
+        """Up to k new token ids per started slot: {slot: (ids, reached_eos)}; the ids end at an EOS."""
+        if not self._sent:
+            return {}
+        sampled = any(self._settings["temperature"][slot] > 0 for slot in self._sent)
+        advance = self._programs.advance("sample" if sampled else "greedy")
+        settings = {**self._shared, **{name: tf.constant(value) for name, value in self._settings.items()}}
+        now = {name: value.numpy() for name, value in advance(tf.constant(k), settings).items()}
         out = {}
-        for slots in groups.values():
-            out.update(self._step_group(slots, k))
-        return out
-
-    def _group(self, slot, row, k):
-        """Rows that can share one generate call: the same settings and the same EOS ban within the next k
-        tokens; a seeded row always runs alone, at batch row 0, so its tokens repeat whatever else the
-        server decodes."""
-        s = row.sampling
-        alone = slot if s.seed is not None and s.do_sample else None
-        return (s.do_sample, s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.no_repeat_ngram_size,
-                _eos_ban(row, k), alone)
-
-    def _step_group(self, slots, k):
-        rows = [self._rows[slot] for slot in slots]
-        s = rows[0].sampling
-        remaining = [row.sampling.max_tokens - row.decoded for row in rows]
-        ids, mask = left_padded([row.ids for row in rows], self._pad_id, self.slots)
-        if s.seed is not None:
-            seed = (s.seed * 1_000_003 + rows[0].steps) % 2**31
-        else:
-            seed = random.randrange(2**31)
-        # Each row fits the context with its own remaining tokens; the longest row bounds what the batch may add.
-        room = self.lm.config.n_positions - ids.shape[1]
-        sequences = self.lm.generate(
-            ids, mask, max_new_tokens=min(k, max(remaining), room), do_sample=s.do_sample, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-            no_repeat_ngram_size=s.no_repeat_ngram_size, min_new_tokens=_eos_ban(rows[0], k),
-            seed=seed,
-        ).numpy()
-        out = {}
-        for i, (slot, row) in enumerate(zip(slots, rows)):
-            new_ids, reached_eos = cut_at_eos(sequences[i, ids.shape[1]:][: remaining[i]].tolist(), self._eos_ids)
-            row.ids.extend(new_ids)
-            row.decoded += len(new_ids)
-            row.steps += 1
-            out[slot] = (new_ids, reached_eos)
+        for slot, sent in self._sent.items():
+            new_ids = now["tokens"][slot, sent: now["lengths"][slot]].tolist()
+            self._sent[slot] = sent + len(new_ids)
+            out[slot] = (new_ids, bool(new_ids) and bool(now["finished"][slot]) and new_ids[-1] in self._eos_ids)
         return out

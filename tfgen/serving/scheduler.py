@@ -168,7 +168,7 @@ class Scheduler:
 
     def _advance(self, job, new_ids, reached_eos):
         job.new_ids.extend(new_ids)
-        # The rows already cut new_ids after an EOS (rows.cut_at_eos), so no more ids end it here.
+        # A row's new_ids end at its EOS (the decode state stops the row there), so no more ids end it here.
         text = self.tokenizer.completion(job.prompt_ids, job.new_ids, (), job.prompt_text).new_text
         stop_at = find_stop(text, job.stop)
         if stop_at is not None:
