@@ -115,7 +115,7 @@ def pytorch_name(tf_variable_name):
     return ".".join(parts)
 
 
-def _is_dense_kernel(variable):
+def is_dense_kernel(variable):
     # A Keras Dense kernel is [in, out], the PyTorch Linear weight [out, in]; GPT-2's Conv1D ("weight") keeps [in, out].
     return variable.name.split(":")[0].endswith("/kernel")
 
@@ -123,7 +123,7 @@ def _is_dense_kernel(variable):
 def pytorch_value(variable, dtype=None):
     """A TF variable's value in transformers' PyTorch layout (numpy, cast to `dtype` if given)."""
     value = variable.numpy() if dtype is None else variable.numpy().astype(dtype)
-    if _is_dense_kernel(variable):
+    if is_dense_kernel(variable):
         value = value.T
     elif variable.name.endswith("bias:0") and value.ndim == 2:
         value = value[0]
@@ -188,11 +188,11 @@ def read_weights(variables, path):
 def _assign(variable, value, where):
     """variable <- a PyTorch-layout array (transposed for a Dense kernel), in the variable's dtype; its bytes."""
     shape = variable.shape.as_list()
-    expected = shape[::-1] if _is_dense_kernel(variable) else shape
+    expected = shape[::-1] if is_dense_kernel(variable) else shape
     if value.size != np.prod(shape) or (value.ndim == len(shape) and list(value.shape) != expected):
         raise ValueError(f"{where} has shape {list(value.shape)}, the model expects {expected}; "
                          "does config.json belong to these weights?")
-    if _is_dense_kernel(variable):
+    if is_dense_kernel(variable):
         value = value.T
     variable.assign(np.reshape(value, shape).astype(variable.dtype.as_numpy_dtype, copy=False))
     return value.nbytes
