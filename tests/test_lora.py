@@ -171,6 +171,8 @@ def test_bad_settings_are_clear_errors(tiny_lm_dir, gptj_dir, tmp_path):
         lm.enable_lora(4)
     with pytest.raises(ValueError, match="with_dtype copies the base weights only"):
         lm.with_dtype("bfloat16")
+    with pytest.raises(NotImplementedError, match="saved with save_pretrained \\(merged weights\\)"):
+        lm.save(tmp_path / "lora.keras")
     lm.save_lora_adapter(tmp_path / "rank4")
     other = CausalLM.from_pretrained(tiny_lm_dir)
     other.enable_lora(2)

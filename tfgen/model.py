@@ -263,6 +263,9 @@ class CausalLM(tf.keras.Model):
         Keras' HDF5 and SavedModel formats cannot hold this model; they raise
         an error that names what to use instead.
         """
+        if self.lora is not None:
+            raise NotImplementedError("a model with LoRA adapters is saved with save_pretrained (merged weights) or "
+                                      "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file")
         if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
             raise NotImplementedError(f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
                                       f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
