@@ -183,7 +183,7 @@ def pytorch_name(tf_variable_name):
     return ".".join(parts)
 
 
-def _is_dense_kernel(variable):
+def is_dense_kernel(variable):
     # A Keras Dense kernel is [in, out], the PyTorch Linear weight [out, in]; GPT-2's Conv1D ("weight") keeps [in, out].
     return variable.name.split(":")[0].endswith("/kernel")
 
@@ -191,7 +191,7 @@ def _is_dense_kernel(variable):
 def pytorch_value(variable, dtype=None):
     """A TF variable's value in transformers' PyTorch layout (numpy, cast to `dtype` if given)."""
     value = variable.numpy() if dtype is None else variable.numpy().astype(dtype)
-    if _is_dense_kernel(variable):
+    if is_dense_kernel(variable):
         value = value.T
     elif variable.name.endswith("bias:0") and value.ndim == 2:
         value = value[0]
@@ -277,7 +277,7 @@ def read_weights(variables, path):
                 for variable in variables:
                     name = names[variable.name]
                     if name in held:
-                        transposed = not in_tf_layout and _is_dense_kernel(variable)
+                        transposed = not in_tf_layout and is_dense_kernel(variable)
                         progress.update(_assign(variable, tensors[name], transposed, f"{file}: {name}"))
 
 

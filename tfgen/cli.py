@@ -138,6 +138,7 @@ def _finetune(args):
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         save_steps=args.save_steps, layout=args.layout, document=args.document,
         mixed_precision=args.mixed_precision, jit_compile=_XLA[args.xla], resume=args.resume, seed=args.seed,
+        lora_rank=args.lora_rank,
     )
     finetune(settings)
     print(f"checkpoint: {Path(args.output) / 'checkpoint'}")
@@ -293,6 +294,9 @@ def _add_finetune(subparsers):
                    help="bfloat16 on CPUs that have it, float16 with loss scaling on GPUs")
     p.add_argument("--xla", choices=list(_XLA), default="auto",
                    help="compile the train step with XLA (auto: on GPUs and TPUs; on CPUs it measured no faster)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None, metavar="R",
+                   help="train only rank-R LoRA adapters on the attention projections (the base stays frozen); "
+                        "checkpoint/ gets merged weights, checkpoint/adapter/ the adapter in PEFT's layout")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for the data order and dropout")
     p.set_defaults(run=_finetune)

@@ -3,6 +3,7 @@
 A run directory holds:
 - `checkpoint/`: the latest HF-layout checkpoint, with the optimizer state and
   step count in `checkpoint/training_state/` (replaced atomically at each save);
+  with `lora_rank`, merged weights and the adapter in PEFT's layout in `checkpoint/adapter/`;
 - `training_log.csv`: Keras' CSVLogger, one row per epoch;
 - `steps.csv`: each training step's own batch loss;
 - `loss.png`: the loss curves;
@@ -48,6 +49,7 @@ class FinetuneSettings:
     mixed_precision: bool = False
     jit_compile: object = "auto"  # True, False or "auto" (GPUs and TPUs only)
     resume: bool = False
+    lora_rank: int = None  # None: every weight trains; else LoRA adapters of this rank only
     seed: int = 0
     verbose: int = 1
 
@@ -91,6 +93,29 @@ def check_output_dir(output, resume):
         raise FileExistsError(f"{output} is not empty and is not a fine-tuning run; choose a new or empty --output")
 
 
+def check_same_lora_rank(output, lora_rank):
+    """A run resumes with the LoRA rank it started with (none for full fine-tuning)."""
+    started = json.loads((Path(output) / RUN_FILE).read_text(encoding="utf-8")).get("lora_rank")
+    if started != lora_rank:
+        def describe(rank):
+            return f"--lora-rank {rank}" if rank else "full fine-tuning (no --lora-rank)"
+        raise ValueError(f"the run in {output} was started with {describe(started)}; resume it with the same, "
+                         f"not {describe(lora_rank)}")
+
+
+def _load_model(settings, output):
+    """The model to train: the checkpoint of a resumed full run; for LoRA the base model with its adapters."""
+    if not settings.lora_rank:
+        return CausalLM.from_pretrained(output / CHECKPOINT_DIR if settings.resume else settings.model)
+    # The base weights stay frozen, so a resumed run reads the base again and then the adapter it trained.
+    lm = CausalLM.from_pretrained(settings.model)
+    if settings.resume:
+        lm.load_lora_adapter(output / CHECKPOINT_DIR / training.LORA_ADAPTER_DIR)
+    else:
+        lm.enable_lora(settings.lora_rank)
+    return lm
+
+
 def _rewind_to_checkpoint(output, step):
     """After an interruption: drops the step log's rows past the checkpoint and any half-written checkpoint."""
     for partial in output.glob(".*"):  # temporary files and staging directories of writes cut short
@@ -125,6 +150,8 @@ def finetune(settings):
     data.check_text_files(settings.train, settings.document)
     data.check_text_files(settings.valid or [], settings.document)
     check_output_dir(settings.output, settings.resume)
+    if settings.resume:
+        check_same_lora_rank(settings.output, settings.lora_rank)
     tf.keras.utils.set_random_seed(settings.seed)
     if not settings.mixed_precision:
         return _train(settings)
@@ -134,7 +161,7 @@ def finetune(settings):
 
 def _train(settings):
     output = Path(settings.output)
-    lm = CausalLM.from_pretrained(output / CHECKPOINT_DIR if settings.resume else settings.model)
+    lm = _load_model(settings, output)
     if lm.tokenizer is None:
         raise ValueError(f"{settings.model} has no tokenizer files; fine-tuning needs the model's tokenizer")
     if not 1 <= settings.block_size <= lm.config.n_positions:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfgen import checkpoint, families
+from tfgen import checkpoint, families, lora
 from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
 from tfgen.tokenizer import Completion, Tokenizer, completion_texts  # noqa: F401  (Completion: complete()'s result type)
@@ -145,6 +145,7 @@ class CausalLM(tf.keras.Model):
         setattr(self, self.model_attribute, model)
         self.net = family(model)
         self.tokenizer = tokenizer
+        self.lora = None  # the `lora.Adapters` after enable_lora
         self.decoder = Decoder(self.net)
         self(tf.zeros([1, 1], tf.int32))  # builds the weights, so summary() and saving work at once
 
@@ -243,6 +244,9 @@ class CausalLM(tf.keras.Model):
 
     def with_dtype(self, dtype):
         """A copy with its weights and computation in `dtype`, e.g. "bfloat16" (half the memory; logits stay float32)."""
+        if self.lora is not None:
+            raise ValueError("with_dtype copies the base weights only, not LoRA adapters; save_pretrained the model "
+                             "(merged weights) and load that with CausalLM.from_pretrained(directory, dtype=...)")
         with _policy(dtype):
             copy = type(self)(self.family.config_class(**self.config.to_dict()), self.tokenizer)
         for target, source in zip(copy.net.weights, self.net.weights):
@@ -255,6 +259,9 @@ class CausalLM(tf.keras.Model):
         Keras' HDF5 and SavedModel formats cannot hold this model; they raise
         an error that names what to use instead.
         """
+        if self.lora is not None:
+            raise NotImplementedError("a model with LoRA adapters is saved with save_pretrained (merged weights) or "
+                                      "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file")
         if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
             raise NotImplementedError(f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
                                       f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
@@ -278,17 +285,77 @@ class CausalLM(tf.keras.Model):
         return super()._trackable_children(save_type, **kwargs)
 
     def save_pretrained(self, directory):
-        """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically."""
+        """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically.
+
+        With LoRA enabled the weights are merged (W + (alpha / r) A B in each
+        target): a plain checkpoint that transformers and tfgen load without adapters.
+        """
         with checkpoint.atomic_directory(directory) as staging:
             self.write_checkpoint_files(staging)
 
     def write_checkpoint_files(self, directory):
         """save_pretrained's files, written into an existing directory (not atomically)."""
         directory = Path(directory)
-        self.net.model.save_pretrained(directory, safe_serialization=False)
-        checkpoint.write_safetensors(self.net.weights, directory / checkpoint.SAFETENSORS_FILE)
+        merged = self.lora.merged_into_base(self.net.lora_layers()) if self.lora is not None else contextlib.nullcontext()
+        with merged:
+            self.net.model.save_pretrained(directory, safe_serialization=False)
+            checkpoint.write_safetensors(self.net.model.weights, directory / checkpoint.SAFETENSORS_FILE)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
+
+    def enable_lora(self, rank, alpha=None):
+        """Freezes every weight and adds trainable rank-`rank` LoRA adapters on the attention projections.
+
+        The targets are PEFT's defaults: GPT-2's fused q/k/v projection
+        (`c_attn`), GPT-J's `q_proj` and `v_proj`. Each target computes
+        x W + b + (alpha / rank) (x A) B; `alpha` defaults to the rank (a
+        scaling of 1, as KerasHub's and PEFT's defaults at rank 8). B starts at
+        zero, so outputs are unchanged until training. Everything that runs the
+        model (call and fit, generate, score, exports) uses the adapters;
+        `save_pretrained` writes merged weights, `save_lora_adapter` the adapter
+        alone in PEFT's layout. Call it before `compile`.
+        """
+        self._check_lora_can_be_enabled()
+        self._use_adapters(lora.Adapters(self.net.lora_layers(), rank, alpha))
+
+    def _check_lora_can_be_enabled(self):
+        if self.lora is not None:
+            raise ValueError(f"LoRA is already enabled on this model (rank {self.lora.rank}); enable it once, or "
+                             "load the model again for other settings")
+        if self._is_compiled:
+            raise ValueError("enable_lora must come before compile(): compile sets up the optimizer for the "
+                             "trainable weights; call lm.enable_lora(rank) and then lm.compile()")
+
+    def _use_adapters(self, adapters):
+        self.net.model.trainable = False
+        adapters.attach(self.net.lora_layers())
+        self.lora = self.net.adapters = adapters
+        self.decoder = Decoder(self.net)  # programs traced before would run without the adapters
+
+    def save_lora_adapter(self, directory, base_model_name_or_path=None):
+        """Writes the LoRA adapter alone in PEFT's layout (adapter_config.json, adapter_model.safetensors), atomically.
+
+        `PeftModel.from_pretrained(base, directory)` and `load_lora_adapter`
+        read it. base_model_name_or_path (the config's field) defaults to where the base model was loaded from.
+        """
+        if self.lora is None:
+            raise ValueError("this model has no LoRA adapter; call enable_lora(rank) and train it first")
+        with checkpoint.atomic_directory(directory) as staging:
+            self.lora.write(staging, base_model_name_or_path or self.config.name_or_path)
+
+    def load_lora_adapter(self, directory):
+        """Reads a PEFT LoRA adapter (as `save_lora_adapter` or PEFT writes it) onto this base model.
+
+        Enables LoRA with the adapter's rank and alpha first, unless it is enabled with the same.
+        """
+        config = lora.read_peft_config(directory)
+        if self.lora is not None:
+            self.lora.read(directory)
+            return
+        self._check_lora_can_be_enabled()
+        adapters = lora.Adapters(self.net.lora_layers(), config["r"], config["lora_alpha"])
+        adapters.read(directory)
+        self._use_adapters(adapters)
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False,
                  streamer=None, **kwargs):

@@ -14,6 +14,7 @@ import tensorflow as tf
 from tfgen import checkpoint
 
 TRAINING_STATE_DIR = "training_state"
+LORA_ADAPTER_DIR = "adapter"  # a LoRA run's adapter in PEFT's layout, beside the merged weights
 _STATE_FILE = "trainer_state.json"
 _OPTIMIZER_PREFIX = "optimizer"
 # LayerNorm weights (ln_1, ln_2, ln_f) and every bias are not decayed, as in GPT-2 and transformers' Trainer.
@@ -160,9 +161,15 @@ def save_training_state(lm, directory, epoch):
 
     `epoch` is the number of completed epochs; the step count is the
     optimizer's `iterations`. `restore_training_state` reads it back.
+    With LoRA the HF files hold merged weights and `adapter/` the adapter
+    (PEFT's layout), which a resumed run loads onto the base model again;
+    the optimizer state then covers the adapters only (the trainable weights).
     """
     with checkpoint.atomic_directory(directory) as staging:
         lm.write_checkpoint_files(staging)
+        if lm.lora is not None:
+            (staging / LORA_ADAPTER_DIR).mkdir()
+            lm.lora.write(staging / LORA_ADAPTER_DIR, lm.config.name_or_path)
         state = staging / TRAINING_STATE_DIR
         state.mkdir()
         tf.train.Checkpoint(optimizer=lm.optimizer).write(str(state / _OPTIMIZER_PREFIX))

@@ -12,7 +12,7 @@ class Family:
     `transformers_class`, and gives the two forward pieces decoding runs over
     the KV cache: `blocks` (embeddings and transformer blocks for tokens at
     given buffer columns of each row, keys and values written into the cache)
-    and `head` (logits), plus `attention_projections` (the layers LoRA adapts).
+    and `head` (logits), and names its `lora_targets` (the attention projections LoRA adapts).
     Weight names follow transformers' TF <-> PyTorch convention (see
     `checkpoint.pytorch_name`), which both families keep.
     """
@@ -20,9 +20,11 @@ class Family:
     model_type = None
     config_class = None
     transformers_class = None
+    lora_targets = ()  # the attention projections of each block that LoRA adapts: PEFT's defaults for the family
 
     def __init__(self, model):
         self.model = model
+        self.adapters = None  # the `lora.Adapters` once LoRA is enabled
 
     @classmethod
     def build(cls, config):
@@ -47,7 +49,8 @@ class Family:
 
     @property
     def weights(self):
-        return self.model.weights
+        """The variables the forward pieces read: the wrapped model's, then the LoRA adapters' once enabled."""
+        return self.model.weights + (self.adapters.weights if self.adapters is not None else [])
 
     def empty_cache(self, rows, capacity):
         return kv_cache.empty_cache(self.config, rows, capacity, self.compute_dtype)
@@ -74,6 +77,6 @@ class Family:
         """Float32 next-token logits [rows, vocab] from hidden states [rows, width]."""
         raise NotImplementedError
 
-    def attention_projections(self):
-        """The attention projection layers of every block (what `enable_lora` adapts)."""
-        raise NotImplementedError
+    def lora_layers(self):
+        """The `lora_targets` layers of every block, block after block."""
+        return [getattr(block.attn, name) for block in self.model.transformer.h for name in self.lora_targets]

@@ -12,6 +12,7 @@ class GPT2(Family):
     model_type = "gpt2"
     config_class = GPT2Config
     transformers_class = TFGPT2LMHeadModel
+    lora_targets = ("c_attn",)  # the fused q/k/v Conv1D
 
     def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
         main = self.model.transformer
@@ -33,6 +34,3 @@ class GPT2(Family):
         h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
         logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
         return tf.cast(logits, tf.float32)
-
-    def attention_projections(self):
-        return [layer for block in self.model.transformer.h for layer in (block.attn.c_attn, block.attn.c_proj)]

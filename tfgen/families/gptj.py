@@ -33,6 +33,7 @@ class GPTJ(Family):
     model_type = "gptj"
     config_class = GPTJConfig
     transformers_class = TFGPTJForCausalLM
+    lora_targets = ("q_proj", "v_proj")
 
     def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
         main = self.model.transformer
@@ -55,7 +56,3 @@ class GPTJ(Family):
     def head(self, hidden):
         h = self.model.transformer.ln_f(hidden[:, None])
         return tf.cast(self.model.lm_head(h)[:, 0], tf.float32)
-
-    def attention_projections(self):
-        return [getattr(block.attn, name) for block in self.model.transformer.h
-                for name in ("q_proj", "k_proj", "v_proj", "out_proj")]
