@@ -207,3 +207,19 @@ def test_seed_004_calls_as_the_readme_writes_them(gptj_dir):
         assert all(isinstance(text, str) for text in texts)
     assert len(beams) == 5 and len(sampled) == 3 and len(interview) == 3
     assert all(text.startswith(prompt) for text in beams + sampled)
+
+
+@pytest.mark.slow
+def test_litert_export_generates_and_scores_as_gptjlm(gptj, tmp_path):
+    from tfgen import export_litert
+    from tfgen.litert import LiteRTLM
+
+    runtime = LiteRTLM(export_litert(gptj, tmp_path / "litert", quantize="none", capacity=64))
+    for prompt in PROMPTS:
+        ids = gptj.tokenizer.encode(prompt)
+        for settings in (dict(max_new_tokens=12), dict(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2)):
+            expected = gptj.generate([ids], **settings).numpy()[0].tolist()
+            assert runtime.generate([ids], **settings)[0].tolist() == expected
+    for result, reference in zip(runtime.score(PROMPTS), gptj.score(PROMPTS)):
+        assert result["tokens"] == reference["tokens"]
+        np.testing.assert_allclose(result["token_logprobs"], reference["token_logprobs"], rtol=1e-4, atol=1e-4)
