@@ -159,8 +159,10 @@ class StepModule(tf.Module):
                 "keys": tf.stack([k[0] for k, _ in new]), "values": tf.stack([v[0] for _, v in new])}
 
     def _prefill(self, input_ids):
-        no_cache = [(None, None)] * self.net.config.n_layer
-        return self._forward(input_ids, tf.range(tf.shape(input_ids)[1])[None], no_cache)
+        return self._forward(input_ids, tf.range(tf.shape(input_ids)[1])[None], self._no_cache())
+
+    def _no_cache(self):
+        return [(None, None)] * self.net.config.n_layer
 
     def _decode(self, token, position, *cache):
         return self._forward(token, position[None, None], list(zip(cache[::2], cache[1::2])))
@@ -186,5 +188,9 @@ class StepModule(tf.Module):
         return {"token": token, "logprob": logprob}
 
     def _score(self, input_ids):
-        logits = self.net.logits(input_ids, None, training=False)
+        # The family's own blocks, as prefill runs them: the wrapped transformers model does not convert to builtin
+        # ops for every family (GPT-J's rotary slicing needs TF Select).
+        hidden, _ = self.net.blocks(input_ids, tf.range(tf.shape(input_ids)[1])[None], self._no_cache(),
+                                    attend=attend_beside_cache)
+        logits = self.net.head(hidden[0])[None]
         return {"token_logprobs": scoring.next_token_logprobs(logits, input_ids)}
