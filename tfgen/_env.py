@@ -17,6 +17,13 @@ processes can share the directory. TFGEN_COMPILE_CACHE=DIR puts the cache
 under DIR, TFGEN_COMPILE_CACHE=off switches it off, and a
 --tf_xla_persistent_cache_directory of the user's own in TF_XLA_FLAGS wins.
 
+XLA's while-loop invariant code motion is switched off (XLA_FLAGS, read when
+XLA first compiles; a --xla_disable_hlo_passes of the user's own wins). On a CPU
+XLA computes bfloat16 and float16 in float32, and that pass would convert every
+weight of a low-precision model once, before the decode loop: a float32 copy of
+the whole model alive while it decodes (see tfgen.families.base.read_after).
+The flags are part of the cache directory's name, as they change what XLA compiles.
+
 A few start-up lines (the CUDA probe on a machine without a GPU) are written
 before TF reads TF_CPP_MIN_LOG_LEVEL, so the first import of TensorFlow runs
 with stderr captured and everything but those known lines is written back.
@@ -43,6 +50,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 COMPILE_CACHE_VARIABLE = "TFGEN_COMPILE_CACHE"
 _CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+_PASSES_FLAG = "--xla_disable_hlo_passes"
 
 
 def _cpu_digest():
@@ -66,7 +74,14 @@ def compile_cache_directory(environ=os.environ):
         tensorflow_version = importlib.metadata.version("tensorflow")
     except importlib.metadata.PackageNotFoundError:
         tensorflow_version = "unknown"
-    return base / "xla" / f"tf-{tensorflow_version}-tfgen-{__version__}-cpu-{_cpu_digest()}"
+    flags = hashlib.sha256(environ.get("XLA_FLAGS", "").encode()).hexdigest()[:8]
+    return base / "xla" / f"tf-{tensorflow_version}-tfgen-{__version__}-cpu-{_cpu_digest()}-xla-{flags}"
+
+
+def _keep_weight_converts_in_loops():
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _PASSES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_PASSES_FLAG}=while-loop-invariant-code-motion".strip()
 
 
 def _use_compile_cache():
@@ -81,6 +96,7 @@ def _use_compile_cache():
     os.environ["TF_XLA_FLAGS"] = f"{flags} {_CACHE_FLAG}={directory}".strip()
 
 
+_keep_weight_converts_in_loops()
 _use_compile_cache()
 
 _STARTUP_NOISE = re.compile(

@@ -1,8 +1,45 @@
 """The interface of a model family: what decoding, scoring, training and export need from an architecture."""
 
+import contextlib
+
 import tensorflow as tf
 
 from tfgen.generation import kv_cache
+
+MATRIX_NAMES = ("kernel", "weight")  # a Keras Dense's matrix, a transformers Conv1D's
+
+
+def read_after(variable, tensor):
+    """`variable`'s value, made to depend on `tensor`, so XLA cannot compute anything from it before `tensor` is known.
+
+    Why: XLA's CPU backend computes bfloat16 and float16 in float32, converting
+    each weight before use, and would schedule every layer's converts together:
+    a float32 copy of the whole model, three times the weights' memory (a 6 B model
+    in bfloat16 would need 37 GB). A block's weights read after its input are
+    converted as the block runs, one block at a time (tfgen._env also keeps XLA
+    from hoisting them out of the decode loop). The dependency is an OR of a zero
+    into the weight's bits: an integer op, which XLA does not widen to float32.
+    """
+    first = tf.reshape(tensor, [-1])[0]
+    if first.dtype.is_floating:
+        first = tf.bitcast(first, {2: tf.int16, 4: tf.int32}[first.dtype.size])
+    zero = tf.cast(tf.bitwise.bitwise_or(first, tf.ones_like(first)) == 0, tf.uint16)  # never true: x | 1 != 0
+    return tf.bitcast(tf.bitwise.bitwise_or(tf.bitcast(variable, tf.uint16), zero), variable.dtype)
+
+
+@contextlib.contextmanager
+def matrices_read_after(layer, hidden):
+    """Inside, the matrices of `layer` and its sublayers (bfloat16 or float16) are read through `read_after`."""
+    swapped = [(owner, name, getattr(owner, name)) for owner in (layer, *layer.submodules)
+               if isinstance(owner, tf.keras.layers.Layer)
+               for name in MATRIX_NAMES if isinstance(getattr(owner, name, None), tf.Variable)]
+    try:
+        for owner, name, variable in swapped:
+            object.__setattr__(owner, name, read_after(variable, hidden))  # past Keras' tracking: a value, for now
+        yield
+    finally:
+        for owner, name, variable in swapped:
+            object.__setattr__(owner, name, variable)
 
 
 class Family:
@@ -46,6 +83,12 @@ class Family:
     @property
     def compute_dtype(self):
         return self.model.transformer.compute_dtype
+
+    def weights_after(self, layer, hidden):
+        """The context the blocks and head run `layer` in: none in a float32 model, else `matrices_read_after`."""
+        if self.compute_dtype == tf.float32:
+            return contextlib.nullcontext()
+        return matrices_read_after(layer, hidden)
 
     @property
     def weights(self):

@@ -4,7 +4,7 @@ and before the MLP, head tied to the token embeddings."""
 import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 
-from tfgen.families.base import Family
+from tfgen.families.base import Family, read_after
 from tfgen.generation import kv_cache
 
 
@@ -22,15 +22,18 @@ class GPT2(Family):
         h = tf.cast(h, main.compute_dtype)
         new_cache = []
         for block, (cache_k, cache_v) in zip(main.h, cache):
-            q, k, v = (kv_cache.split_heads(x, n_head) for x in tf.split(block.attn.c_attn(block.ln_1(h)), 3, axis=-1))
-            a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
-            h = h + block.attn.c_proj(a)
-            h = h + block.mlp(block.ln_2(h), training=False)
+            with self.weights_after(block, h):
+                q, k, v = (kv_cache.split_heads(x, n_head)
+                           for x in tf.split(block.attn.c_attn(block.ln_1(h)), 3, axis=-1))
+                a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
+                h = h + block.attn.c_proj(a)
+                h = h + block.mlp(block.ln_2(h), training=False)
             new_cache.append((cache_k, cache_v))
         return h, new_cache
 
     def head(self, hidden):
         main = self.model.transformer
         h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
-        logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
+        embeddings = main.wte.embeddings if self.compute_dtype == tf.float32 else read_after(main.wte.embeddings, h)
+        logits = tf.matmul(h, tf.cast(embeddings, h.dtype), transpose_b=True)
         return tf.cast(logits, tf.float32)
