@@ -9,8 +9,9 @@ The bound checked: the peak RSS while loading (the kernel's VmHWM) minus the RSS
 transformers' TF model classes and tfgen imported) is within 1.5x the weights' bytes in the target dtype. "kept" is
 the RSS after loading minus the RSS before it (the weights and what loading leaves behind), "transient" the peak
 minus the RSS after loading. After loading: a first generate call of 8 tokens (compiling included), then a timed
-call of --new-tokens tokens (tokens/s); "decode extra" is the peak RSS over both calls minus the RSS after loading. The checkpoint goes to a temporary directory (12.3 GB for kogpt-6b), deleted
-at the end. Results: benchmarks/results/big_checkpoint-SHAPE.json.
+call of --new-tokens tokens (tokens/s); "decode extra" is the peak RSS over both calls minus the RSS after loading.
+The checkpoint goes to a temporary directory (12.3 GB for kogpt-6b), deleted at the end. Results:
+benchmarks/results/big_checkpoint-SHAPE.json.
 """
 
 import argparse
@@ -113,14 +114,15 @@ def load_and_generate(directory, dtype, new_tokens):
     start = time.perf_counter()
     out = lm.generate(PROMPT, max_new_tokens=new_tokens, eos_token_id=None).numpy()
     generate_s = time.perf_counter() - start
+    decode_peak = peak_rss_mib()
     print(json.dumps({
         "parameters": sum(v.shape.num_elements() for v in lm.net.weights), "dtype": dtype,
         "weights_mib": weights_mib, "rss_before_load_mib": before, "rss_after_load_mib": after,
         "peak_rss_load_mib": peak, "load_peak_over_weights": (peak - before) / weights_mib,
         "kept_over_weights": (after - before) / weights_mib, "transient_over_weights": (peak - after) / weights_mib,
         "load_s": load_s, "first_call_s": first_call_s, "new_tokens": new_tokens,
-        "tokens_per_s": new_tokens / generate_s, "peak_rss_generate_mib": peak_rss_mib(),
-        "decode_extra_over_weights": (peak_rss_mib() - after) / weights_mib,
+        "tokens_per_s": new_tokens / generate_s, "peak_rss_generate_mib": decode_peak,
+        "decode_extra_over_weights": (decode_peak - after) / weights_mib,
         "new_ids": out[0, len(PROMPT[0]):].tolist(),
     }))
 

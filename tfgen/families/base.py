@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tfgen.generation import kv_cache
 
-MATRIX_NAMES = ("kernel", "weight")  # a Keras Dense's matrix, a transformers Conv1D's
+MATRIX_NAMES = ("kernel", "weight", "embeddings")  # a Keras Dense's matrix, a transformers Conv1D's, an Embedding's
 
 
 def read_after(variable, tensor):

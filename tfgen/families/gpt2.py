@@ -4,7 +4,7 @@ and before the MLP, head tied to the token embeddings."""
 import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 
-from tfgen.families.base import Family, read_after
+from tfgen.families.base import Family
 from tfgen.generation import kv_cache
 
 
@@ -34,6 +34,6 @@ class GPT2(Family):
     def head(self, hidden):
         main = self.model.transformer
         h = main.ln_f(hidden[:, None])[:, 0]  # the layer was built for [batch, len, width]
-        embeddings = main.wte.embeddings if self.compute_dtype == tf.float32 else read_after(main.wte.embeddings, h)
-        logits = tf.matmul(h, tf.cast(embeddings, h.dtype), transpose_b=True)
+        with self.weights_after(main.wte, h):
+            logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
         return tf.cast(logits, tf.float32)
