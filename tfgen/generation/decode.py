@@ -29,7 +29,7 @@ from tfgen.generation import beam_search, sampling, state as decode_state
 from tfgen.generation.shapes import dims, per_row
 
 BUCKET = 32
-CHUNK = 32  # prompt columns per prefill call
+CHUNK = 16  # prompt columns per prefill iteration (a 16-column matmul costs little more per column than a wider one here)
 # Capacities (prompt + new tokens) the engine compiles for; the model's context caps them.
 TIERS = (128, 256, 512, 1024)
 STREAM_BLOCKS = (1, 4)  # a streamed generation's steps per advance call: the first, then every later one
@@ -216,16 +216,21 @@ class _Programs:
         self.state = decode_state.DecodeState(net, rows, capacity, pad_id)
         self.net, self._counted, self._functions = net, counted, {}
 
-        def prefill(offset, writing):
-            self.state.write(decode_state.prefill(net, self.state.read(), offset, CHUNK, writing))
+        def prefill(columns, writing):
+            self.state.write(decode_state.prefill_columns(net, self.state.read(), columns, CHUNK, writing))
         self.prefill = self._compile(prefill)
 
+        def layout(input_ids):
+            return caller_layout(input_ids, token_results(self.state.read()), pad_id)
+        # One graph call instead of a dozen eager ops after each generate; any prompt width, so it traces once.
+        self.layout = tf.function(self._counted(layout), autograph=False,
+                                  input_signature=[tf.TensorSpec([None, None], tf.int32)])
+
     def prefill_columns(self, width, writing):
-        """Prefill calls over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
+        """The prefill call over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
         tokens: its last one is fed by the first step)."""
-        writing = tf.constant(writing)
-        for offset in range(0, width - 1, CHUNK):
-            self.prefill(tf.constant(offset), writing)
+        if width > 1:
+            self.prefill(tf.constant(width - 1), tf.constant(writing))
 
     def _compile(self, function):
         compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
@@ -316,13 +321,12 @@ class Decoder:
         pad_id = options.pad_token_id
         input_ids = tf.constant(input_ids)
         prompts, prompt_lengths = decode_state.compact(input_ids, tf.constant(attention_mask), pad_id)
-        prompts, prompt_lengths = tf.repeat(prompts, beams, axis=0), tf.repeat(prompt_lengths, beams)
-        longest = int(tf.reduce_max(prompt_lengths))
+        prompts, prompt_lengths = np.repeat(prompts.numpy(), beams, axis=0), np.repeat(prompt_lengths.numpy(), beams)
+        longest = int(prompt_lengths.max())
         capacity = capacity_tier(longest + options.max_new_tokens, self.net.context)
-        with self._held(int(prompts.shape[0]), capacity, pad_id) as programs:
-            results = yield from self._run(programs, strategy, prompts[:, :longest], prompt_lengths, options,
-                                           streaming)
-        out = caller_layout(input_ids, results, pad_id)
+        with self._held(len(prompts), capacity, pad_id) as programs:
+            out = yield from self._run(programs, strategy, input_ids, prompts[:, :longest], prompt_lengths, options,
+                                       streaming)
         return {
             "sequences": out["sequences"].numpy(),
             "token_logprobs": out["token_logprobs"].numpy(),
@@ -330,18 +334,19 @@ class Decoder:
         }
 
     @staticmethod
-    def _run(programs, strategy, prompts, prompt_lengths, options, streaming):
-        """stream's work on a held state: yields the blocks, returns the results for `caller_layout`."""
+    def _run(programs, strategy, input_ids, prompts, prompt_lengths, options, streaming):
+        """stream's work on a held state: yields the blocks, returns `caller_layout`'s dict."""
         state, pad_id = programs.state, options.pad_token_id
         state.start(prompts, prompt_lengths, prompt_lengths + options.max_new_tokens)
         programs.prefill_columns(prompts.shape[1], np.ones(state.rows, bool))
         settings = settings_tensors(options)
         if strategy == "beam":
-            return programs.beam(options.num_beams, options.num_return_sequences)(settings)
+            return caller_layout(input_ids, programs.beam(options.num_beams, options.num_return_sequences)(settings),
+                                 pad_id)
         advance = programs.advance(strategy)
         blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
                       else [options.max_new_tokens])
-        starts, emitted, finished = prompt_lengths.numpy(), 0, False
+        starts, emitted, finished = prompt_lengths, 0, False
         while not finished:
             now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
             finished = now["finished"].all()
@@ -352,7 +357,7 @@ class Decoder:
                                np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
                                pad_id)
             emitted = steps
-        return token_results(state.read())
+        return programs.layout(input_ids)
 
     def _counted(self, function):
         def traced(*args):

@@ -85,6 +85,16 @@ def prefill(net, state, offset, width, writing):
     return {**state, CACHE: cache}
 
 
+def prefill_columns(net, state, columns, chunk, writing):
+    """`prefill` of columns 0..columns-1 (a scalar tensor) of the rows where `writing` holds, `chunk` columns at a
+    time in a loop: one program for any prompt length, at most chunk-1 columns computed in vain."""
+    def body(offset, state):
+        return offset + chunk, prefill(net, state, offset, chunk, writing)
+
+    _, state = tf.while_loop(lambda offset, state: offset < columns, body, (tf.constant(0), state))
+    return state
+
+
 def feed_last(net, tokens, lengths, cache):
     """Logits [rows, vocab] after each row's last token (column length-1), whose keys and values are written."""
     column = tf.maximum(lengths - 1, 0)
