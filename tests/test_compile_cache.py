@@ -52,11 +52,10 @@ def _generate_in_fresh_process(cache, width):
 def test_a_second_process_loads_the_first_ones_programs_and_another_shape_compiles_its_own(tmp_path):
     first = _generate_in_fresh_process(tmp_path, 32)
     written = _entries(tmp_path)
-    # The prefill and the greedy advance program (XLA, so cached), and the layout of the results (a plain graph).
-    assert first["traces"] == 3 and len(written) >= 2
+    assert first["traces"] == 2 and len(written) >= 2  # the prefill and the greedy advance program
 
     second = _generate_in_fresh_process(tmp_path, 32)
-    assert second["traces"] == 3  # traced again, but compiled by none: no entry added or rewritten
+    assert second["traces"] == 2  # traced again, but compiled by none: no entry added or rewritten
     assert _entries(tmp_path) == written
     # TF logs a failed text parse of every entry it then loads as binary: tfgen keeps that off the user's stderr.
     assert "XlaSerializedCacheEntry" not in second["stderr"]

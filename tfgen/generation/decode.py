@@ -223,8 +223,9 @@ class _Programs:
         def layout(input_ids):
             return caller_layout(input_ids, token_results(self.state.read()), pad_id)
         # One graph call instead of a dozen eager ops after each generate; any prompt width, so it traces once.
-        self.layout = tf.function(self._counted(layout), autograph=False,
-                                  input_signature=[tf.TensorSpec([None, None], tf.int32)])
+        # Not XLA and not counted among the compiled programs' traces.
+        self.layout = tf.function(layout, autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int32)])
+        self.layout._omit_frequent_tracing_warning = True
 
     def prefill_columns(self, width, writing):
         """The prefill call over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
