@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfgen.serving.protocol import Sampling
+from tfgen.serving import rows as rows_module
 from tfgen.serving.rows import StateRows
 
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에 한 마을에", "오늘 날씨는", "그는 집에"]
@@ -23,8 +24,10 @@ def run(rows, joins, k=4):
     sampling) each) start; a row that reaches EOS or its max_tokens is freed. Returns {name: new ids}."""
     out, active, i = {}, {}, 0
     while i < len(joins) or active:
-        for name, slot, prompt_ids, row_sampling in joins[i] if i < len(joins) else ():
-            rows.start_row(slot, prompt_ids, row_sampling)
+        starts = joins[i] if i < len(joins) else ()
+        if starts:
+            rows.start_rows([(slot, prompt_ids, row_sampling) for _, slot, prompt_ids, row_sampling in starts])
+        for name, slot, _, row_sampling in starts:
             active[slot], out[name] = (name, row_sampling.max_tokens), []
         for slot, (new_ids, reached_eos) in rows.step(k).items():
             name, max_tokens = active[slot]
@@ -56,10 +59,24 @@ def test_rows_that_join_mid_way_decode_what_generate_does_alone(tiny_lm, prompt_
         assert out[name] == alone(tiny_lm, ids, max_tokens), name
 
 
+def test_rows_decode_alike_whatever_span_their_programs_read(tiny_lm, prompt_ids, monkeypatch):
+    # Spans of 16 and 32 columns below the tiny model's context of 128: a long prompt prefills at span 32, and the
+    # steps move from span 16 to 32 to 128 as rows with longer limits join, and back as they leave.
+    monkeypatch.setattr(rows_module, "TIERS", (16, 32))
+    rows = StateRows(tiny_lm, 3)
+    assert rows.spans == (16, 32, 128)
+    long_prompt = (prompt_ids[2] * 3)[:20]
+    joins = [[("short", 0, prompt_ids[3], sampling(8))], [("long prompt", 1, long_prompt, sampling(10))], [],
+             [("long", 2, prompt_ids[0], sampling(40))], [("after", 0, prompt_ids[1], sampling(6))]]
+    out = run(rows, joins, k=3)
+    for name, ids, max_tokens in (("short", prompt_ids[3], 8), ("long prompt", long_prompt, 10),
+                                  ("long", prompt_ids[0], 40), ("after", prompt_ids[1], 6)):
+        assert out[name] == alone(tiny_lm, ids, max_tokens), name
+
+
 def test_a_freed_row_leaves_the_others_unchanged(tiny_lm, prompt_ids):
     rows = StateRows(tiny_lm, 3)
-    for slot, ids in enumerate(prompt_ids[:3]):
-        rows.start_row(slot, ids, sampling(24, min_tokens=24))
+    rows.start_rows([(slot, ids, sampling(24, min_tokens=24)) for slot, ids in enumerate(prompt_ids[:3])])
     out = {slot: ids for slot, (ids, _) in rows.step(4).items()}
     rows.free_row(1)  # its client went away, half-way
     while len(out[0]) < 24:
@@ -69,7 +86,7 @@ def test_a_freed_row_leaves_the_others_unchanged(tiny_lm, prompt_ids):
             out[slot] += ids
     for slot in (0, 2):
         assert out[slot] == alone(tiny_lm, prompt_ids[slot], 24, min_new_tokens=24)
-    rows.start_row(1, prompt_ids[4], sampling(10))  # the freed slot takes a new row
+    rows.start_rows([(1, prompt_ids[4], sampling(10))])  # the freed slot takes a new row
     assert rows.step(10)[1][0] == alone(tiny_lm, prompt_ids[4], 10)
 
 

@@ -216,10 +216,6 @@ class _Programs:
         self.state = decode_state.DecodeState(net, rows, capacity, pad_id)
         self.net, self._counted, self._functions = net, counted, {}
 
-        def prefill(columns, writing):
-            self.state.write(decode_state.prefill_columns(net, self.state.read(), columns, CHUNK, writing))
-        self.prefill = self._compile(prefill)
-
         def layout(input_ids):
             return caller_layout(input_ids, token_results(self.state.read()), pad_id)
         # One graph call instead of a dozen eager ops after each generate; any prompt width, so it traces once.
@@ -231,7 +227,22 @@ class _Programs:
         """The prefill call over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
         tokens: its last one is fed by the first step)."""
         if width > 1:
-            self.prefill(tf.constant(width - 1), tf.constant(writing))
+            def prefill(columns, writing):
+                self.state.write(decode_state.prefill_columns(self.net, self.state.read(), columns, CHUNK, writing))
+            self._compiled("prefill", prefill)(tf.constant(width - 1), tf.constant(writing))
+
+    def prefill_row(self, row, width, span):
+        """The prefill call of one row alone: its columns 0..width-2, within the first `span` of the cache."""
+        if width > 1:
+            def prefill_row(row, columns):
+                self.state.write(decode_state.prefill_row(self.net, self.state.read(), row, columns, CHUNK, span))
+            self._compiled(("prefill_row", span), prefill_row)(tf.constant(row), tf.constant(width - 1))
+
+    def _compiled(self, key, function):
+        """The compiled program of `function` under `key`, compiled on first use."""
+        if key not in self._functions:
+            self._functions[key] = self._compile(function)
+        return self._functions[key]
 
     def _compile(self, function):
         compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
@@ -239,27 +250,23 @@ class _Programs:
         compiled._omit_frequent_tracing_warning = True
         return _quiet_first_call(compiled)
 
-    def advance(self, strategy):
+    def advance(self, strategy, span=None):
         """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
-        rows' tokens, lengths and finished flags after."""
-        if strategy not in self._functions:
-            choose = chooser(strategy)
+        rows' tokens, lengths and finished flags after. With `span`, attention reads the cache's first span
+        columns only (decode_state.step): every unfinished row's limit must lie within them."""
+        choose = chooser(strategy)
 
-            def advance(num_steps, settings):
-                state = decode_state.advance(self.net, self.state.read(), num_steps, settings, choose)
-                self.state.write(state)
-                return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
-            self._functions[strategy] = self._compile(advance)
-        return self._functions[strategy]
+        def advance(num_steps, settings):
+            state = decode_state.advance(self.net, self.state.read(), num_steps, settings, choose, span)
+            self.state.write(state)
+            return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
+        return self._compiled((strategy, span), advance)
 
     def beam(self, num_beams, num_return_sequences):
         """The program (settings) -> beam_search.search's results, from the prefilled state."""
-        key = ("beam", num_beams, num_return_sequences)
-        if key not in self._functions:
-            def beam(settings):
-                return beam_search.search(self.net, self.state.read(), settings, num_beams, num_return_sequences)
-            self._functions[key] = self._compile(beam)
-        return self._functions[key]
+        def beam(settings):
+            return beam_search.search(self.net, self.state.read(), settings, num_beams, num_return_sequences)
+        return self._compiled(("beam", num_beams, num_return_sequences), beam)
 
 
 class Decoder:

@@ -7,6 +7,7 @@ scatter, in place under XLA; a write aimed at a column >= capacity is dropped
 The families (tfgen.families) build their blocks on `attend`.
 """
 
+import functools
 import math
 
 import tensorflow as tf
@@ -41,26 +42,34 @@ def merge_heads(x):
     return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [batch, length, n_head * head_dim])
 
 
-def _write(cache, values, columns):
-    """cache [rows, heads, capacity, d] with `values` [rows, heads, len, d] scattered at `columns` [rows, len]."""
-    rows, heads, length, _ = dims(values)
-    shape = [rows, heads, length]
-    row = tf.broadcast_to(tf.range(rows)[:, None, None], shape)
+def write(cache, values, columns, rows=None):
+    """cache [slots, heads, capacity, d] with `values` [n, heads, len, d] scattered at `columns` [n, len] of the
+    slots `rows` [n] (None: 0..n-1)."""
+    n, heads, length, _ = dims(values)
+    shape = [n, heads, length]
+    row = tf.broadcast_to((tf.range(n) if rows is None else rows)[:, None, None], shape)
     head = tf.broadcast_to(tf.range(heads)[None, :, None], shape)
     column = tf.broadcast_to(columns[:, None, :], shape)
     return tf.tensor_scatter_nd_update(cache, tf.stack([row, head, column], axis=-1), tf.cast(values, cache.dtype))
 
 
-def attend(q, k, v, cache_k, cache_v, columns):
+def attend(q, k, v, cache_k, cache_v, columns, span=None):
     """Causal attention of queries at `columns` [rows, len] over the cache, after writing k and v there.
 
     q, k, v: [rows, heads, len, head_dim]. Returns (merged output [rows, len,
     width], cache_k, cache_v); each query sees its row's cache up to its own column.
+    With `span` (a static int), only the cache's first span columns are read: a
+    program over rows that all lie within them reads no more of a large cache.
     """
-    cache_k = _write(cache_k, k, columns)
-    cache_v = _write(cache_v, v, columns)
-    capacity = dims(cache_k)[2]
-    causal = tf.range(capacity)[None, None, :] <= columns[:, :, None]  # [rows, len, capacity]
-    scores = tf.matmul(q, cache_k, transpose_b=True) / math.sqrt(q.shape[-1])
+    cache_k = write(cache_k, k, columns)
+    cache_v = write(cache_v, v, columns)
+    seen_k, seen_v = (cache_k, cache_v) if span is None else (cache_k[:, :, :span], cache_v[:, :, :span])
+    causal = tf.range(dims(seen_k)[2])[None, None, :] <= columns[:, :, None]  # [rows, len, span]
+    scores = tf.matmul(q, seen_k, transpose_b=True) / math.sqrt(q.shape[-1])
     weights = tf.nn.softmax(tf.where(causal[:, None], scores, MASKED), axis=-1)
-    return merge_heads(tf.matmul(weights, cache_v)), cache_k, cache_v
+    return merge_heads(tf.matmul(weights, seen_v)), cache_k, cache_v
+
+
+def attending(span):
+    """`attend` over the cache's first `span` columns (None: all of them)."""
+    return attend if span is None else functools.partial(attend, span=span)

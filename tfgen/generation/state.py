@@ -24,7 +24,7 @@ variables (decode.Decoder) both run these functions.
 import numpy as np
 import tensorflow as tf
 
-from tfgen.generation import processors
+from tfgen.generation import kv_cache, processors
 from tfgen.generation.shapes import dims
 
 CACHE = "cache"
@@ -95,11 +95,25 @@ def prefill_columns(net, state, columns, chunk, writing):
     return state
 
 
-def feed_last(net, tokens, lengths, cache):
-    """Logits [rows, vocab] after each row's last token (column length-1), whose keys and values are written."""
+def prefill_row(net, state, row, columns, chunk, span):
+    """`prefill_columns` of one row alone (`row`, a scalar tensor), over the first `span` columns of its cache,
+    within which its prompt lies: the cost of a one-row prefill, however many rows the state holds."""
+    def cut(cache):  # [rows, heads, capacity, d] -> [1, heads, span, d]
+        return tf.slice(cache, [row, 0, 0, 0], [1, -1, span, -1])
+    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.slice(state["tokens"], [row, 0], [1, span])}
+    alone = prefill_columns(net, alone, columns, chunk, tf.ones([1], tf.bool))
+    where = (tf.range(span)[None, :], row[None])  # its columns 0..span-1, in its slot
+    cache = [(kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))
+             for (k, v), (new_k, new_v) in zip(state[CACHE], alone[CACHE])]
+    return {**state, CACHE: cache}
+
+
+def feed_last(net, tokens, lengths, cache, span=None):
+    """Logits [rows, vocab] after each row's last token (column length-1), whose keys and values are written;
+    attention over the cache's first `span` columns (None: all)."""
     column = tf.maximum(lengths - 1, 0)
     last = tf.gather(tokens, column, batch_dims=1)[:, None]
-    hidden, cache = net.blocks(last, column[:, None], cache)
+    hidden, cache = net.blocks(last, column[:, None], cache, attend=kv_cache.attending(span))
     return net.head(hidden[:, -1]), cache
 
 
@@ -109,12 +123,13 @@ def _put(buffer, column, value, where):
     return tf.where(at, value[:, None], buffer)
 
 
-def step(net, state, settings, choose):
+def step(net, state, settings, choose, span=None):
     """One new token for every unfinished row. `choose(scores, steps, settings)` -> (tokens, log-probabilities).
 
     Settings are scalars (every row alike) or [rows] (each row its own); see decode.settings_tensors.
+    With `span`, attention reads the cache's first span columns only: every unfinished row's limit lies within.
     """
-    logits, cache = feed_last(net, state["tokens"], state["lengths"], state[CACHE])
+    logits, cache = feed_last(net, state["tokens"], state["lengths"], state[CACHE], span)
     lengths = state["lengths"]
     scores = processors.process(logits, state["tokens"], lengths, lengths - state["prompt_lengths"], settings)
     token, logprob = choose(scores, state["steps"], settings)
@@ -133,13 +148,13 @@ def step(net, state, settings, choose):
     }
 
 
-def advance(net, state, num_steps, settings, choose):
-    """Up to `num_steps` steps (a scalar tensor), fewer if every row finishes."""
+def advance(net, state, num_steps, settings, choose, span=None):
+    """Up to `num_steps` steps (a scalar tensor), fewer if every row finishes; `span` as in `step`."""
     def not_done(i, state):
         return tf.logical_and(i < num_steps, tf.logical_not(tf.reduce_all(state["finished"])))
 
     def body(i, state):
-        return i + 1, step(net, state, settings, choose)
+        return i + 1, step(net, state, settings, choose, span)
 
     _, state = tf.while_loop(not_done, body, (tf.constant(0), state))
     return state

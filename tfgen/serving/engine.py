@@ -85,13 +85,5 @@ class Engine:
         self.scheduler.run()
 
     def _warm_up(self, rows):
-        """Compiles the rows' programs: prefill, and the greedy and the sampling advance (what every later
-        request runs, whatever its prompt length and settings)."""
-        prompt_ids = self.lm.tokenizer.encode(WARMUP_PROMPT) * 2  # two tokens at least: prefill runs too
-        for do_sample in (False, True):
-            sampling = protocol.Sampling(max_tokens=self.scheduler.step_tokens, do_sample=do_sample, temperature=1.0,
-                                         top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                         min_tokens=0)
-            rows.start_row(0, prompt_ids, sampling)
-            rows.step(self.scheduler.step_tokens)
-            rows.free_row(0)
+        """Compiles the rows' programs (what every later request runs, whatever its prompt and settings)."""
+        rows.warm_up(self.lm.tokenizer.encode(WARMUP_PROMPT) * 2)  # two tokens at least: prefill runs too

@@ -1,13 +1,15 @@
 """Decode rows: the interface the scheduler drives, on the decode state that keeps each row's KV cache.
 
-The scheduler owns a fixed set of slots; between steps it starts a request's row in a free slot
-(`start_row`), advances every started row by up to k tokens (`step`) and frees rows that are done
-(`free_row`). Any object with these three methods and `slots` can drive the server.
+The scheduler owns a fixed set of slots; between steps it starts requests' rows in free slots
+(`start_rows`), advances every started row by up to k tokens (`step`) and frees rows that are done
+(`free_row`); `warm_up` compiles before the first request. Any object with these methods and `slots`
+can drive the server.
 
 `StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: a new row
-is put into its slot and prefilled there alone (`writing` on its row only) while the other rows
-keep their cache and tokens, and each step is one advance program call over every slot (a step
-costs one token per running row). Every row has its own settings ([rows] setting tensors,
+is put into its slot and prefilled there alone (a program over that row's cache only) while the
+other rows keep their cache and tokens, and each step is one advance program call over every slot
+(a step costs one token per running row). Both read the cache only up to a span (a capacity tier)
+that holds the rows they serve. Every row has its own settings ([rows] setting tensors,
 decode.ROW_SETTINGS) and its own sampling counter, so what a row decodes does not depend on the
 rows beside it, nor on its slot or when it joined.
 """
@@ -17,7 +19,7 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from tfgen.generation.decode import ROW_SETTINGS, settings_tensors
+from tfgen.generation.decode import ROW_SETTINGS, TIERS, settings_tensors
 from tfgen.generation.options import resolve_options
 
 
@@ -44,31 +46,47 @@ class StateRows:
                                   pad_token_id=config.pad_token_id)
         self.slots = slots
         self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
+        # The programs read the cache's first `span` columns only: a step the smallest span that holds every running
+        # row's limit, a row's prefill the smallest that holds its prompt (short requests never pay for the context).
+        self.spans = tuple(tier for tier in TIERS if tier < self.capacity) + (self.capacity,)
         self._programs = lm.decoder.own_programs(slots, self.capacity, options.pad_token_id)
+        self._pad_id = options.pad_token_id
         self._eos_ids = set(options.eos_token_ids)
         self._shared = settings_tensors(options)  # EOS, pad and the (empty) bad words: the same for every row
         self._settings = {name: np.zeros(slots, dtype) for name, dtype in ROW_SETTINGS.items()}
         self._sent = {}  # slot -> the row's tokens (prompt and new) handed to the scheduler so far
+        self._limits = {}  # slot -> the row's length when it stops (prompt + max_tokens)
 
-    def start_row(self, slot, prompt_ids, sampling):
-        """Puts a prompt into a free slot and prefills it there; the other rows are left as they are."""
-        length = len(prompt_ids)
-        if slot in self._sent or not 0 <= slot < self.slots:
-            raise ValueError(f"slot {slot} is taken or out of range")
-        if length + sampling.max_tokens > self.capacity:
-            raise ValueError(f"{length} prompt tokens + max_tokens {sampling.max_tokens} exceed the capacity "
-                             f"{self.capacity}")
-        state = self._programs.state
-        state.start_rows([slot], [prompt_ids], [length], [length + sampling.max_tokens])
-        self._programs.prefill_columns(length, np.arange(self.slots) == slot)
-        seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
-        for name, value in row_settings(sampling, seed).items():
-            self._settings[name][slot] = value
-        self._sent[slot] = length
+    def span(self, columns):
+        """The smallest span that holds `columns` columns."""
+        return next(span for span in self.spans if span >= columns)
+
+    def start_rows(self, starts):
+        """Puts each (slot, prompt_ids, sampling) of `starts` into its free slot and prefills it there, a row at a
+        time (a prefill computes its own row only); the other rows are left as they are."""
+        for slot, prompt_ids, sampling in starts:
+            if slot in self._sent or not 0 <= slot < self.slots:
+                raise ValueError(f"slot {slot} is taken or out of range")
+            if len(prompt_ids) + sampling.max_tokens > self.capacity:
+                raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
+                                 f"capacity {self.capacity}")
+        slots = [slot for slot, _, _ in starts]
+        lengths = [len(prompt_ids) for _, prompt_ids, _ in starts]
+        limits = [length + sampling.max_tokens for length, (_, _, sampling) in zip(lengths, starts)]
+        width = max(lengths)
+        prompts = [prompt_ids + [self._pad_id] * (width - len(prompt_ids)) for _, prompt_ids, _ in starts]
+        self._programs.state.start_rows(slots, prompts, lengths, limits)
+        for (slot, _, sampling), length, limit in zip(starts, lengths, limits):
+            self._programs.prefill_row(slot, length, self.span(length))
+            seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
+            for name, value in row_settings(sampling, seed).items():
+                self._settings[name][slot] = value
+            self._sent[slot], self._limits[slot] = length, limit
 
     def free_row(self, slot):
         """Ends the row at once: its slot is finished, so the next step leaves it alone."""
         if self._sent.pop(slot, None) is not None:
+            del self._limits[slot]
             self._programs.state.finish_rows([slot])
 
     def step(self, k):
@@ -76,12 +94,25 @@ class StateRows:
         if not self._sent:
             return {}
         sampled = any(self._settings["temperature"][slot] > 0 for slot in self._sent)
-        advance = self._programs.advance("sample" if sampled else "greedy")
-        settings = {**self._shared, **{name: tf.constant(value) for name, value in self._settings.items()}}
-        now = {name: value.numpy() for name, value in advance(tf.constant(k), settings).items()}
+        advance = self._programs.advance("sample" if sampled else "greedy", self.span(max(self._limits.values())))
+        now = {name: value.numpy() for name, value in advance(tf.constant(k), self._settings_tensors()).items()}
         out = {}
         for slot, sent in self._sent.items():
             new_ids = now["tokens"][slot, sent: now["lengths"][slot]].tolist()
             self._sent[slot] = sent + len(new_ids)
             out[slot] = (new_ids, bool(new_ids) and bool(now["finished"][slot]) and new_ids[-1] in self._eos_ids)
         return out
+
+    def warm_up(self, prompt_ids):
+        """Compiles what requests run, a row's prefill and the greedy and the sampling advance, at every span (a
+        request never waits for a compile); `prompt_ids`: two tokens at least."""
+        state = self._programs.state
+        for span in self.spans:
+            state.start_rows([0], [prompt_ids], [len(prompt_ids)], [span])
+            self._programs.prefill_row(0, len(prompt_ids), span)
+            for strategy in ("greedy", "sample"):
+                self._programs.advance(strategy, span)(tf.constant(1), self._settings_tensors())
+            state.finish_rows([0])
+
+    def _settings_tensors(self):
+        return {**self._shared, **{name: tf.constant(value) for name, value in self._settings.items()}}

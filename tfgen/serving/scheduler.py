@@ -122,14 +122,17 @@ class Scheduler:
 
     def _admit(self):
         free = [slot for slot in range(self.rows.slots) if slot not in self.active]
+        starts = []
         while free and self.waiting:
             job = self.waiting.popleft()
             if job.cancelled:
                 self._finish(job, "cancelled")
                 continue
             slot = free.pop(0)
-            self.rows.start_row(slot, job.prompt_ids, job.sampling)
+            starts.append((slot, job.prompt_ids, job.sampling))
             self.active[slot] = job
+        if starts:
+            self.rows.start_rows(starts)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.busy_slots.set(len(self.active))
 
