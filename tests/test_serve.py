@@ -17,7 +17,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tfgen import cli
+from transformers import GPT2Config
+
+from tfgen import GPT2LM, cli
 from tfgen.serving import protocol
 from tfgen.serving.scheduler import find_stop, settled_text
 
@@ -285,12 +287,22 @@ def test_200_requests_leave_memory_flat(server, client, model_name):
 
 
 @pytest.mark.slow
-def test_full_queue_is_429_and_sigterm_drains(tiny_lm_dir, model_name, tmp_path):
-    small = ServerProcess(tiny_lm_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0")
+@pytest.fixture(scope="module")
+def long_context_dir(tiny_lm, tmp_path_factory):
+    """An untrained tiny GPT-2 of context 1024: a request that holds a slot for a thousand steps."""
+    config = tiny_lm.config.to_dict() | {"n_positions": 1024}
+    directory = tmp_path_factory.mktemp("long-context")
+    GPT2LM(GPT2Config.from_dict(config), tiny_lm.tokenizer).save_pretrained(directory)
+    return directory
+
+
+def test_full_queue_is_429_and_sigterm_drains(long_context_dir, tmp_path):
+    small = ServerProcess(long_context_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0")
+    model_name = long_context_dir.name
     try:
         client = small.client()
-        stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=100, temperature=0,
-                                           stream=True, extra_body={"min_tokens": 100})
+        stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=1000, temperature=0,
+                                           stream=True, extra_body={"min_tokens": 1000})
         chunks = iter(stream)
         pieces = [next(chunks).choices[0].text]
         with pytest.raises(openai.RateLimitError) as raised:

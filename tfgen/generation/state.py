@@ -98,9 +98,10 @@ def prefill_columns(net, state, columns, chunk, writing):
 def prefill_row(net, state, row, columns, chunk, span):
     """`prefill_columns` of one row alone (`row`, a scalar tensor), over the first `span` columns of its cache,
     within which its prompt lies: the cost of a one-row prefill, however many rows the state holds."""
+    # A gather, not a slice at `row`: XLA takes a slice's start as a constant, compiling a program per row.
     def cut(cache):  # [rows, heads, capacity, d] -> [1, heads, span, d]
-        return tf.slice(cache, [row, 0, 0, 0], [1, -1, span, -1])
-    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.slice(state["tokens"], [row, 0], [1, span])}
+        return tf.gather(cache, row[None])[:, :, :span]
+    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.gather(state["tokens"], row[None])[:, :span]}
     alone = prefill_columns(net, alone, columns, chunk, tf.ones([1], tf.bool))
     where = (tf.range(span)[None, :], row[None])  # its columns 0..span-1, in its slot
     cache = [(kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))

@@ -2,7 +2,9 @@
 
 One thread owns the model. Between steps it frees the slots of rows that are finished, cancelled
 (client gone) or past their time limit, and starts waiting rows in the free slots; then it
-advances every started row by `step_tokens` tokens (`rows.step`) and hands each row its new text.
+advances every started row by a few tokens (`rows.step`) and hands each row its new text. A step's
+token count aims at STEP_SECONDS of decoding (from the time the last steps took per token), so a request
+that arrives while a step runs waits about that long for its slot, on any model and machine.
 Requests talk to it through `Job`s; a job's `emit` callback receives its events (from this thread).
 """
 
@@ -16,7 +18,9 @@ from tfgen.serving.protocol import Sampling
 from tfgen.tokenizer import INCOMPLETE
 
 log = logging.getLogger("uvicorn.error")  # the server's log
-STEP_TOKENS = 8  # tokens per row per step: a new request waits at most one step for a slot
+STEP_SECONDS = 0.05  # how long a step should take: short enough that a new request waits little, long enough that
+# the host's work between steps (a few ms) costs little
+MAX_STEP_TOKENS = 16
 
 
 class QueueFull(Exception):
@@ -66,14 +70,14 @@ def find_stop(text, stops):
 
 
 class Scheduler:
-    def __init__(self, rows, tokenizer, max_queue, metrics, logprobs=None, step_tokens=STEP_TOKENS):
+    def __init__(self, rows, tokenizer, max_queue, metrics, logprobs=None):
         """`logprobs(prompt_ids, new_ids, top)`: the `logprobs` object of a finished job that asks for it."""
         self.rows = rows
         self.logprobs = logprobs
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.metrics = metrics
-        self.step_tokens = step_tokens
+        self._seconds_per_token = None  # what the last steps took per token (a running average)
         self.waiting = collections.deque()
         self.active = {}  # slot -> Job
         self._wake = threading.Condition()
@@ -156,8 +160,20 @@ class Scheduler:
                 del self.active[slot]
                 self._finish(job, "error")
 
+    def step_tokens(self):
+        """Tokens for the next step: about STEP_SECONDS of decoding (1 before any step has been timed)."""
+        if self._seconds_per_token is None:
+            return 1
+        return int(min(max(round(STEP_SECONDS / self._seconds_per_token), 1), MAX_STEP_TOKENS))
+
     def _step(self):
-        out = self.rows.step(self.step_tokens)
+        k = self.step_tokens()
+        started = time.monotonic()
+        out = self.rows.step(k)
+        steps = max((len(new_ids) for new_ids, _ in out.values()), default=0)  # fewer than k if every row ended
+        per_token = (time.monotonic() - started) / max(steps, 1)
+        previous = self._seconds_per_token or per_token
+        self._seconds_per_token = 0.7 * previous + 0.3 * per_token
         self.metrics.steps.inc()
         self.metrics.step_rows.observe(len(out))
         now = time.monotonic()
