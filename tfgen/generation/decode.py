@@ -250,17 +250,22 @@ class _Programs:
         compiled._omit_frequent_tracing_warning = True
         return _quiet_first_call(compiled)
 
-    def advance(self, strategy, span=None):
+    def advance(self, strategy, span=None, rows=None):
         """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
         rows' tokens, lengths and finished flags after. With `span`, attention reads the cache's first span
-        columns only (decode_state.step): every unfinished row's limit must lie within them."""
+        columns only (decode_state.step): every unfinished row's limit must lie within them. With `rows`, the
+        program moves the state's first `rows` rows only (every unfinished row must be among them; row settings
+        given per row are theirs, [rows]) and returns theirs."""
         choose = chooser(strategy)
+        rows = rows or self.state.rows
 
         def advance(num_steps, settings):
-            state = decode_state.advance(self.net, self.state.read(), num_steps, settings, choose, span)
-            self.state.write(state)
-            return {name: state[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
-        return self._compiled((strategy, span), advance)
+            state = self.state.read()
+            first = decode_state.advance(self.net, decode_state.first_rows(state, rows), num_steps, settings, choose,
+                                         span)
+            self.state.write(decode_state.with_first_rows(state, first))
+            return {name: first[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
+        return self._compiled((strategy, span, rows), advance)
 
     def beam(self, num_beams, num_return_sequences):
         """The program (settings) -> beam_search.search's results, from the prefilled state."""

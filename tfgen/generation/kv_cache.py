@@ -60,14 +60,23 @@ def attend(q, k, v, cache_k, cache_v, columns, span=None):
     width], cache_k, cache_v); each query sees its row's cache up to its own column.
     With `span` (a static int), only the cache's first span columns are read: a
     program over rows that all lie within them reads no more of a large cache.
+    Queries of fewer rows than the cache are its first rows (a step over a
+    state's first rows), and read and write those rows only.
     """
     cache_k = write(cache_k, k, columns)
     cache_v = write(cache_v, v, columns)
-    seen_k, seen_v = (cache_k, cache_v) if span is None else (cache_k[:, :, :span], cache_v[:, :, :span])
+    seen_k, seen_v = (_seen(cache, q.shape[0], span) for cache in (cache_k, cache_v))
     causal = tf.range(dims(seen_k)[2])[None, None, :] <= columns[:, :, None]  # [rows, len, span]
     scores = tf.matmul(q, seen_k, transpose_b=True) / math.sqrt(q.shape[-1])
     weights = tf.nn.softmax(tf.where(causal[:, None], scores, MASKED), axis=-1)
     return merge_heads(tf.matmul(weights, seen_v)), cache_k, cache_v
+
+
+def _seen(cache, rows, span):
+    """What queries of the cache's first `rows` rows read: those rows, the first `span` columns (None: all)."""
+    if rows is not None and rows != cache.shape[0]:
+        cache = cache[:rows]
+    return cache if span is None else cache[:, :, :span]
 
 
 def attending(span):

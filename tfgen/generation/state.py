@@ -161,6 +161,18 @@ def advance(net, state, num_steps, settings, choose, span=None):
     return state
 
 
+def first_rows(state, rows):
+    """The fields of the state's first `rows` rows (a static int), with the whole cache: `step` and `advance` over
+    them read and write the cache in those rows only (kv_cache.attend)."""
+    return {CACHE: state[CACHE], **{name: state[name][:rows] for name in FIELDS}}
+
+
+def with_first_rows(state, first):
+    """`state` with the fields of its first rows and the cache from `first` (a `first_rows` state moved on)."""
+    rows = dims(first["tokens"])[0]
+    return {CACHE: first[CACHE], **{name: tf.concat([first[name], state[name][rows:]], axis=0) for name in FIELDS}}
+
+
 def new_columns(buffer, prompt_lengths, lengths, first, count, fill):
     """Columns first..first+count of each row's new tokens [rows, count]; `fill` where a row has none."""
     index = prompt_lengths[:, None] + first + tf.range(count)[None, :]

@@ -7,9 +7,10 @@ can drive the server.
 
 `StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: a new row
 is put into its slot and prefilled there alone (a program over that row's cache only) while the
-other rows keep their cache and tokens, and each step is one advance program call over every slot
-(a step costs one token per running row). Both read the cache only up to a span (a capacity tier)
-that holds the rows they serve. Every row has its own settings ([rows] setting tensors,
+other rows keep their cache and tokens, and each step is one advance program call over the first
+slots, as many as a row tier (1, 4, 16, ... slots) that holds every running row: a step costs a
+token per row of the tier. Both read the cache only up to a span (a capacity tier) that holds the
+rows they serve. Every row has its own settings ([rows] setting tensors,
 decode.ROW_SETTINGS) and its own sampling counter, so what a row decodes does not depend on the
 rows beside it, nor on its slot or when it joined.
 """
@@ -49,6 +50,9 @@ class StateRows:
         # The programs read the cache's first `span` columns only: a step the smallest span that holds every running
         # row's limit, a row's prefill the smallest that holds its prompt (short requests never pay for the context).
         self.spans = tuple(tier for tier in TIERS if tier < self.capacity) + (self.capacity,)
+        # A step moves the first `rows` slots only, the smallest of these that holds every running row (slots are
+        # taken lowest first), so a few requests cost what a small batch costs.
+        self.row_tiers = tuple(4**i for i in range(slots) if 4**i < slots) + (slots,)
         self._programs = lm.decoder.own_programs(slots, self.capacity, options.pad_token_id)
         self._pad_id = options.pad_token_id
         self._eos_ids = set(options.eos_token_ids)
@@ -60,6 +64,10 @@ class StateRows:
     def span(self, columns):
         """The smallest span that holds `columns` columns."""
         return next(span for span in self.spans if span >= columns)
+
+    def rows_tier(self, slots):
+        """The smallest row tier that holds the slots 0..slots-1."""
+        return next(rows for rows in self.row_tiers if rows >= slots)
 
     def start_rows(self, starts):
         """Puts each (slot, prompt_ids, sampling) of `starts` into its free slot and prefills it there, a row at a
@@ -94,8 +102,10 @@ class StateRows:
         if not self._sent:
             return {}
         sampled = any(self._settings["temperature"][slot] > 0 for slot in self._sent)
-        advance = self._programs.advance("sample" if sampled else "greedy", self.span(max(self._limits.values())))
-        now = {name: value.numpy() for name, value in advance(tf.constant(k), self._settings_tensors()).items()}
+        rows = self.rows_tier(max(self._sent) + 1)
+        advance = self._programs.advance("sample" if sampled else "greedy", self.span(max(self._limits.values())),
+                                         rows)
+        now = {name: value.numpy() for name, value in advance(tf.constant(k), self._settings_tensors(rows)).items()}
         out = {}
         for slot, sent in self._sent.items():
             new_ids = now["tokens"][slot, sent: now["lengths"][slot]].tolist()
@@ -104,15 +114,17 @@ class StateRows:
         return out
 
     def warm_up(self, prompt_ids):
-        """Compiles what requests run, a row's prefill and the greedy and the sampling advance, at every span (a
-        request never waits for a compile); `prompt_ids`: two tokens at least."""
+        """Compiles what requests run, a row's prefill at every span and the greedy and the sampling advance at
+        every span and row tier (a request never waits for a compile); `prompt_ids`: two tokens at least."""
         state = self._programs.state
         for span in self.spans:
             state.start_rows([0], [prompt_ids], [len(prompt_ids)], [span])
             self._programs.prefill_row(0, len(prompt_ids), span)
-            for strategy in ("greedy", "sample"):
-                self._programs.advance(strategy, span)(tf.constant(1), self._settings_tensors())
+            for rows in self.row_tiers:
+                for strategy in ("greedy", "sample"):
+                    self._programs.advance(strategy, span, rows)(tf.constant(1), self._settings_tensors(rows))
             state.finish_rows([0])
 
-    def _settings_tensors(self):
-        return {**self._shared, **{name: tf.constant(value) for name, value in self._settings.items()}}
+    def _settings_tensors(self, rows):
+        """The shared settings and the first `rows` rows' own."""
+        return {**self._shared, **{name: tf.constant(value[:rows]) for name, value in self._settings.items()}}

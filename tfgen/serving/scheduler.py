@@ -77,7 +77,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.metrics = metrics
-        self._seconds_per_token = None  # what the last steps took per token (a running average)
+        self._seconds_per_token = {}  # busy rows -> what steps of that many rows took per token (running averages)
         self.waiting = collections.deque()
         self.active = {}  # slot -> Job
         self._wake = threading.Condition()
@@ -161,19 +161,21 @@ class Scheduler:
                 self._finish(job, "error")
 
     def step_tokens(self):
-        """Tokens for the next step: about STEP_SECONDS of decoding (1 before any step has been timed)."""
-        if self._seconds_per_token is None:
+        """Tokens for the next step: about STEP_SECONDS of decoding as many rows as now (1 until such a step has
+        been timed)."""
+        per_token = self._seconds_per_token.get(len(self.active))
+        if per_token is None:
             return 1
-        return int(min(max(round(STEP_SECONDS / self._seconds_per_token), 1), MAX_STEP_TOKENS))
+        return int(min(max(round(STEP_SECONDS / per_token), 1), MAX_STEP_TOKENS))
 
     def _step(self):
-        k = self.step_tokens()
+        k, busy = self.step_tokens(), len(self.active)
         started = time.monotonic()
         out = self.rows.step(k)
         steps = max((len(new_ids) for new_ids, _ in out.values()), default=0)  # fewer than k if every row ended
         per_token = (time.monotonic() - started) / max(steps, 1)
-        previous = self._seconds_per_token or per_token
-        self._seconds_per_token = 0.7 * previous + 0.3 * per_token
+        previous = self._seconds_per_token.get(busy, per_token)
+        self._seconds_per_token[busy] = 0.7 * previous + 0.3 * per_token
         self.metrics.steps.inc()
         self.metrics.step_rows.observe(len(out))
         now = time.monotonic()
