@@ -29,13 +29,17 @@ def read_after(variable, tensor):
 
 @contextlib.contextmanager
 def matrices_read_after(layer, hidden):
-    """Inside, the matrices of `layer` and its sublayers (bfloat16 or float16) are read through `read_after`."""
+    """Inside, the matrices of `layer` and its sublayers (bfloat16 or float16, or a mixed policy's float32 ones) are read
+    through `read_after`, in the layer's compute dtype."""
     swapped = [(owner, name, getattr(owner, name)) for owner in (layer, *layer.submodules)
                if isinstance(owner, tf.keras.layers.Layer)
                for name in MATRIX_NAMES if isinstance(getattr(owner, name, None), tf.Variable)]
     try:
         for owner, name, variable in swapped:
-            object.__setattr__(owner, name, read_after(variable, hidden))  # past Keras' tracking: a value, for now
+            # Past Keras' tracking: a value, for now. Cast as Keras casts a variable for a mixed policy's layer
+            # (float32 weights, bfloat16 or float16 compute), which it does not do for a tensor.
+            value = tf.cast(read_after(variable, hidden), owner.compute_dtype)
+            object.__setattr__(owner, name, value)
         yield
     finally:
         for owner, name, variable in swapped:

@@ -1,10 +1,12 @@
 """Decoding programs: the compiled engine behind GPT2LM.generate, and the one-shot program of the export.
 
 The engine (`Decoder`) keeps a `state.DecodeState` per (rows, capacity tier)
-and compiles, per state, one prefill program (CHUNK prompt columns at an
-offset, for chosen rows) and one advance program per strategy (every
+and compiles, per state, one prefill program (the prompts' columns, CHUNK at
+a time, for chosen rows) and one advance program per strategy (every
 unfinished row on by a runtime number of steps), plus a beam-search program
-per beam count. Prompts of any length and any max_new_tokens within a tier
+per beam count. A server's state (`own_programs`) also has a one-row prefill
+per span and advance programs over a span and its first rows (see
+`_Programs`). Prompts of any length and any max_new_tokens within a tier
 run the same programs; every setting enters as a tensor (see
 `settings_tensors`), so nothing retraces once a tier is warm. A generation
 that streams runs the same advance program in blocks of steps, so it gives
