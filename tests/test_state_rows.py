@@ -1,6 +1,10 @@
 """The server's decode rows (`serving.rows.StateRows`) on the decode state: rows that join, leave and differ."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,3 +143,37 @@ def test_rows_of_one_batch_each_decode_with_their_own_settings(tiny_lm, prompt_i
         logits = tiny_lm(tf.constant([ids])).numpy()[0, len(prompt_ids[i]) - 1: -1]
         for step, token in enumerate(out[name]):
             assert _kept_by_filters(logits[step], row.temperature, row.top_k, row.top_p)[token], (name, step)
+
+
+COMPILES_AFTER_WARM_UP = """
+import json, sys
+from tfgen import GPT2LM, _env
+from tfgen.serving import rows as rows_module
+from tfgen.serving.protocol import Sampling
+
+rows_module.TIERS = (16, 32)  # spans 16, 32 and the context, 128
+lm = GPT2LM.from_pretrained(sys.argv[1])
+rows = rows_module.StateRows(lm, 5)
+rows.warm_up(lm.tokenizer.encode("안녕하세요") * 2)
+entries = lambda: len(list(_env.compile_cache_directory().iterdir()))
+before = entries()
+for slot, (length, max_tokens, do_sample) in enumerate([(3, 5, False), (20, 6, True), (9, 40, False), (2, 100, True),
+                                                        (14, 3, False)]):
+    sampling = Sampling(max_tokens=max_tokens, do_sample=do_sample, temperature=0.9, top_k=5, top_p=0.9,
+                        repetition_penalty=1.1, no_repeat_ngram_size=2, min_tokens=0)
+    rows.start_rows([(slot, list(range(10, 10 + length)), sampling)])
+    rows.step(slot + 1)
+print(json.dumps([before, entries()]))
+"""
+
+
+@pytest.mark.slow
+def test_nothing_compiles_after_warm_up_whatever_the_slot_span_or_row_tier(tiny_lm_dir, tmp_path):
+    # XLA's persistent cache, in a fresh directory, gets an entry per compile: trace_count would not show a program
+    # that XLA compiles again for another value of a runtime input.
+    env = {**os.environ, "TFGEN_COMPILE_CACHE": str(tmp_path / "cache"), "TF_XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", COMPILES_AFTER_WARM_UP, str(tiny_lm_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = json.loads(done.stdout.splitlines()[-1])
+    assert before >= 3 + 3 * 3 * 2 and after == before  # a prefill per span, two advances per span and row tier (1, 4, 5)
