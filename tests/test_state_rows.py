@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfgen.serving.protocol import Sampling
-from tfgen.serving import rows as rows_module
+from tfgen.generation import decode
 from tfgen.serving.rows import StateRows
 
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에 한 마을에", "오늘 날씨는", "그는 집에"]
@@ -66,7 +66,7 @@ def test_rows_that_join_mid_way_decode_what_generate_does_alone(tiny_lm, prompt_
 def test_rows_decode_alike_whatever_span_their_programs_read(tiny_lm, prompt_ids, monkeypatch):
     # Spans of 16 and 32 columns below the tiny model's context of 128: a long prompt prefills at span 32, and the
     # steps move from span 16 to 32 to 128 as rows with longer limits join, and back as they leave.
-    monkeypatch.setattr(rows_module, "TIERS", (16, 32))
+    monkeypatch.setattr(decode, "TIERS", (16, 32))
     rows = StateRows(tiny_lm, 3)
     assert rows.spans == (16, 32, 128)
     long_prompt = (prompt_ids[2] * 3)[:20]
@@ -148,10 +148,11 @@ def test_rows_of_one_batch_each_decode_with_their_own_settings(tiny_lm, prompt_i
 COMPILES_AFTER_WARM_UP = """
 import json, sys
 from tfgen import GPT2LM, _env
+from tfgen.generation import decode
 from tfgen.serving import rows as rows_module
 from tfgen.serving.protocol import Sampling
 
-rows_module.TIERS = (16, 32)  # spans 16, 32 and the context, 128
+decode.TIERS = (16, 32)  # spans 16, 32 and the context, 128
 lm = GPT2LM.from_pretrained(sys.argv[1])
 rows = rows_module.StateRows(lm, 5)
 rows.warm_up(lm.tokenizer.encode("안녕하세요") * 2)

@@ -20,7 +20,8 @@ import random
 import numpy as np
 import tensorflow as tf
 
-from tfgen.generation.decode import ROW_SETTINGS, TIERS, settings_tensors
+from tfgen.generation import decode
+from tfgen.generation.decode import ROW_SETTINGS, capacity_tier, settings_tensors
 from tfgen.generation.options import resolve_options
 
 
@@ -49,7 +50,7 @@ class StateRows:
         self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
         # The programs read the cache's first `span` columns only: a step the smallest span that holds every running
         # row's limit, a row's prefill the smallest that holds its prompt (short requests never pay for the context).
-        self.spans = tuple(tier for tier in TIERS if tier < self.capacity) + (self.capacity,)
+        self.spans = tuple(sorted({self.span(columns) for columns in (*decode.TIERS, self.capacity)}))
         # A step moves the first `rows` slots only, the smallest of these that holds every running row (slots are
         # taken lowest first), so a few requests cost what a small batch costs.
         self.row_tiers = tuple(4**i for i in range(slots) if 4**i < slots) + (slots,)
@@ -62,8 +63,8 @@ class StateRows:
         self._limits = {}  # slot -> the row's length when it stops (prompt + max_tokens)
 
     def span(self, columns):
-        """The smallest span that holds `columns` columns."""
-        return next(span for span in self.spans if span >= columns)
+        """The smallest span that holds `columns` columns: the capacity tier `generate` would use."""
+        return capacity_tier(columns, self.capacity)
 
     def rows_tier(self, slots):
         """The smallest row tier that holds the slots 0..slots-1."""
