@@ -1,4 +1,4 @@
-"""The recipe for tfgen's embedded Korean model, ko-mini: corpus, tokenizers, a size sweep, training, evaluation.
+"""The recipe for tfgen's embedded Korean model, ko-mini: corpus, tokenizers, a size sweep, training in rounds.
 
     python recipes/ko_mini.py [--data ../shared/data/ko] [--work runs/ko-mini] [--smoke] [stage ...]
 
@@ -7,6 +7,13 @@ earlier run finished and training resumes from its last checkpoint (saved every
 `save_steps` steps). The full run takes hours; start it in the background with a log:
 
     nohup python recipes/ko_mini.py >> runs/ko-mini.log 2>&1 &
+
+Training goes in rounds, and a finished round outlives the work folder: the
+recipe carries the sweep, every finished round's record and the last round's
+float16 weights to recipes/ko-mini-run/ (committed), and a new work folder
+resumes from there. So a run spread over machines that keep nothing (a new one
+each session) goes on where it stopped; `python recipes/ko_mini.py package`
+ships the rounds finished so far.
 
 Stages (all, in order, by default):
 
@@ -26,14 +33,20 @@ Stages (all, in order, by default):
              per character (all sources) and batch-1 greedy tokens/s;
              sweep.json and sweep.md; the lowest bits per character among
              the shapes that decode at least MIN_TOKENS_PER_SECOND is chosen.
-- train:     the chosen shape for MAIN_FLOPS (several epochs, so with
+- train:     the chosen shape's sweep run (round 0) continued in `rounds`
+             rounds of `round_flops` each (several epochs in all, so with
              dropout), with `tfgen.finetune` (Keras fit, packed 256-token rows,
-             bf16 mixed precision where the CPU has it); training_runs.json
-             records every run of every training (machine, load, steps,
-             tokens, wall time to its last checkpoint, finished or interrupted).
-- evaluate:  validation loss and bits per character for each source.
-- package:   float16 weights, the tokenizer, training.json and the model card
-             in tfgen/models/ko-mini/ (with --smoke: WORK/package).
+             bf16 mixed precision where the CPU has it). Each round starts from
+             the float16 weights the one before ended with, with a fresh AdamW,
+             its own warmup and linear decay from a peak learning rate lower by
+             `round_decay` each round, and its own data order (warm restarts); it
+             ends with its validation loss and bits per character for each
+             source, and rounds/N/record.json. training_runs.json records every
+             run of every training (machine, load, steps, tokens, wall time to
+             its last checkpoint, finished or interrupted).
+- package:   the last finished round's float16 weights, the tokenizer,
+             training.json and the model card in tfgen/models/ko-mini/ (with
+             --smoke: WORK/package).
 
 --smoke runs every stage at a tiny size (a few hundred documents per source,
 two tiny shapes, a few hundred steps) to check the recipe end to end.
@@ -66,7 +79,8 @@ from tfgen.tokenizer import Tokenizer, train_sentencepiece
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ko"
 PACKAGE_DIR = ROOT / "tfgen" / "models" / "ko-mini"
-STAGES = ("prepare", "tokenizer", "baseline", "sweep", "train", "evaluate", "package")
+CARRY_DIR = ROOT / "recipes" / "ko-mini-run"  # the finished rounds, committed: a new machine resumes from them
+STAGES = ("prepare", "tokenizer", "baseline", "sweep", "train", "package")
 SOURCES = corpus.SOURCES
 
 MAX_PACKAGE_BYTES = 50 * 2**20
@@ -115,14 +129,19 @@ class Profile:
     context: int = 256
     batch_size: int = 16
     learning_rate: float = 1e-3
-    sweep_flops: float = 2.5e14  # each candidate's short run
-    main_flops: float = 4e15  # the chosen shape's run
-    dropout: float = 0.1  # in the main run only: its data repeats, a candidate's short run sees it once
+    sweep_flops: float = 1.5e14  # each candidate's short run
+    round_flops: float = 2e14  # each round after the sweep: about half an hour here, so a session finishes rounds
+    rounds: int = 15
+    round_decay: float = 0.9  # round r's peak learning rate is learning_rate x round_decay ** r
+    dropout: float = 0.1  # in the rounds only: their data repeats, a candidate's short run sees it once
     save_steps: int = 200
     speed_tokens: int = 128  # new tokens of the batch-1 greedy speed check
 
     def steps(self, shape, flops):
         return max(1, round(flops / (shape.training_flops_per_token(self.context) * self.batch_size * self.context)))
+
+    def round_learning_rate(self, number):
+        return self.learning_rate * self.round_decay ** number
 
 
 FULL = Profile(shapes=(Shape(6, 384, 16_000),  # v1's shape
@@ -130,7 +149,7 @@ FULL = Profile(shapes=(Shape(6, 384, 16_000),  # v1's shape
                        Shape(6, 512, 8_000),  # wider, a smaller vocabulary
                        Shape(8, 448, 12_000)))  # between
 SMOKE = Profile(shapes=(Shape(2, 64, 3_000), Shape(1, 128, 4_000)), documents_per_source=300, batch_size=4,
-                sweep_flops=8e10, main_flops=3e11, save_steps=50, speed_tokens=32)
+                sweep_flops=8e10, round_flops=1e11, rounds=2, save_steps=50, speed_tokens=32)
 
 
 def write_json(path, record):
@@ -224,8 +243,9 @@ def bf16_available():
     return True
 
 
-def train_shape(work, directory, stage, shape, profile, steps, dropout, validate):
-    """Trains `shape` from scratch for `steps` steps in `directory`/run, resuming what an earlier run left."""
+def train_shape(work, directory, stage, profile, steps, start, learning_rate, seed, validate):
+    """Trains `start`'s model (written to `directory`/initial) for `steps` steps in `directory`/run, resuming
+    what an earlier run left."""
     run = directory / "run"
     if run.exists() and _checkpoint_step(run) == 0:
         shutil.rmtree(run)  # stopped before its first checkpoint: nothing to resume
@@ -237,25 +257,45 @@ def train_shape(work, directory, stage, shape, profile, steps, dropout, validate
     if from_step >= steps:
         return
     if not (run / finetune.RUN_FILE).exists():
-        tokenizer = Tokenizer.from_pretrained(tokenizer_dir(work, shape.vocab_size))
-        tf.keras.utils.set_random_seed(0)
-        GPT2LM.from_config(shape.config(profile.context, dropout), tokenizer).save_pretrained(directory / "initial")
+        with checkpoint.atomic_directory(directory / "initial") as staging:
+            start(staging)
     corpus_dir = work / "corpus"
     settings = finetune.FinetuneSettings(
         model=str(directory / "initial"), train=[str(corpus_dir / "train.txt")], output=str(run),
         valid=[str(corpus_dir / f"{name}.valid.txt") for name in SOURCES] if validate else None,
         resume=(run / finetune.RUN_FILE).exists(), epochs=10_000, max_steps=steps, batch_size=profile.batch_size,
-        block_size=profile.context, learning_rate=profile.learning_rate, warmup_steps=round(0.05 * steps),
+        block_size=profile.context, learning_rate=learning_rate, warmup_steps=round(0.05 * steps),
         save_steps=profile.save_steps,
-        layout="packed", document="paragraph", mixed_precision=bf16_available(), seed=0, verbose=2)
-    entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(), from_step=from_step)
+        layout="packed", document="paragraph", mixed_precision=bf16_available(), seed=seed, verbose=2)
+    entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(),
+                 mixed_precision=settings.mixed_precision, from_step=from_step)
     write_json(runs_file, runs + [entry])
-    print(f"{stage}: {shape.name}, steps {from_step} to {steps}", flush=True)
+    print(f"{stage}: steps {from_step} to {steps}", flush=True)
     finetune.finetune(settings)
     done = close_run(entry, _checkpoint_step(run), _now(), "finished", tokens_per_step)
     write_json(runs_file, runs + [done])
     print(f"{stage}: {done['seconds']:,} s, steps {done['from_step']} to {done['to_step']}", flush=True)
     tf.keras.backend.clear_session()
+
+
+def random_model(work, shape, profile):
+    """A start for `train_shape`: `shape` with random weights (seed 0), no dropout, the shape's tokenizer."""
+    def start(directory):
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir(work, shape.vocab_size))
+        tf.keras.utils.set_random_seed(0)
+        GPT2LM.from_config(shape.config(profile.context, 0.0), tokenizer).save_pretrained(directory)
+    return start
+
+
+def continued_model(previous, dropout):
+    """A start for `train_shape`: the weights and tokenizer of the checkpoint `previous`, trained with `dropout`."""
+    def start(directory):
+        shutil.copytree(previous, directory, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(training.TRAINING_STATE_DIR))
+        config = GPT2Config.from_pretrained(directory)
+        config.update(dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+        config.save_pretrained(directory)
+    return start
 
 
 def runs_of(work, stage):
@@ -369,7 +409,8 @@ def sweep(work, profile):
         if not (directory / "result.json").exists():
             stage = f"sweep {shape.name}"
             steps = profile.steps(shape, profile.sweep_flops)
-            train_shape(work, directory, stage, shape, profile, steps, dropout=0.0, validate=False)
+            train_shape(work, directory, stage, profile, steps, random_model(work, shape, profile),
+                        profile.learning_rate, seed=0, validate=False)
             lm = GPT2LM.from_pretrained(directory / "run" / finetune.CHECKPOINT_DIR)
             tokens = steps * profile.batch_size * profile.context
             seconds = sum(entry["seconds"] for entry in runs_of(work, stage))
@@ -418,37 +459,127 @@ def chosen_shape(work, profile):
     return next(shape for shape in profile.shapes if shape.name == name)
 
 
-def train(work, profile):
+def candidate_shapes(work, profile):
+    """The shapes still to be trained: all before the sweep, the chosen one after it."""
+    return [chosen_shape(work, profile)] if (work / "sweep.json").exists() else profile.shapes
+
+
+# --- the main training, in rounds ---
+
+def round_dir(work, number):
+    return work / "rounds" / str(number)
+
+
+def finished_rounds(work):
+    """The records of the finished rounds, in order (the last round's float16 weights are in its `final`)."""
+    records = [read_json(path) for path in (work / "rounds").glob("*/record.json")]
+    return sorted(records, key=lambda record: record["round"])
+
+
+def write_float16_model(lm, directory):
+    """`lm`'s config, its weights as float16 (PyTorch layout) and its tokenizer, into `directory`."""
+    lm.gpt2.config.save_pretrained(directory)
+    checkpoint.write_safetensors(lm.gpt2.weights, directory / checkpoint.SAFETENSORS_FILE, dtype=np.float16)
+    lm.tokenizer.save_pretrained(directory)
+
+
+def finish_round(work, number, run, dropout, seed, stage):
+    """A finished round's float16 weights (`final`, where the next round starts) and its record."""
+    directory = round_dir(work, number)
+    lm = GPT2LM.from_pretrained(run / finetune.CHECKPOINT_DIR)
+    validation = model_figures(lm, work)
+    with checkpoint.atomic_directory(directory / "final") as staging:
+        write_float16_model(lm, staging)
+    settings = read_json(run / finetune.RUN_FILE)
+    steps = settings["total_steps"]
+    write_json(directory / "record.json", dict(
+        round=number, steps=steps, tokens=steps * settings["batch_size"] * settings["block_size"],
+        steps_per_epoch=settings["steps_per_epoch"], learning_rate=settings["learning_rate"],
+        warmup_steps=settings["warmup_steps"], dropout=dropout, seed=seed, runs=runs_of(work, stage),
+        validation=validation))
+    tf.keras.backend.clear_session()
+
+
+def train(work, profile, carry_dir):
+    """Runs the rounds not yet finished, carrying each finished one to `carry_dir`."""
     shape = chosen_shape(work, profile)
-    train_shape(work, work, "train", shape, profile, profile.steps(shape, profile.main_flops), profile.dropout,
-                validate=True)
+    if not (round_dir(work, 0) / "record.json").exists():
+        sweep_run = work / "sweep" / shape.name / "run"
+        finish_round(work, 0, sweep_run, dropout=0.0, seed=0, stage=f"sweep {shape.name}")
+        carry(work, carry_dir)
+    for number in range(1, profile.rounds + 1):
+        directory = round_dir(work, number)
+        if not (directory / "record.json").exists():
+            stage = f"train round {number}"
+            train_shape(work, directory, stage, profile, profile.steps(shape, profile.round_flops),
+                        continued_model(round_dir(work, number - 1) / "final", profile.dropout),
+                        profile.round_learning_rate(number), seed=number, validate=True)
+            finish_round(work, number, directory / "run", profile.dropout, seed=number, stage=stage)
+            carry(work, carry_dir)
+
+
+def carry(work, carry_dir):
+    """Writes what a new work folder resumes from: the sweep, the corpus counts, the finished rounds' records
+    and the last round's float16 weights (state.json and weights/ in `carry_dir`, replaced atomically)."""
+    rounds = finished_rounds(work)
+    with checkpoint.atomic_directory(carry_dir) as staging:
+        shutil.copytree(round_dir(work, rounds[-1]["round"]) / "final", staging / "weights")
+        write_json(staging / "state.json", dict(
+            sweep=read_json(work / "sweep.json"), corpus=read_json(work / "corpus" / "counts.json"), rounds=rounds,
+            sweep_runs=[entry for entry in read_json(work / "training_runs.json")
+                        if not entry["stage"].startswith("train")]))
+    print(f"carried rounds 0 to {rounds[-1]['round']} to {carry_dir}", flush=True)
+
+
+def resume(work, carry_dir):
+    """Starts an empty work folder from what `carry` wrote: the sweep, the rounds' records, the last round's
+    weights. Rounds outlive a work folder, which a new machine does not have. Returns the carried corpus
+    counts: the corpus prepared here must come out the same."""
+    state = read_json(carry_dir / "state.json")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "sweep.json", state["sweep"])
+    checkpoint.write_text_atomically(work / "sweep.md",
+                                     sweep_table(state["sweep"]["results"], state["sweep"]["chosen"]) + "\n")
+    rounds = state["rounds"]
+    write_json(work / "training_runs.json",
+               state["sweep_runs"] + [entry for entry in rounds[1:] for entry in entry["runs"]])
+    for entry in rounds:
+        round_dir(work, entry["round"]).mkdir(parents=True, exist_ok=True)
+        write_json(round_dir(work, entry["round"]) / "record.json", entry)
+    with checkpoint.atomic_directory(round_dir(work, rounds[-1]["round"]) / "final") as staging:
+        shutil.copytree(carry_dir / "weights", staging, dirs_exist_ok=True)
+    tokenizer = Tokenizer.from_pretrained(carry_dir / "weights")
+    with checkpoint.atomic_directory(tokenizer_dir(work, tokenizer.vocab_size)) as staging:
+        tokenizer.save_pretrained(staging)
+    print(f"resumed from {carry_dir}: the sweep and rounds 0 to {rounds[-1]['round']}", flush=True)
+    return state["corpus"]
 
 
 def package(work, profile, package_dir):
-    """Float16 weights (half the bytes; evaluated again as shipped), the tokenizer, the record and the card."""
+    """The last finished round's float16 weights (evaluated again as shipped), the tokenizer, the record and the card."""
+    rounds = finished_rounds(work)
+    if len(rounds) < 2:
+        raise SystemExit("no training round after the sweep has finished; run the train stage first")
     shape = chosen_shape(work, profile)
-    lm = GPT2LM.from_pretrained(work / "run" / finetune.CHECKPOINT_DIR)
-    run = read_json(work / "run" / finetune.RUN_FILE)
-    runs = runs_of(work, "train")
-    tokens = sum(entry["tokens"] for entry in runs)
+    tokens = sum(entry["tokens"] for entry in rounds)
+    epoch_tokens = rounds[-1]["steps_per_epoch"] * profile.batch_size * profile.context
     with checkpoint.atomic_directory(package_dir) as staging:
-        lm.gpt2.config.save_pretrained(staging)
-        checkpoint.write_safetensors(lm.gpt2.weights, staging / checkpoint.SAFETENSORS_FILE, dtype=np.float16)
-        lm.tokenizer.save_pretrained(staging)
+        shutil.copytree(round_dir(work, rounds[-1]["round"]) / "final", staging, dirs_exist_ok=True)
         shipped = GPT2LM.from_pretrained(staging)
         record = dict(
-            model=dict(name=shape.name, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=lm.config.n_head,
-                       n_positions=lm.config.n_positions, vocab_size=lm.config.vocab_size, dropout=profile.dropout,
-                       parameters=lm.gpt2.count_params()),
+            model=dict(name=shape.name, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shipped.config.n_head,
+                       n_positions=shipped.config.n_positions, vocab_size=shipped.config.vocab_size,
+                       dropout=profile.dropout, parameters=shipped.gpt2.count_params()),
             training=dict(batch_size=profile.batch_size, block_size=profile.context,
-                          learning_rate=profile.learning_rate, warmup_steps=run["warmup_steps"],
-                          steps=run["total_steps"], steps_per_epoch=run["steps_per_epoch"], tokens=tokens,
-                          epochs=run["total_steps"] / run["steps_per_epoch"],
-                          flops=tokens * shape.training_flops_per_token(profile.context), runs=runs),
+                          learning_rate=profile.learning_rate, round_decay=profile.round_decay,
+                          rounds_planned=profile.rounds, rounds=rounds,
+                          tokens=tokens, epochs=tokens / epoch_tokens,
+                          flops=tokens * shape.training_flops_per_token(profile.context)),
             corpus=read_json(work / "corpus" / "counts.json"),
             sweep={**read_json(work / "sweep.json"),
-                   "runs": [entry for entry in read_json(work / "training_runs.json") if entry["stage"] != "train"]},
-            evaluation=dict(float32=read_json(work / "evaluation.json"), xz=read_json(work / "baseline.json"),
+                   "runs": [entry for entry in read_json(work / "training_runs.json")
+                            if not entry["stage"].startswith("train")]},
+            evaluation=dict(float32=rounds[-1]["validation"], xz=read_json(work / "baseline.json"),
                             shipped=model_figures(shipped, work)),
             greedy_tokens_per_second=greedy_tokens_per_second(shipped, profile.speed_tokens),
             samples=[dict(settings=settings, texts=shipped.generate_text(PROMPTS, **settings))
@@ -470,9 +601,10 @@ LICENCES = {
 
 def _run_line(entry):
     machine = entry["machine"]
+    precision = {True: "bf16 mixed precision", False: "float32"}.get(entry.get("mixed_precision"), "")
     return (f"{entry['started']}, {entry['seconds'] / 3600:.2f} h, steps {entry['from_step']:,}-{entry['to_step']:,} "
             f"({entry['tokens'] / 1e6:.1f} M tokens), {entry['ended']}; {machine['cpu']}, {machine['cores']} cores, "
-            f"load {machine['load_average_1min']} at the start")
+            f"load {machine['load_average_1min']} at the start; {precision}")
 
 
 def corpus_table(counts):
@@ -489,11 +621,25 @@ def corpus_table(counts):
     return "\n".join(rows)
 
 
+def rounds_table(rounds):
+    """One row per finished round: its steps, peak learning rate, and validation bits per character after it."""
+    rows = ["| round | steps | tokens | peak learning rate | dropout | " + " | ".join(f"{name} bpc" for name in SOURCES)
+            + " | all bpc |", "|---:|---:|---:|---:|---:|" + "---:|" * (len(SOURCES) + 1)]
+    for entry in rounds:
+        figures = entry["validation"]
+        rows.append(f"| {entry['round']} | {entry['steps']:,} | {entry['tokens'] / 1e6:.1f} M | "
+                    f"{entry['learning_rate']:.2e} | {entry['dropout']} | "
+                    + " | ".join(f"{figures[name]['bits_per_character']:.3f}" for name in SOURCES)
+                    + f" | {overall_figures(figures)['bits_per_character']:.3f} |")
+    return "\n".join(rows)
+
+
 def model_card(record):
     """The model card (README.md), from the packaging record: every figure in it comes from `record`."""
     model, training, evaluation, sweep_record = record["model"], record["training"], record["evaluation"], \
         record["sweep"]
-    seconds = sum(entry["seconds"] for entry in training["runs"])
+    round_runs = [entry for entry in training["rounds"][1:] for entry in entry["runs"]]
+    seconds = sum(entry["seconds"] for entry in round_runs)
     rows = []
     for name in SOURCES:
         fp32, shipped, xz = evaluation["float32"][name], evaluation["shipped"][name], evaluation["xz"][name]
@@ -505,7 +651,7 @@ def model_card(record):
         samples.append(f"`{sample['settings']}`:\n")
         samples += [f"- {text!r}" for text in sample["texts"]]
         samples.append("")
-    runs = "\n".join(f"- {_run_line(entry)}" for entry in training["runs"])
+    runs = "\n".join(f"- {entry['stage']}: {_run_line(entry)}" for entry in round_runs)
     sweep_runs = "\n".join(f"- {entry['stage']}: {_run_line(entry)}" for entry in sweep_record["runs"])
     sources = "\n".join(f"- {name}: {LICENCES[name]}" for name in SOURCES)
     return f"""# ko-mini: tfgen's embedded Korean GPT-2
@@ -565,14 +711,19 @@ Sweep runs:
 
 ## Recipe
 
-`python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, sweep, train, evaluate, package; run
-again, it resumes where it stopped). Training: tfgen's `finetune` (Keras `fit`) from random weights, packed
-rows of {training['block_size']} tokens, batch {training['batch_size']}, AdamW with peak learning rate
-{training['learning_rate']}, {training['warmup_steps']:,} warmup steps then linear decay, {training['steps']:,}
-steps ({training['steps_per_epoch']:,} per epoch), {training['flops'] / 1e15:.2f} PFLOPs, bf16 mixed
-precision on the CPU.
+`python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, sweep, train, package; run
+again, it resumes where it stopped, on a new machine from this package's last round). Training: tfgen's
+`finetune` (Keras `fit`), packed rows of {training['block_size']} tokens, batch {training['batch_size']},
+AdamW, linear warmup over 5% of each round then linear decay. Round 0 is the chosen shape's sweep run
+({training['rounds'][0]['steps']:,} steps from random weights, peak learning rate {training['learning_rate']}); each
+later round starts from the float16 weights of the one before, with a fresh optimizer, a new data order and
+a peak learning rate {training['round_decay']} times the round before's (warm restarts). In all
+{training['tokens'] / 1e6:.1f} M tokens, {training['epochs']:.2f} epochs, {training['flops'] / 1e15:.2f}
+PFLOPs; {len(training['rounds']) - 1} of {training['rounds_planned']} planned rounds after it are done.
 
-Training ran in {len(training['runs'])} run(s), {seconds / 3600:.2f} h of wall time up to the last checkpoint
+{rounds_table(training['rounds'])}
+
+The rounds ran in {len(round_runs)} run(s), {seconds / 3600:.2f} h of wall time up to the last checkpoint
 of each (an interrupted run's steps after its last checkpoint were done again by the next):
 
 {runs}
@@ -612,24 +763,27 @@ def main():
     stages = args.stages or STAGES
     profile = SMOKE if args.smoke else FULL
     work = args.work or ROOT / "runs" / ("ko-mini-smoke" if args.smoke else "ko-mini")
+    package_dir, carry_dir = (work / "package", work / "carry") if args.smoke else (PACKAGE_DIR, CARRY_DIR)
+    carried_corpus = None
+    if not (work / "sweep.json").exists() and (carry_dir / "state.json").exists():
+        carried_corpus = resume(work, carry_dir)
     if "prepare" in stages and not (work / "corpus" / "train.txt").exists():
         prepare(args.data, work, profile)
+    if carried_corpus is not None and read_json(work / "corpus" / "counts.json") != carried_corpus:
+        sys.exit(f"the corpus prepared from {args.data} differs from the one the carried rounds were trained on "
+                 f"(corpus in {carry_dir / 'state.json'}); use the same data folder and recipe")
     if "tokenizer" in stages:
-        for vocab_size in sorted({shape.vocab_size for shape in profile.shapes}):
+        for vocab_size in sorted({shape.vocab_size for shape in candidate_shapes(work, profile)}):
             if not tokenizer_dir(work, vocab_size).exists():
                 train_tokenizer(work, vocab_size)
     if "baseline" in stages and not (work / "baseline.json").exists():
         write_json(work / "baseline.json", xz_figures(work))
-    if "sweep" in stages:
+    if "sweep" in stages and not (work / "sweep.json").exists():
         sweep(work, profile)
     if "train" in stages:
-        train(work, profile)
-    if "evaluate" in stages and not (work / "evaluation.json").exists():
-        write_json(work / "evaluation.json",
-                   model_figures(GPT2LM.from_pretrained(work / "run" / finetune.CHECKPOINT_DIR), work))
+        train(work, profile, carry_dir)
     if "package" in stages:
-        package(work, profile, work / "package" if args.smoke else PACKAGE_DIR)
-
+        package(work, profile, package_dir)
 
 if __name__ == "__main__":
     main()

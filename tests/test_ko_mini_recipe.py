@@ -125,3 +125,72 @@ def test_an_interrupted_run_is_recorded_up_to_its_last_checkpoint(recipe, tmp_pa
     runs = recipe._close_interrupted_runs([finished, entry], "train", tmp_path / "run", tokens_per_step=10)
     assert runs[0] == finished
     assert runs[1] == dict(entry, to_step=300, tokens=2000, seconds=600, ended="interrupted")
+
+
+def test_a_new_work_folder_resumes_from_the_carried_rounds(recipe, spm_dir, tmp_path):
+    import numpy as np
+
+    from tfgen import GPT2LM
+    from tfgen.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(spm_dir)
+    shape = recipe.Shape(n_layer=1, n_embd=64, vocab_size=tokenizer.vocab_size)
+    work = tmp_path / "work"
+    run = dict(started="2026-12-02T09:00:00+00:00", from_step=0, to_step=5, tokens=50, seconds=60,
+               ended="finished", machine=dict(cpu="x", cores=2, load_average_1min=0.1))
+    sweep_runs = [dict(run, stage=f"sweep {shape.name}"), dict(run, stage="sweep other")]
+    rounds = [dict(round=number, steps=5, tokens=50, runs=[dict(run, stage=f"train round {number}")])
+              for number in (0, 1, 2)]
+    rounds[0]["runs"] = sweep_runs[:1]
+    result = dict(_result(shape.name, 4.0, 300), **vars(shape), parameters=1, steps=5, tokens=50,
+                  training_flops=1.0, training_seconds=60, validation=dict(loss=3.0, bits_per_character=4.0))
+    (work / "corpus").mkdir(parents=True)
+    recipe.write_json(work / "sweep.json", dict(flops_per_shape=1.0, results=[result], chosen=shape.name))
+    recipe.write_json(work / "corpus" / "counts.json", dict(wikipedia=dict(documents=3)))
+    recipe.write_json(work / "training_runs.json", sweep_runs + [r["runs"][0] for r in rounds[1:]])
+    for entry in rounds:
+        recipe.round_dir(work, entry["round"]).mkdir(parents=True)
+        recipe.write_json(recipe.round_dir(work, entry["round"]) / "record.json", entry)
+    trained = GPT2LM.from_config(shape.config(context=32, dropout=0.1), tokenizer)
+    (recipe.round_dir(work, 2) / "final").mkdir()
+    recipe.write_float16_model(trained, recipe.round_dir(work, 2) / "final")
+
+    carried = tmp_path / "carried"
+    recipe.carry(work, carried)
+    fresh = tmp_path / "fresh"
+    assert recipe.resume(fresh, carried) == dict(wikipedia=dict(documents=3))
+    assert recipe.finished_rounds(fresh) == rounds
+    assert recipe.read_json(fresh / "sweep.json") == recipe.read_json(work / "sweep.json")
+    assert recipe.read_json(fresh / "training_runs.json") == recipe.read_json(work / "training_runs.json")
+    profile = recipe.Profile(shapes=(recipe.Shape(2, 64, 300), shape))
+    assert recipe.chosen_shape(fresh, profile) == shape and recipe.candidate_shapes(fresh, profile) == [shape]
+    restored = GPT2LM.from_pretrained(recipe.round_dir(fresh, 2) / "final")
+    shipped = GPT2LM.from_pretrained(recipe.round_dir(work, 2) / "final")
+    for restored_weight, weight in zip(restored.gpt2.weights, shipped.gpt2.weights):
+        np.testing.assert_array_equal(restored_weight.numpy(), weight.numpy())
+    restored_tokenizer = Tokenizer.from_pretrained(recipe.tokenizer_dir(fresh, shape.vocab_size))
+    assert restored_tokenizer.encode("근육이 커지기 위해서는") == tokenizer.encode("근육이 커지기 위해서는")
+
+
+def test_a_round_starts_from_the_last_weights_with_its_own_dropout(recipe, spm_dir, tmp_path):
+    import numpy as np
+
+    from tfgen import GPT2LM
+    from tfgen.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(spm_dir)
+    shape = recipe.Shape(n_layer=1, n_embd=64, vocab_size=tokenizer.vocab_size)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    recipe.write_float16_model(GPT2LM.from_config(shape.config(context=32, dropout=0.0), tokenizer), previous)
+    recipe.continued_model(previous, dropout=0.1)(tmp_path / "initial")
+    start, before = GPT2LM.from_pretrained(tmp_path / "initial"), GPT2LM.from_pretrained(previous)
+    assert (start.config.resid_pdrop, start.config.attn_pdrop, start.config.embd_pdrop) == (0.1, 0.1, 0.1)
+    for weight, previous_weight in zip(start.gpt2.weights, before.gpt2.weights):
+        np.testing.assert_array_equal(weight.numpy(), previous_weight.numpy())
+
+
+def test_each_round_peaks_lower(recipe):
+    profile = recipe.FULL
+    rates = [profile.round_learning_rate(number) for number in range(1, profile.rounds + 1)]
+    assert rates[0] < profile.learning_rate and all(later < earlier for earlier, later in zip(rates, rates[1:]))
