@@ -71,10 +71,12 @@ def test_rows_decode_alike_whatever_span_their_programs_read(tiny_lm, prompt_ids
     assert rows.spans == (16, 32, 128)
     long_prompt = (prompt_ids[2] * 3)[:20]
     joins = [[("short", 0, prompt_ids[3], sampling(8))], [("long prompt", 1, long_prompt, sampling(10))], [],
-             [("long", 2, prompt_ids[0], sampling(40))], [("after", 0, prompt_ids[1], sampling(6))]]
-    out = run(rows, joins, k=3)
+             [("long", 2, prompt_ids[0], sampling(40))], [],
+             [("after", 0, prompt_ids[1], sampling(6)), ("long prompt again", 1, long_prompt[:18], sampling(7))]]
+    out = run(rows, joins, k=3)  # the last two start together: one prefill of both, at the longer prompt's span
     for name, ids, max_tokens in (("short", prompt_ids[3], 8), ("long prompt", long_prompt, 10),
-                                  ("long", prompt_ids[0], 40), ("after", prompt_ids[1], 6)):
+                                  ("long", prompt_ids[0], 40), ("after", prompt_ids[1], 6),
+                                  ("long prompt again", long_prompt[:18], 7)):
         assert out[name] == alone(tiny_lm, ids, max_tokens), name
 
 
@@ -164,6 +166,13 @@ for slot, (length, max_tokens, do_sample) in enumerate([(3, 5, False), (20, 6, T
                         repetition_penalty=1.1, no_repeat_ngram_size=2, min_tokens=0)
     rows.start_rows([(slot, list(range(10, 10 + length)), sampling)])
     rows.step(slot + 1)
+for slot in range(5):
+    rows.free_row(slot)
+for together in ([0, 1], [0, 1, 2, 3, 4]):  # prefills over row tiers 4 and 5
+    rows.start_rows([(slot, list(range(10, 12 + 5 * slot)), sampling) for slot in together])
+    rows.step(2)
+    for slot in together:
+        rows.free_row(slot)
 print(json.dumps([before, entries()]))
 """
 
@@ -177,4 +186,4 @@ def test_nothing_compiles_after_warm_up_whatever_the_slot_span_or_row_tier(tiny_
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     before, after = json.loads(done.stdout.splitlines()[-1])
-    assert before >= 3 + 3 * 3 * 2 and after == before  # a prefill per span, two advances per span and row tier (1, 4, 5)
+    assert before >= 3 * 3 * 3 and after == before  # a prefill and two advances per span and row tier (1, 4, 5)

@@ -4,8 +4,8 @@ The engine (`Decoder`) keeps a `state.DecodeState` per (rows, capacity tier)
 and compiles, per state, one prefill program (the prompts' columns, CHUNK at
 a time, for chosen rows) and one advance program per strategy (every
 unfinished row on by a runtime number of steps), plus a beam-search program
-per beam count. A server's state (`own_programs`) also has a one-row prefill
-per span and advance programs over a span and its first rows (see
+per beam count. A server's state (`own_programs`) also has a prefill of chosen
+rows alone per span and row count and advance programs over a span and its first rows (see
 `_Programs`). Prompts of any length and any max_new_tokens within a tier
 run the same programs; every setting enters as a tensor (see
 `settings_tensors`), so nothing retraces once a tier is warm. A generation
@@ -233,12 +233,14 @@ class _Programs:
                 self.state.write(decode_state.prefill_columns(self.net, self.state.read(), columns, CHUNK, writing))
             self._compiled("prefill", prefill)(tf.constant(width - 1), tf.constant(writing))
 
-    def prefill_row(self, row, width, span):
-        """The prefill call of one row alone: its columns 0..width-2, within the first `span` of the cache."""
+    def prefill_rows(self, rows, width, span):
+        """The prefill call of the rows `rows` alone (a list; its length picks the program): their columns
+        0..width-2, within the first `span` of the cache."""
         if width > 1:
-            def prefill_row(row, columns):
-                self.state.write(decode_state.prefill_row(self.net, self.state.read(), row, columns, CHUNK, span))
-            self._compiled(("prefill_row", span), prefill_row)(tf.constant(row), tf.constant(width - 1))
+            def prefill_rows(rows, columns):
+                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, columns, CHUNK, span))
+            self._compiled(("prefill_rows", span, len(rows)), prefill_rows)(tf.constant(rows, tf.int32),
+                                                                            tf.constant(width - 1))
 
     def _compiled(self, key, function):
         """The compiled program of `function` under `key`, compiled on first use."""

@@ -95,15 +95,16 @@ def prefill_columns(net, state, columns, chunk, writing):
     return state
 
 
-def prefill_row(net, state, row, columns, chunk, span):
-    """`prefill_columns` of one row alone (`row`, a scalar tensor), over the first `span` columns of its cache,
-    within which its prompt lies: the cost of a one-row prefill, however many rows the state holds."""
-    # A gather, not a slice at `row`: XLA takes a slice's start as a constant, compiling a program per row.
-    def cut(cache):  # [rows, heads, capacity, d] -> [1, heads, span, d]
-        return tf.gather(cache, row[None])[:, :, :span]
-    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.gather(state["tokens"], row[None])[:, :span]}
-    alone = prefill_columns(net, alone, columns, chunk, tf.ones([1], tf.bool))
-    where = (tf.range(span)[None, :], row[None])  # its columns 0..span-1, in its slot
+def prefill_rows(net, state, rows, columns, chunk, span):
+    """`prefill_columns` of the rows `rows` [n] alone, columns 0..columns-1 (a scalar tensor), over the first `span`
+    columns of their cache, within which their prompts lie: the cost of an n-row prefill, however many rows the
+    state holds. A row may be listed twice (the same values are written twice)."""
+    # A gather, not a slice at a row: XLA takes a slice's start as a constant, compiling a program per row.
+    def cut(cache):  # [slots, heads, capacity, d] -> [n, heads, span, d]
+        return tf.gather(cache, rows)[:, :, :span]
+    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.gather(state["tokens"], rows)[:, :span]}
+    alone = prefill_columns(net, alone, columns, chunk, tf.ones(dims(rows), tf.bool))
+    where = (tf.broadcast_to(tf.range(span)[None, :], [dims(rows)[0], span]), rows)  # their columns 0..span-1
     cache = [(kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))
              for (k, v), (new_k, new_v) in zip(state[CACHE], alone[CACHE])]
     return {**state, CACHE: cache}

@@ -5,9 +5,9 @@ The scheduler owns a fixed set of slots; between steps it starts requests' rows 
 (`free_row`); `warm_up` compiles before the first request. Any object with these methods and `slots`
 can drive the server.
 
-`StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: a new row
-is put into its slot and prefilled there alone (a program over that row's cache only) while the
-other rows keep their cache and tokens, and each step is one advance program call over the first
+`StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: new rows
+are put into their slots and prefilled there together (a program over those rows' cache only, as
+many rows as a row tier) while the other rows keep their cache and tokens, and each step is one advance program call over the first
 slots, as many as a row tier (1, 4, 16, ... slots) that holds every running row: a step costs a
 token per row of the tier. Both read the cache only up to a span (a capacity tier) that holds the
 rows they serve. Every row has its own settings ([rows] setting tensors,
@@ -71,8 +71,8 @@ class StateRows:
         return next(rows for rows in self.row_tiers if rows >= slots)
 
     def start_rows(self, starts):
-        """Puts each (slot, prompt_ids, sampling) of `starts` into its free slot and prefills it there, a row at a
-        time (a prefill computes its own row only); the other rows are left as they are."""
+        """Puts each (slot, prompt_ids, sampling) of `starts` into its free slot and prefills them there together
+        (one prefill over those rows alone, as many as a row tier); the other rows are left as they are."""
         for slot, prompt_ids, sampling in starts:
             if slot in self._sent or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
@@ -85,8 +85,9 @@ class StateRows:
         width = max(lengths)
         prompts = [prompt_ids + [self._pad_id] * (width - len(prompt_ids)) for _, prompt_ids, _ in starts]
         self._programs.state.start_rows(slots, prompts, lengths, limits)
+        padded = slots + slots[:1] * (self.rows_tier(len(slots)) - len(slots))  # a row twice is prefilled twice alike
+        self._programs.prefill_rows(padded, width, self.span(width))
         for (slot, _, sampling), length, limit in zip(starts, lengths, limits):
-            self._programs.prefill_row(slot, length, self.span(length))
             seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
             for name, value in row_settings(sampling, seed).items():
                 self._settings[name][slot] = value
@@ -115,13 +116,13 @@ class StateRows:
         return out
 
     def warm_up(self, prompt_ids):
-        """Compiles what requests run, a row's prefill at every span and the greedy and the sampling advance at
-        every span and row tier (a request never waits for a compile); `prompt_ids`: two tokens at least."""
+        """Compiles what requests run, the prefill and the greedy and the sampling advance at every span and row
+        tier (a request never waits for a compile); `prompt_ids`: two tokens at least."""
         state = self._programs.state
         for span in self.spans:
             state.start_rows([0], [prompt_ids], [len(prompt_ids)], [span])
-            self._programs.prefill_row(0, len(prompt_ids), span)
             for rows in self.row_tiers:
+                self._programs.prefill_rows([0] * rows, len(prompt_ids), span)
                 for strategy in ("greedy", "sample"):
                     self._programs.advance(strategy, span, rows)(tf.constant(1), self._settings_tensors(rows))
             state.finish_rows([0])
