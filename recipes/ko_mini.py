@@ -130,7 +130,7 @@ class Profile:
     batch_size: int = 16
     learning_rate: float = 1e-3
     sweep_flops: float = 1.5e14  # each candidate's short run
-    round_flops: float = 1e14  # each round after the sweep: 13 min on the AVX-512 host, so any session finishes some
+    round_flops: float = 1e14  # each round after the sweep: about 13 min on the AVX-512 host, 45 on the AVX2 one
     rounds: int = 30
     round_decay: float = 0.95  # round r's peak learning rate is learning_rate x round_decay ** r
     dropout: float = 0.1  # in the rounds only: their data repeats, a candidate's short run sees it once
