@@ -135,6 +135,19 @@ def test_bfloat16_loads_every_weight_in_bfloat16(gptj_dir, monkeypatch):
     assert lm.generate([[5, 6, 7]], max_new_tokens=4, eos_token_id=None).shape == (1, 7)
 
 
+def test_a_low_precision_one_row_projection_runs_as_two_rows_with_the_same_values(gptj_dir):
+    for dtype in ("bfloat16", "float32"):
+        net = CausalLM.from_pretrained(gptj_dir, dtype=dtype).net
+        for layer in (net.model.transformer.h[0].mlp, net.model.lm_head):
+            x = tf.cast(tf.random.stateless_normal([1, 1, net.config.n_embd], seed=[1, 2]), dtype)
+            projected = tf.function(lambda x: net.project(layer, x), jit_compile=True)(x)
+            alone = tf.function(lambda x: layer(x), jit_compile=True)(x)
+            assert projected.shape == alone.shape and projected.dtype == alone.dtype
+            # The two-row product may sum in another order than the one-row one: bfloat16 rounding apart.
+            np.testing.assert_allclose(tf.cast(projected, tf.float32).numpy(), tf.cast(alone, tf.float32).numpy(),
+                                       rtol=0.02, atol=0.02 * float(tf.reduce_max(tf.abs(tf.cast(alone, tf.float32)))))
+
+
 def test_h5_and_tensors_read_in_many_blocks_load_the_same_weights(gptj, gptj_dir, gptj_bin_dir, tmp_path,
                                                                    monkeypatch):
     gptj.save_pretrained(tmp_path)

@@ -88,6 +88,17 @@ class Family:
     def compute_dtype(self):
         return self.model.transformer.compute_dtype
 
+    def project(self, layer, x):
+        """`layer(x)` for x [rows, len, width]. In low precision one row and one column runs as two rows (the second
+        a copy, dropped after).
+
+        Why: XLA's CPU backend computes a bfloat16 or float16 vector-matrix product ([1, in] x [in, out]) more than
+        10x slower than a product of two rows (benchmarks/generate_speed.py, batch-1 decoding in bfloat16).
+        """
+        if self.compute_dtype == tf.float32 or tuple(x.shape[:2]) != (1, 1):
+            return layer(x)
+        return layer(tf.concat([x, x], axis=0))[:1]
+
     def weights_after(self, layer, hidden):
         """The context the blocks and head run `layer` in: none in a float32 model, else `matrices_read_after`."""
         if self.compute_dtype == tf.float32:

@@ -24,10 +24,10 @@ class GPT2(Family):
         for block, (cache_k, cache_v) in zip(main.h, cache):
             with self.weights_after(block, h):
                 q, k, v = (kv_cache.split_heads(x, n_head)
-                           for x in tf.split(block.attn.c_attn(block.ln_1(h)), 3, axis=-1))
+                           for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1))
                 a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
-                h = h + block.attn.c_proj(a)
-                h = h + block.mlp(block.ln_2(h), training=False)
+                h = h + self.project(block.attn.c_proj, a)
+                h = h + self.project(block.mlp, block.ln_2(h))
             new_cache.append((cache_k, cache_v))
         return h, new_cache
 

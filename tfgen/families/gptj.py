@@ -46,15 +46,15 @@ class GPTJ(Family):
             with self.weights_after(block, h):
                 x = block.ln_1(h)
                 attn = block.attn
-                q, k, v = (kv_cache.split_heads(projection(x), config.n_head)
+                q, k, v = (kv_cache.split_heads(self.project(projection, x), config.n_head)
                            for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
                 q, k = apply_rotary(q, sin, cos, rotary_dim), apply_rotary(k, sin, cos, rotary_dim)
                 a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
-                h = h + attn.out_proj(a) + block.mlp(x)
+                h = h + self.project(attn.out_proj, a) + self.project(block.mlp, x)
             new_cache.append((cache_k, cache_v))
         return h, new_cache
 
     def head(self, hidden):
         h = self.model.transformer.ln_f(hidden[:, None])
         with self.weights_after(self.model.lm_head, h):
-            return tf.cast(self.model.lm_head(h)[:, 0], tf.float32)
+            return tf.cast(self.project(self.model.lm_head, h)[:, 0], tf.float32)
