@@ -238,21 +238,23 @@ def test_models_health_and_metrics(server, client, model_name):
 @pytest.mark.slow
 def test_concurrent_requests_batch_and_match_alone(client, model_name):
     """16 concurrent greedy requests against the same 16 one after another (after a round that compiles what
-    their lengths need); the bound is a ratio of 0.5."""
+    their lengths need); the bound is a ratio of 0.5, between the fastest of three tries of each (on a shared
+    machine any one try can stall for half a second)."""
     prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
 
     def complete(prompt):
         return _greedy(client, model_name, prompt, max_tokens=48).choices[0].text
 
+    def timed(run):
+        started = time.monotonic()
+        return run(), time.monotonic() - started
+
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(complete, prompts))
-        started = time.monotonic()
-        alone = [complete(p) for p in prompts]
-        sequential = time.monotonic() - started
-        started = time.monotonic()
-        together = list(pool.map(complete, prompts))
-        concurrent = time.monotonic() - started
-    assert together == alone
+        alone = [timed(lambda: [complete(p) for p in prompts]) for _ in range(3)]
+        together = [timed(lambda: list(pool.map(complete, prompts))) for _ in range(3)]
+    assert all(texts == alone[0][0] for texts, _ in alone + together)
+    sequential, concurrent = min(seconds for _, seconds in alone), min(seconds for _, seconds in together)
     assert concurrent < 0.5 * sequential, (concurrent, sequential)
 
 

@@ -237,8 +237,12 @@ class _Programs:
         """The prefill call of the rows `rows` alone (a list; its length picks the program): their columns
         0..width-2, within the first `span` of the cache."""
         if width > 1:
+            # About CHUNK positions an iteration, as generate's prefill of one row: many rows of short prompts
+            # (a server's new rows) then compute few pad columns.
+            chunk = max(1, CHUNK // len(rows))
+
             def prefill_rows(rows, columns):
-                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, columns, CHUNK, span))
+                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, columns, chunk, span))
             self._compiled(("prefill_rows", span, len(rows)), prefill_rows)(tf.constant(rows, tf.int32),
                                                                             tf.constant(width - 1))
 

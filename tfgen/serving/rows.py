@@ -7,7 +7,7 @@ can drive the server.
 
 `StateRows` implements them on one `DecodeState` of `slots` rows at the model's context: new rows
 are put into their slots and prefilled there together (a program over those rows' cache only, as
-many rows as a row tier) while the other rows keep their cache and tokens, and each step is one advance program call over the first
+many rows as a row tier, about 16 positions an iteration) while the other rows keep their cache and tokens, and each step is one advance program call over the first
 slots, as many as a row tier (1, 4, 16, ... slots) that holds every running row: a step costs a
 token per row of the tier. Both read the cache only up to a span (a capacity tier) that holds the
 rows they serve. Every row has its own settings ([rows] setting tensors,

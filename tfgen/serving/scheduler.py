@@ -21,6 +21,11 @@ log = logging.getLogger("uvicorn.error")  # the server's log
 STEP_SECONDS = 0.05  # how long a step should take: short enough that a new request waits little, long enough that
 # the host's work between steps (a few ms) costs little
 MAX_STEP_TOKENS = 16
+# An idle engine admits once no request arrived for GATHER_QUIET seconds, or GATHER_LONGEST after the first: clients
+# that start together arrive over 10-30 ms, and the first one admitted alone would hold up the rest by its prefill
+# and its step.
+GATHER_QUIET = 0.005
+GATHER_LONGEST = 0.03
 
 
 class QueueFull(Exception):
@@ -82,6 +87,7 @@ class Scheduler:
         self.active = {}  # slot -> Job
         self._wake = threading.Condition()
         self._stopping = False
+        self._last_arrival = 0.0
 
     # Called from request handlers (any thread).
     def submit(self, jobs):
@@ -89,6 +95,7 @@ class Scheduler:
             if len(self.waiting) + len(jobs) > self.max_queue + self.rows.slots - len(self.active):
                 raise QueueFull
             self.waiting.extend(jobs)
+            self._last_arrival = time.monotonic()
             self.metrics.queue_depth.set(len(self.waiting))
             self._wake.notify()
 
@@ -111,6 +118,8 @@ class Scheduler:
             with self._wake:
                 while not (self._stopping or self.waiting or self.active):
                     self._wake.wait()
+                if not self.active:
+                    self._gather_arrivals()
                 if self._stopping:
                     break
                 self._free_done_rows()
@@ -123,6 +132,16 @@ class Scheduler:
                     self._fail_active()
         for job in list(self.active.values()) + list(self.waiting):
             self._finish(job, "cancelled")
+
+    def _gather_arrivals(self):
+        """Waits, on an idle engine, for the requests arriving together with the first waiting one, so that they
+        are prefilled and stepped together (see GATHER_QUIET)."""
+        first = self.waiting[0].submitted if self.waiting else time.monotonic()
+        while not self._stopping and len(self.waiting) < self.rows.slots:
+            wait = min(self._last_arrival + GATHER_QUIET, first + GATHER_LONGEST) - time.monotonic()
+            if wait <= 0:
+                break
+            self._wake.wait(wait)
 
     def _admit(self):
         free = [slot for slot in range(self.rows.slots) if slot not in self.active]
