@@ -107,8 +107,11 @@ _STARTUP_NOISE = re.compile(
 
 
 # TF reads each persistent-cache entry as a text proto first and, when that fails as it always does, as the binary
-# one it wrote; the failed text parse is logged at error level although the entry then loads.
-CACHE_READ_NOISE = re.compile(r"text_format\.cc.*Error parsing text-format tensorflow\.XlaSerializedCacheEntry")
+# one it wrote; the failed text parse is logged at error level although the entry then loads. On Intel hosts XLA also
+# records the compiler's tuning flags prefer-no-scatter/-gather among the target's features, and the loader then
+# reports them as features the host lacks: they are not CPU features (a real mismatch is still reported).
+CACHE_READ_NOISE = re.compile(r"text_format\.cc.*Error parsing text-format tensorflow\.XlaSerializedCacheEntry"
+                              r"|cpu_aot_loader\.cc.*Target machine feature \+prefer-no-(scatter|gather) is not +supported")
 
 
 @contextlib.contextmanager
