@@ -87,7 +87,6 @@ class Scheduler:
         self.active = {}  # slot -> Job
         self._wake = threading.Condition()
         self._stopping = False
-        self._last_arrival = 0.0
 
     # Called from request handlers (any thread).
     def submit(self, jobs):
@@ -95,7 +94,6 @@ class Scheduler:
             if len(self.waiting) + len(jobs) > self.max_queue + self.rows.slots - len(self.active):
                 raise QueueFull
             self.waiting.extend(jobs)
-            self._last_arrival = time.monotonic()
             self.metrics.queue_depth.set(len(self.waiting))
             self._wake.notify()
 
@@ -118,7 +116,7 @@ class Scheduler:
             with self._wake:
                 while not (self._stopping or self.waiting or self.active):
                     self._wake.wait()
-                if not self.active:
+                if self.waiting and not self.active:
                     self._gather_arrivals()
                 if self._stopping:
                     break
@@ -136,9 +134,9 @@ class Scheduler:
     def _gather_arrivals(self):
         """Waits, on an idle engine, for the requests arriving together with the first waiting one, so that they
         are prefilled and stepped together (see GATHER_QUIET)."""
-        first = self.waiting[0].submitted if self.waiting else time.monotonic()
+        first = self.waiting[0].submitted
         while not self._stopping and len(self.waiting) < self.rows.slots:
-            wait = min(self._last_arrival + GATHER_QUIET, first + GATHER_LONGEST) - time.monotonic()
+            wait = min(self.waiting[-1].submitted + GATHER_QUIET, first + GATHER_LONGEST) - time.monotonic()
             if wait <= 0:
                 break
             self._wake.wait(wait)
