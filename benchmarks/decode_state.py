@@ -180,7 +180,7 @@ def run(args):
     with tempfile.TemporaryDirectory(prefix="decode_state-") as scratch:
         model_dir = Path(scratch) / "model"
         config = gpt2_config(args.small)
-        model = build_checkpoint(config, model_dir)
+        model = build_checkpoint("gpt2", args.small, model_dir)
         if "fresh_processes" in args.parts:
             results["fresh_processes"] = measure_fresh_processes(model_dir, args.new_tokens, scratch, args.repeats)
         if set(args.parts) - {"fresh_processes"}:

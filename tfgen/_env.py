@@ -16,6 +16,8 @@ program. TF writes each entry to a temporary file and moves it into place, so
 processes can share the directory. TFGEN_COMPILE_CACHE=DIR puts the cache
 under DIR, TFGEN_COMPILE_CACHE=off switches it off, and a
 --tf_xla_persistent_cache_directory of the user's own in TF_XLA_FLAGS wins.
+The traced decode programs are kept beside it, under programs/
+(tfgen.generation.program_store), with the same switch.
 
 XLA's while-loop invariant code motion is switched off (XLA_FLAGS, read when
 XLA first compiles; a --xla_disable_hlo_passes of the user's own wins). On a CPU
@@ -64,12 +66,25 @@ def _cpu_digest():
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def compile_cache_directory(environ=os.environ):
-    """Where XLA's persistent cache goes for this TF, tfgen and CPU; None when switched off."""
+def _cache_base(environ):
+    """~/.cache/tfgen (or $XDG_CACHE_HOME/tfgen, or TFGEN_COMPILE_CACHE); None when switched off."""
     setting = environ.get(COMPILE_CACHE_VARIABLE)
     if setting is not None and setting.strip().lower() in ("off", "0", "false", "no", ""):
         return None
-    base = Path(setting).expanduser() if setting else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
+    return Path(setting).expanduser() if setting else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
+
+
+def program_store_directory(environ=os.environ):
+    """Where traced decode programs are kept (tfgen.generation.program_store); None when the cache is off."""
+    base = _cache_base(environ)
+    return None if base is None else base / "programs"
+
+
+def compile_cache_directory(environ=os.environ):
+    """Where XLA's persistent cache goes for this TF, tfgen and CPU; None when switched off."""
+    base = _cache_base(environ)
+    if base is None:
+        return None
     try:
         tensorflow_version = importlib.metadata.version("tensorflow")
     except importlib.metadata.PackageNotFoundError:

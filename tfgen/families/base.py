@@ -1,6 +1,7 @@
 """The interface of a model family: what decoding, scoring, training and export need from an architecture."""
 
 import contextlib
+import json
 
 import tensorflow as tf
 
@@ -110,6 +111,14 @@ class Family:
     def weights(self):
         """The variables the forward pieces read: the wrapped model's, then the LoRA adapters' once enabled."""
         return self.model.weights + (self.adapters.weights if self.adapters is not None else [])
+
+    def trace_description(self):
+        """What the traced programs depend on beyond the variables' shapes: the family, its config, the compute
+        dtype and the LoRA settings (see `tfgen.generation.program_store`)."""
+        adapters = self.adapters
+        lora = None if adapters is None else [adapters.rank, adapters.alpha, adapters.module_names]
+        return json.dumps([type(self).__name__, self.config.to_dict(), self.compute_dtype, lora], default=str,
+                          sort_keys=True)
 
     def empty_cache(self, rows, capacity):
         return kv_cache.empty_cache(self.config, rows, capacity, self.compute_dtype)

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfgen import _env
-from tfgen.generation import beam_search, sampling, state as decode_state
+from tfgen.generation import beam_search, program_store, sampling, state as decode_state
 from tfgen.generation.shapes import dims, per_row
 
 BUCKET = 32
@@ -214,9 +214,11 @@ def _quiet_first_call(compiled):
 class _Programs:
     """A DecodeState and the compiled programs that move it."""
 
-    def __init__(self, net, rows, capacity, pad_id, counted):
+    def __init__(self, net, rows, capacity, pad_id, on_made):
         self.state = decode_state.DecodeState(net, rows, capacity, pad_id)
-        self.net, self._counted, self._functions = net, counted, {}
+        self.net, self._on_made, self._functions = net, on_made, {}
+        self._variables = net.weights + list(self.state.variables)
+        self._description = net.trace_description()
 
         def layout(input_ids):
             return caller_layout(input_ids, token_results(self.state.read()), pad_id)
@@ -247,16 +249,13 @@ class _Programs:
                                                                             tf.constant(width - 1))
 
     def _compiled(self, key, function):
-        """The compiled program of `function` under `key`, compiled on first use."""
+        """The compiled program of `function` under `key`: traced (or loaded from the program store) on first use."""
         if key not in self._functions:
-            self._functions[key] = self._compile(function)
+            state = self.state
+            program = program_store.Program(function, self._variables, self._description,
+                                            [key, state.rows, state.capacity, state.pad_id], self._on_made)
+            self._functions[key] = _quiet_first_call(program)
         return self._functions[key]
-
-    def _compile(self, function):
-        compiled = tf.function(self._counted(function), jit_compile=True, autograph=False)
-        # Each state's programs trace once; TF would count them together and warn of "frequent retracing".
-        compiled._omit_frequent_tracing_warning = True
-        return _quiet_first_call(compiled)
 
     def advance(self, strategy, span=None, rows=None):
         """The program (num_steps, settings) that moves every unfinished row on by up to num_steps; returns the
@@ -287,7 +286,8 @@ class Decoder:
 
     def __init__(self, net):
         self.net = net
-        self.trace_count = 0
+        # Programs made in this process: each a trace, or a load of a stored trace (program_store) counted in both.
+        self.trace_count = self.loaded_count = 0
         self._programs = collections.OrderedDict()
         self._busy = set()  # ids of the _Programs whose state a running generation holds
         self._lock = threading.Lock()
@@ -296,7 +296,7 @@ class Decoder:
         """The `_Programs` of a (rows, capacity): made on first use, kept for the MAX_STATES most recent."""
         key = (rows, capacity, pad_id)
         if key not in self._programs:
-            self._programs[key] = _Programs(self.net, rows, capacity, pad_id, self._counted)
+            self._programs[key] = _Programs(self.net, rows, capacity, pad_id, self._made)
             if len(self._programs) > MAX_STATES:
                 self._programs.popitem(last=False)
         self._programs.move_to_end(key)
@@ -305,7 +305,7 @@ class Decoder:
     def own_programs(self, rows, capacity, pad_id):
         """A `_Programs` for one caller alone, outside the ones generate calls share: rows that live across
         calls (a server's slots)."""
-        return _Programs(self.net, rows, capacity, pad_id, self._counted)
+        return _Programs(self.net, rows, capacity, pad_id, self._made)
 
     @contextlib.contextmanager
     def _held(self, rows, capacity, pad_id):
@@ -380,8 +380,6 @@ class Decoder:
             emitted = steps
         return programs.layout(input_ids)
 
-    def _counted(self, function):
-        def traced(*args):
-            self.trace_count += 1
-            return function(*args)
-        return traced
+    def _made(self, loaded):
+        self.trace_count += 1
+        self.loaded_count += loaded
