@@ -1,5 +1,6 @@
 """The scheduler's admissions, on rows that record what they are asked to do (no model)."""
 
+import dataclasses
 import threading
 import time
 import types
@@ -76,3 +77,38 @@ def test_gathering_ends_after_the_quiet_time_or_the_longest_wait(monkeypatch):
     # Requests that keep arriving are admitted once the longest wait from the first has passed.
     admissions = _admissions([0] + [0.05] * 12, monkeypatch, quiet=0.5, longest=0.3)
     assert len(admissions) >= 2 and 2 <= len(admissions[0]) < 12, admissions
+
+
+class CountingRows(RecordingRows):
+    """Rows that record each step's token count and make that many tokens (never EOS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.admitted_before_step = [], []
+
+    def start_rows(self, starts):
+        super().start_rows(starts)
+        self.admitted_before_step.append(len(self.steps))
+
+    def step(self, k):
+        self.steps.append(k)
+        return {slot: ([5] * k, False) for slot in self._started}
+
+
+def test_the_step_after_an_admission_is_one_token():
+    """New rows' first tokens go out right after their prefill; later steps make as many tokens as fit the
+    step time (here many: the recording rows take no time)."""
+    rows, done = CountingRows(), threading.Semaphore(0)
+    engine = Scheduler(rows, OneTokenTokenizer(), max_queue=16, metrics=Metrics(rows.slots))
+    thread = threading.Thread(target=engine.run)
+    thread.start()
+    try:
+        for _ in range(2):  # the second request finds the step time measured
+            engine.submit([dataclasses.replace(_job(done), sampling=dataclasses.replace(GREEDY, max_tokens=40))])
+            assert done.acquire(timeout=30)
+    finally:
+        engine.stop()
+        thread.join()
+    assert len(rows.admitted_before_step) == 2
+    for first in rows.admitted_before_step:
+        assert rows.steps[first] == 1 and rows.steps[first + 1] > 1, rows.steps

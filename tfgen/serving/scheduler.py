@@ -4,7 +4,9 @@ One thread owns the model. Between steps it frees the slots of rows that are fin
 (client gone) or past their time limit, and starts waiting rows in the free slots; then it
 advances every started row by a few tokens (`rows.step`) and hands each row its new text. A step's
 token count aims at STEP_SECONDS of decoding (from the time the last steps took per token), so a request
-that arrives while a step runs waits about that long for its slot, on any model and machine.
+that arrives while a step runs waits about that long for its slot, on any model and machine; the step
+right after an admission of at least half the busy rows is one token, so that the new rows' first tokens go out
+as soon as they are prefilled.
 Requests talk to it through `Job`s; a job's `emit` callback receives its events (from this thread).
 """
 
@@ -85,6 +87,7 @@ class Scheduler:
         self._seconds_per_token = {}  # busy rows -> what steps of that many rows took per token (running averages)
         self.waiting = collections.deque()
         self.active = {}  # slot -> Job
+        self._admitted = False  # many rows were started since the last step: the next is their first token
         self._wake = threading.Condition()
         self._stopping = False
 
@@ -154,6 +157,8 @@ class Scheduler:
             self.active[slot] = job
         if starts:
             self.rows.start_rows(starts)
+            # Not for a few rows joining many: one-token steps cost the running rows a step's host work each.
+            self._admitted = 2 * len(starts) >= len(self.active)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.busy_slots.set(len(self.active))
 
@@ -178,10 +183,10 @@ class Scheduler:
                 self._finish(job, "error")
 
     def step_tokens(self):
-        """Tokens for the next step: about STEP_SECONDS of decoding as many rows as now (1 until such a step has
-        been timed)."""
+        """Tokens for the next step: 1 right after an admission (see above), else about STEP_SECONDS of decoding as many rows
+        as now (1 until such a step has been timed)."""
         per_token = self._seconds_per_token.get(len(self.active))
-        if per_token is None:
+        if per_token is None or self._admitted:
             return 1
         return int(min(max(round(STEP_SECONDS / per_token), 1), MAX_STEP_TOKENS))
 
@@ -189,6 +194,7 @@ class Scheduler:
         k, busy = self.step_tokens(), len(self.active)
         started = time.monotonic()
         out = self.rows.step(k)
+        self._admitted = False
         steps = max((len(new_ids) for new_ids, _ in out.values()), default=0)  # fewer than k if every row ended
         per_token = (time.monotonic() - started) / max(steps, 1)
         previous = self._seconds_per_token.get(busy, per_token)
