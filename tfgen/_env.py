@@ -113,6 +113,7 @@ def _use_compile_cache():
 
 _keep_weight_converts_in_loops()
 _use_compile_cache()
+PROGRAM_STORE = program_store_directory()  # read once, as the XLA cache's directory is
 
 _STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|cudart_stub\.cc.*Could not find cuda drivers"

@@ -109,13 +109,18 @@ def write(path, header, library):
     """Writes the entry atomically (a temporary file renamed into place); an unwritable directory is skipped."""
     header_bytes = json.dumps(header).encode()
     data = len(header_bytes).to_bytes(_HEADER_BYTES, "little") + header_bytes + library.SerializeToString()
+    path = Path(path)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=Path(path).parent, delete=False) as temporary:
-            temporary.write(data)
-        os.replace(temporary.name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    except OSError:  # the next process traces again
+        return
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
     except OSError:
-        pass
+        Path(temporary).unlink(missing_ok=True)
 
 
 class Program:
@@ -135,8 +140,7 @@ class Program:
 
     def _prepare(self, args, shapes):
         digest = entry_digest(self._description, self._variables, self._key, shapes)
-        directory = _env.program_store_directory()
-        path = directory / f"{digest}.program" if directory else None
+        path = _env.PROGRAM_STORE / f"{digest}.program" if _env.PROGRAM_STORE else None
         entry = read(path, len(tf.nest.flatten(args)), self._variables) if path else None
         self._on_made(entry is not None)
         if entry is None:
