@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfgen import __version__
@@ -101,3 +102,23 @@ def test_a_stored_program_that_does_not_fit_is_traced_again(tmp_path):
     assert float(program(tf.constant(3.0))["total"]) == 9.0
     assert float(program(tf.constant(0.5))["total"]) == 4.5
     assert made == [False]  # one trace, for both calls
+
+
+def test_a_traced_program_keeps_one_constant_of_each_value():
+    import tensorflow as tf
+
+    from tfgen.generation import program_store
+
+    variable = tf.Variable([1.0, 2.0, 3.0])
+
+    def scaled(x):
+        return {"out": (variable * 2.0 + 2.0) * x * 2.0 + tf.reduce_sum(x[1:]) * x[:1] * 3.0}
+
+    header, library = program_store.trace(scaled, (tf.constant([1.0, 2.0, 4.0]),), [variable], "constants")
+    values = [node.attr["value"].tensor.SerializeToString() for node in library.function[0].node_def
+              if node.op == "Const"]
+    assert len(values) == len(set(values)) and len(values) >= 3
+    made = []
+    program = program_store.Program(scaled, [variable], "constants", "scaled", made.append)
+    x = tf.constant([1.0, 2.0, 4.0])
+    assert np.allclose(program(x)["out"], scaled(x)["out"])

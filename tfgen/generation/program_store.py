@@ -70,6 +70,37 @@ def _renamed(library, names):
     return renamed
 
 
+def _reference_to(names, reference):
+    """A node input or output reference ("node:output:0", "^node" or an argument) with its node renamed by `names`."""
+    control = reference.startswith("^")
+    node, colon, rest = reference.lstrip("^").partition(":")
+    return "^" * control + names.get(node, node) + colon + rest
+
+
+def without_repeated_constants(function):
+    """Keeps one Const node of each value in a FunctionDef (tracing makes one per use: about half of a decode loop's
+    nodes); the inputs and outputs that read a dropped one read its twin. XLA's lowering, which a fresh process
+    runs for every program, then visits half the nodes; the HLO is the same."""
+    kept, first, names = [], {}, {}
+    for node in function.node_def:
+        if node.op == "Const" and not node.input:
+            key = repr((node.device, sorted((name, attr.SerializeToString(deterministic=True))
+                                            for name, attr in node.attr.items())))
+            if key in first:
+                names[node.name] = first[key]
+                continue
+            first[key] = node.name
+        kept.append(node)
+    for node in kept:
+        inputs = [_reference_to(names, reference) for reference in node.input]
+        del node.input[:]
+        node.input.extend(inputs)
+    del function.node_def[:]
+    function.node_def.extend(kept)
+    for output, reference in list(function.ret.items()):
+        function.ret[output] = _reference_to(names, reference)
+
+
 def trace(function, args, variables, digest):
     """Traces `function(*args)`; returns the entry: (header, library), the program first in the library."""
     concrete = tf.function(function, autograph=False).get_concrete_function(*args)
@@ -85,6 +116,8 @@ def trace(function, args, variables, digest):
     library.function.extend(concrete.graph.as_graph_def().library.function)
     names = {f.signature.name: f"tfgen_{digest}_{i}" for i, f in enumerate(library.function)}
     library = _renamed(library, names)
+    for traced in library.function:
+        without_repeated_constants(traced)
     library.function[0].attr["_XlaMustCompile"].b = True
     header = {"captures": [handles[id(t)] for t in concrete.captured_inputs],
               "outputs": None if outputs is None else sorted(outputs)}
