@@ -87,7 +87,6 @@ class Scheduler:
         self._seconds_per_token = {}  # busy rows -> what steps of that many rows took per token (running averages)
         self.waiting = collections.deque()
         self.active = {}  # slot -> Job
-        self._admitted = False  # many rows were started since the last step: the next is their first token
         self._wake = threading.Condition()
         self._stopping = False
 
@@ -157,8 +156,6 @@ class Scheduler:
             self.active[slot] = job
         if starts:
             self.rows.start_rows(starts)
-            # Not for a few rows joining many: one-token steps cost the running rows a step's host work each.
-            self._admitted = 2 * len(starts) >= len(self.active)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.busy_slots.set(len(self.active))
 
@@ -183,10 +180,12 @@ class Scheduler:
                 self._finish(job, "error")
 
     def step_tokens(self):
-        """Tokens for the next step: 1 right after an admission (see above), else about STEP_SECONDS of decoding as many rows
-        as now (1 until such a step has been timed)."""
+        """Tokens for the next step: 1 while at least half the busy rows have no token yet (just admitted), else
+        about STEP_SECONDS of decoding as many rows as now (1 until such a step has been timed)."""
         per_token = self._seconds_per_token.get(len(self.active))
-        if per_token is None or self._admitted:
+        # Not for a few rows joining many: one-token steps cost the running rows a step's host work each.
+        waiting_for_first = sum(not job.new_ids for job in self.active.values())
+        if per_token is None or 2 * waiting_for_first >= len(self.active):
             return 1
         return int(min(max(round(STEP_SECONDS / per_token), 1), MAX_STEP_TOKENS))
 
@@ -194,7 +193,6 @@ class Scheduler:
         k, busy = self.step_tokens(), len(self.active)
         started = time.monotonic()
         out = self.rows.step(k)
-        self._admitted = False
         steps = max((len(new_ids) for new_ids, _ in out.values()), default=0)  # fewer than k if every row ended
         per_token = (time.monotonic() - started) / max(steps, 1)
         previous = self._seconds_per_token.get(busy, per_token)
