@@ -288,7 +288,6 @@ def test_200_requests_leave_memory_flat(server, client, model_name):
     assert _rss_mb(server) - before < 30, (before, _rss_mb(server))
 
 
-@pytest.mark.slow
 @pytest.fixture(scope="module")
 def long_context_dir(tiny_lm, tmp_path_factory):
     """An untrained tiny GPT-2 of context 1024: a request that holds a slot for a thousand steps."""
@@ -298,6 +297,7 @@ def long_context_dir(tiny_lm, tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 def test_full_queue_is_429_and_sigterm_drains(long_context_dir, tmp_path):
     small = ServerProcess(long_context_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0")
     model_name = long_context_dir.name

@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+from tfgen import __version__
+
 EXIT_USAGE = 2
 _BATCH = 16  # prompts decoded together
 _EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
@@ -358,7 +360,8 @@ def _add_serve(subparsers):
 
 
 def build_parser():
-    parser = _Parser(prog="tfgen", description="GPT-2 text generation for TensorFlow/Keras")
+    parser = _Parser(prog="tfgen", description="GPT-2 and GPT-J text generation for TensorFlow/Keras")
+    parser.add_argument("--version", action="version", version=f"tfgen {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(subparsers)
     _add_score(subparsers)
