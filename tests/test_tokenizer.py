@@ -256,8 +256,21 @@ def test_tokens_and_their_text(tok):
     pieces = {i: tok.id_to_token(i) for i in range(tok.vocab_size)}
     word_start = next(i for i, piece in pieces.items() if len(piece) > 1 and piece[0] == "▁")
     assert tok.token_text(word_start) == " " + pieces[word_start][1:]
-    with pytest.raises(IndexError):
-        tok.id_to_token(tok.vocab_size)
+
+
+def test_ids_past_the_vocabulary_spell_nothing_as_in_transformers(tok, hf_tokenizer_dir):
+    """A model's embedding may have more rows than its tokenizer has tokens: those ids decode to nothing."""
+    from transformers import PreTrainedTokenizerFast
+
+    ids = tok.encode(TEXT)
+    beyond = [tok.vocab_size, tok.vocab_size + 63]
+    assert tok.decode(ids[:2] + beyond + ids[2:]) == tok.decode(ids)
+    assert tok.decode(beyond, skip_special_tokens=False) == ""
+    assert tok.token_text(tok.vocab_size) == "" and tok.id_to_token(tok.vocab_size) is None
+    fast = PreTrainedTokenizerFast.from_pretrained(hf_tokenizer_dir)
+    hf_ids = fast.encode(TEXT)
+    assert fast.decode(hf_ids[:2] + [fast.vocab_size + 5] + hf_ids[2:]) == fast.decode(hf_ids)  # the rule copied
+    assert fast.convert_ids_to_tokens(fast.vocab_size + 5) is None
 
 
 # --- saving --------------------------------------------------------------------

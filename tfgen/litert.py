@@ -20,7 +20,7 @@ import numpy as np
 
 from tfgen import scoring
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Tokenizer, completion_texts
+from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
@@ -66,6 +66,7 @@ class LiteRTLM:
             self.tokenizer = Tokenizer.from_pretrained(path)
         except FileNotFoundError:
             self.tokenizer = None  # ids in and out only, as GPT2LM without a tokenizer
+        warn_if_vocabulary_differs(self.tokenizer, self.config["vocab_size"], path)
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
         self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)

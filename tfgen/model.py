@@ -15,7 +15,8 @@ import tensorflow as tf
 from tfgen import checkpoint, families, lora
 from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import Completion, Tokenizer, completion_texts  # noqa: F401  (Completion: complete()'s result type)
+from tfgen.tokenizer import (  # noqa: F401  (Completion: complete()'s result type)
+    Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs)
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.
@@ -237,6 +238,7 @@ class CausalLM(tf.keras.Model):
                 raise ValueError(f"{directory} has no tokenizer files, so its special tokens cannot be set") from None
             tokenizer = None
         lm = _load_weights(cls, directory, tokenizer, dtype)
+        warn_if_vocabulary_differs(tokenizer, lm.config.vocab_size, directory)
         for key in ("bos_token", "eos_token", "pad_token"):
             if key in special_tokens:
                 setattr(lm.config, f"{key}_id", getattr(tokenizer, f"{key}_id"))

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +108,7 @@ class _HuggingFace:
         return self.tok.token_to_id(token)
 
     def id_to_token(self, token_id):
-        token = self.tok.id_to_token(token_id)
-        if token is None:
-            raise IndexError(f"token id {token_id} is out of range (vocab_size {self.vocab_size})")
-        return token
+        return self.tok.id_to_token(token_id)
 
     def encode(self, text, add_special_tokens=False):
         # add_special_tokens: what the file's post-processor adds, as in transformers' encode.
@@ -325,9 +323,16 @@ class Tokenizer:
                 attention_mask[row, -len(ids):] = 1
         return input_ids, attention_mask
 
+    def knows(self, token_id):
+        """Whether ``token_id`` is in the vocabulary (a model's embedding may have more rows than it)."""
+        return 0 <= token_id < self.vocab_size
+
     def decode(self, ids, skip_special_tokens=True):
-        """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``."""
-        ids = [int(i) for i in ids]
+        """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``.
+
+        Ids the vocabulary lacks spell nothing, as in transformers' fast tokenizers.
+        """
+        ids = [i for i in map(int, ids) if self.knows(i)]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.all_special_ids]
         return self._backend.decode(ids, skip_special_tokens)
@@ -372,8 +377,9 @@ class Tokenizer:
         return [self.decode(row, skip_special_tokens) for row in rows]
 
     def id_to_token(self, token_id):
-        """The raw vocabulary piece of ``token_id``, e.g. ``'▁안녕'``."""
-        return self._backend.id_to_token(int(token_id))
+        """The raw vocabulary piece of ``token_id``, e.g. ``'▁안녕'``; None for an id the vocabulary lacks."""
+        token_id = int(token_id)
+        return self._backend.id_to_token(token_id) if self.knows(token_id) else None
 
     def token_text(self, token_id):
         """The text ``token_id`` adds, as ``decode([token_id])`` shows it (``' most'``, ``' 안녕'``).
@@ -381,11 +387,24 @@ class Tokenizer:
         A word-start token keeps its space, also where the decoder drops it from
         a text's first token; special tokens are shown (``'<s>'``), and a token
         that is only part of a character shows those bytes as ``<0xNN>``
-        (``' <0xEC><0x95>'``) instead of a replacement character.
+        (``' <0xEC><0x95>'``) instead of a replacement character; an id the
+        vocabulary lacks shows as ``''``, what ``decode`` makes of it.
         """
         token_id = int(token_id)
-        self.id_to_token(token_id)  # IndexError for an id outside the vocabulary
-        return self._backend.token_text(token_id)
+        return self._backend.token_text(token_id) if self.knows(token_id) else ""
+
+
+def warn_if_vocabulary_differs(tokenizer, model_vocab_size, model_path):
+    """One warning where a model's embedding rows and its tokenizer's vocabulary differ in size."""
+    if tokenizer is None or tokenizer.vocab_size == model_vocab_size:
+        return
+    if tokenizer.vocab_size < model_vocab_size:
+        effect = (f"ids {tokenizer.vocab_size} to {model_vocab_size - 1} have no token and decode to nothing, "
+                  "as in transformers")
+    else:
+        effect = f"token ids from {model_vocab_size} on have no embedding row; the model cannot read them"
+    warnings.warn(f"{model_path}: the model's vocabulary has {model_vocab_size} ids, its tokenizer's "
+                  f"{tokenizer.vocab_size}: {effect}", stacklevel=3)
 
 
 def _byte_level_alphabet():

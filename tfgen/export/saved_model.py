@@ -173,6 +173,7 @@ class TextCodec(tf.Module):
         self.suffix = [tokenizer.eos_token_id] if tokenizer.add_eos_token else []
         self.padding_id = tokenizer.padding_id
         self.special_ids = sorted(tokenizer.all_special_ids)
+        self.vocab_size = tokenizer.vocab_size  # ids past it (a padded embedding's rows) spell nothing
         self.eos_ids = list(eos_ids)
 
     def encode(self, prompts):
@@ -190,7 +191,8 @@ class TextCodec(tf.Module):
         return tf.where(real, right_aligned, self.padding_id), tf.cast(real, tf.int32)
 
     def completions(self, input_ids, attention_mask, sequences):
-        """The new text of each row, as `CausalLM.complete`'s `new_text`: through the first EOS, specials dropped."""
+        """The new text of each row, as `CausalLM.complete`'s `new_text`: through the first EOS, specials and ids
+        past the vocabulary dropped."""
         new = sequences[:, tf.shape(input_ids)[1]:]
         before_end = tf.cumsum(tf.cast(_is_any(new, self.eos_ids), tf.int32), axis=1, exclusive=True) == 0
         prompt = tf.ragged.boolean_mask(input_ids, tf.logical_and(attention_mask > 0, self._plain(input_ids)))
@@ -211,7 +213,8 @@ class TextCodec(tf.Module):
         return generate
 
     def _plain(self, ids):
-        return tf.logical_not(_is_any(ids, self.special_ids))
+        """Whether each id spells text: not a special token, and in the vocabulary."""
+        return tf.logical_and(tf.logical_not(_is_any(ids, self.special_ids)), ids < self.vocab_size)
 
 
 def _is_any(ids, values):
