@@ -41,15 +41,16 @@ def _get(url, path, timeout=10):
 
 
 class ServerProcess:
-    """`python -m tfgen serve` on a free port of 127.0.0.1, waited for until /health says ok."""
+    """`python -m tfgen serve` on a free port of 127.0.0.1, waited for until /health says ok (`python`: which
+    interpreter's tfgen)."""
 
-    def __init__(self, model_dir, log_path, *args):
+    def __init__(self, model_dir, log_path, *args, python=sys.executable):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tfgen", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
+            [python, "-m", "tfgen", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
