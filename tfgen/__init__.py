@@ -1,19 +1,15 @@
 """tfgen: GPT-2 and GPT-J text generation for TensorFlow/Keras, Korean first.
 
-Where TensorFlow is installed, importing tfgen prepares and imports it
-(tfgen._env); where it is not, only the LiteRT runtime, tfgen.litert, works.
-The public names load on first use (PEP 562), so that runtime needs neither
-TensorFlow nor transformers.
+Importing tfgen prepares TensorFlow's environment (tfgen._env) but does not
+import it: the public names load on first use (PEP 562), and the LiteRT
+runtime, tfgen.litert, needs neither TensorFlow nor transformers.
 """
 
 import importlib
 
 __version__ = "0.1.0"  # first: tfgen._env names the compile cache after it
 
-try:
-    from tfgen import _env  # noqa: F401  (must run before TensorFlow is imported)
-except ImportError:  # no TensorFlow here: tfgen.litert runs without it
-    pass
+from tfgen import _env  # noqa: F401,E402  (must run before TensorFlow is imported)
 
 _PUBLIC = {
     "CausalLM": "tfgen.model",

@@ -27,13 +27,16 @@ the whole model alive while it decodes (see tfgen.families.base.read_after).
 The flags are part of the cache directory's name, as they change what XLA compiles.
 
 A few start-up lines (the CUDA probe on a machine without a GPU) are written
-before TF reads TF_CPP_MIN_LOG_LEVEL, so the first import of TensorFlow runs
-with stderr captured and everything but those known lines is written back.
+before TF reads TF_CPP_MIN_LOG_LEVEL, so the first import of TensorFlow (by
+whichever module needs it; importing tfgen does not) runs with stderr captured
+and everything but those known lines is written back.
 """
 
 import contextlib
 import hashlib
+import importlib.abc
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
@@ -153,13 +156,33 @@ def native_stderr_without(noise):
             sys.stderr.write("".join(kept))
 
 
-def _import_tensorflow_quietly():
-    if "tensorflow" in sys.modules:
-        return
-    with native_stderr_without(_STARTUP_NOISE):
-        import tensorflow
+class _QuietLoader:
+    """TensorFlow's own loader, run with its start-up noise dropped."""
 
-        tensorflow.config.list_physical_devices("GPU")  # the CUDA probe logs here
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def exec_module(self, module):
+        with native_stderr_without(_STARTUP_NOISE):
+            self._loader.exec_module(module)
+            module.config.list_physical_devices("GPU")  # the CUDA probe logs here
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds TensorFlow, for whichever module imports it first, with `_QuietLoader`: tfgen does not import it
+    itself, so the LiteRT runtime and server never load it."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
 
 
 class _DropLoadNoise(logging.Filter):
@@ -174,5 +197,6 @@ class _DropLoadNoise(logging.Filter):
         return not any(text in message for text in self._DROPPED)
 
 
-_import_tensorflow_quietly()
+if "tensorflow" not in sys.modules:
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
 logging.getLogger("transformers.modeling_tf_utils").addFilter(_DropLoadNoise())
