@@ -69,18 +69,18 @@ class Server:
 
     def jobs_for(self, request, emit):
         """One Job per (prompt, choice), in OpenAI's choice order; 400 for a prompt that does not fit."""
-        lm = self.engine.lm
+        tokenizer = self.engine.model.tokenizer
         context = self.engine.scheduler.rows.capacity
         deadline = time.monotonic() + self.settings.request_timeout
         jobs = []
         for prompt in request.prompts:
-            prompt_ids = lm.tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode(prompt)
             if len(prompt_ids) + request.sampling.max_tokens > context:
                 raise APIError(
                     f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds "
                     f"the model's context of {context} tokens; shorten the prompt or lower max_tokens",
                     param="prompt", code="context_length_exceeded")
-            prompt_text = lm.tokenizer.decode(prompt_ids)
+            prompt_text = tokenizer.decode(prompt_ids)
             for choice in range(request.n):
                 index = len(jobs)
                 sampling = dataclasses.replace(request.sampling, seed=protocol.choice_seed(request.sampling.seed, choice))
@@ -224,7 +224,8 @@ async def _internal_error(request, error):
 
 
 def create_app(load, settings):
-    """The Starlette app; `load()` returns the GPT2LM to serve (called on the engine thread at startup)."""
+    """The Starlette app; `load()` returns the model to serve, a serving.models model (called on the engine thread
+    at startup)."""
     server = Server(load, settings)
 
     @contextlib.asynccontextmanager

@@ -1,6 +1,7 @@
 """The engine: loads the model on its own thread, warms it up, then runs the scheduler's loop there.
 
-TensorFlow runs only on this thread; request handlers reach it through the scheduler.
+The model (TensorFlow or LiteRT, see serving.models) runs only on this thread; request handlers reach it
+through the scheduler.
 """
 
 import logging
@@ -8,10 +9,8 @@ import threading
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from tfgen.serving import protocol
-from tfgen.serving.rows import StateRows
 from tfgen.serving.scheduler import Scheduler
 from tfgen.tokenizer import INCOMPLETE
 
@@ -19,14 +18,13 @@ WARMUP_PROMPT = "안녕하세요"
 log = logging.getLogger("uvicorn.error")  # the server's log
 
 
-def token_logprobs(lm, prompt_ids, new_ids, top):
+def token_logprobs(model, prompt_ids, new_ids, top):
     """OpenAI's `logprobs` object for new_ids after prompt_ids: the model's own log-probabilities
-    (before temperature and the logits processors, as `GPT2LM.score` reports them)."""
-    tokenizer = lm.tokenizer
+    (before temperature and the logits processors, as `score` reports them)."""
+    tokenizer = model.tokenizer
     if not new_ids:
         return protocol.logprobs_object([], [], [], [])
-    ids = np.array([prompt_ids + new_ids], np.int32)
-    logprobs = tf.nn.log_softmax(lm(ids)[0, len(prompt_ids) - 1: -1]).numpy()
+    logprobs = model.next_token_logprobs(prompt_ids + new_ids, len(prompt_ids) - 1)
     # As OpenAI's: where each token's text starts in prompt + completion; a token inside a character
     # spelled by byte pieces starts where the character does.
     offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip(INCOMPLETE)) for i in range(len(new_ids))]
@@ -43,14 +41,15 @@ def token_logprobs(lm, prompt_ids, new_ids, top):
 
 
 class Engine:
-    """`load()` (a GPT2LM) runs on the engine thread; `ready` is set once the model answered a warm-up request."""
+    """`load()` (a serving.models model) runs on the engine thread; `ready` is set once the model answered a
+    warm-up request."""
 
     def __init__(self, load, max_batch, max_queue, metrics):
         self._load = load
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
-        self.lm = None
+        self.model = None
         self.scheduler = None
         self.ready = threading.Event()
         self.failed = None  # the error that stopped loading
@@ -69,10 +68,10 @@ class Engine:
     def _run(self):
         started = time.monotonic()
         try:
-            self.lm = self._load()
-            rows = StateRows(self.lm, self.max_batch)
-            self.scheduler = Scheduler(rows, self.lm.tokenizer, self.max_queue, self.metrics,
-                                       logprobs=lambda p, n, top: token_logprobs(self.lm, p, n, top))
+            self.model = self._load()
+            rows = self.model.decode_rows(self.max_batch)
+            self.scheduler = Scheduler(rows, self.model.tokenizer, self.max_queue, self.metrics,
+                                       logprobs=lambda p, n, top: token_logprobs(self.model, p, n, top))
             self._warm_up(rows)
         except Exception as error:  # reported by /health and the completions endpoint
             log.exception("the model failed to load")
@@ -86,4 +85,4 @@ class Engine:
 
     def _warm_up(self, rows):
         """Compiles the rows' programs (what every later request runs, whatever its prompt and settings)."""
-        rows.warm_up(self.lm.tokenizer.encode(WARMUP_PROMPT) * 2)  # two tokens at least: prefill runs too
+        rows.warm_up(self.model.tokenizer.encode(WARMUP_PROMPT) * 2)  # two tokens at least: prefill runs too

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import uvicorn
 
+from tfgen.serving import models
 from tfgen.serving.app import ServerSettings, create_app
 
 
@@ -14,18 +15,10 @@ def served_model_name(name_or_path):
 
 
 def serve(model, host, port, settings, log_level="info"):
-    """Serves `model` (loaded once the server is up; GET /health says when it is ready) until SIGTERM or Ctrl-C;
-    on either, stops taking connections and lets the requests in flight finish."""
-    from tfgen.model import CausalLM, resolve_model_dir
-
-    directory = resolve_model_dir(model)  # a missing model fails here, before the server starts
-
-    def load():
-        lm = CausalLM.from_pretrained(directory)
-        if lm.tokenizer is None:
-            raise ValueError(f"{model} has no tokenizer files; save the model with its tokenizer")
-        return lm
-
-    app = create_app(load, settings)
+    """Serves `model` (a checkpoint, an embedded model's name, a hub id or a LiteRT export; loaded once the server
+    is up, GET /health says when it is ready) until SIGTERM or Ctrl-C; on either, stops taking connections and
+    lets the requests in flight finish."""
+    directory = models.resolve(model)
+    app = create_app(lambda: models.load_model(directory), settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout) + 5)

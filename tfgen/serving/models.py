@@ -1,0 +1,57 @@
+"""What the server runs a model through: `tokenizer`, `decode_rows(slots)` (an object with serving.rows'
+interface) and `next_token_logprobs(ids, start)`.
+
+`XLAModel` serves a `CausalLM` on the XLA decode state (`serving.rows.StateRows`); a `tfgen.litert.LiteRTLM`
+has these itself and serves a LiteRT export on its own rows, in a process that never imports TensorFlow.
+`load_model` picks one for a directory.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from tfgen.litert import is_litert_dir
+
+
+class XLAModel:
+    """A `CausalLM` (TensorFlow)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+
+    def decode_rows(self, slots):
+        from tfgen.serving.rows import StateRows
+
+        return StateRows(self.lm, slots)
+
+    def next_token_logprobs(self, ids, start):
+        """log-softmax of the logits at positions start..len(ids)-2: each a [vocab] row, as a numpy array."""
+        import tensorflow as tf
+
+        return tf.nn.log_softmax(self.lm(np.array([ids], np.int32))[0, start:-1]).numpy()
+
+
+def resolve(model):
+    """A LiteRT export's directory as it is; otherwise what `CausalLM.from_pretrained` would load (checked now, so a
+    missing model fails before the server starts)."""
+    if is_litert_dir(Path(model).expanduser()):
+        return Path(model).expanduser()
+    from tfgen.model import resolve_model_dir
+
+    return resolve_model_dir(model)
+
+
+def load_model(directory):
+    """The served model of a `resolve`d directory: LiteRT for an export, else the checkpoint through XLA."""
+    if is_litert_dir(directory):
+        from tfgen.litert import LiteRTLM
+
+        model = LiteRTLM(directory)
+    else:
+        from tfgen.model import CausalLM
+
+        model = XLAModel(CausalLM.from_pretrained(directory))
+    if model.tokenizer is None:
+        raise ValueError(f"{directory} has no tokenizer files; save the model with its tokenizer")
+    return model
