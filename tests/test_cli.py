@@ -117,6 +117,14 @@ def test_score_json_matches_the_python_api(tiny_lm, tiny_lm_dir, capsys, monkeyp
     ]
 
 
+def test_score_a_text_longer_than_the_context_with_a_stride(tiny_lm, tiny_lm_dir, long_text, capsys):
+    code, out, err = _run(capsys, "score", long_text, "--model", str(tiny_lm_dir), "--stride", "100", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert len(record["tokens"]) > tiny_lm.net.context
+    assert record == {"text": long_text, **tiny_lm.score(long_text, stride=100)}
+
+
 def test_score_readable_output(tiny_lm, tiny_lm_dir, capsys):
     code, out, err = _run(capsys, "score", "안녕하세요", "--model", str(tiny_lm_dir))
     assert code == 0, err
@@ -138,7 +146,9 @@ def test_score_readable_output(tiny_lm, tiny_lm_dir, capsys):
         (["generate", "이때", "--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer"),
         (["generate", "이때", "--min-new-tokens", "-2"], "min_new_tokens must be a non-negative integer"),
         (["score", ""], "text 1 is empty"),
-        (["score", "가 " * 200], "more than the model's context"),
+        (["score", "가 " * 200, "--stride", "128"], "stride must be an integer from 1 to 127"),
+        (["score", "가 " * 200, "--stride", "0"], "argument --stride: must be a positive integer, got 0"),
+        (["score", "가 " * 200, "--stride", "half"], "argument --stride: invalid integer value: 'half'"),
     ],
 )
 def test_bad_beam_and_score_input_exits_2_with_one_line(tiny_lm_dir, capsys, args, message):

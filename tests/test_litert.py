@@ -13,6 +13,7 @@ from tfgen.litert import CONFIG_FILE, MODEL_FILE, LiteRTLM
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때 😀", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 TEXTS = ["대한민국의 수도는 서울이다", "영화가 정말 재미있었어요"]
+STRIDES = [None, 100]  # for a text of three contexts, in windows longer than the export's capacity
 CAPACITY = 64
 GREEDY = [dict(max_new_tokens=20), dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2,
                                         min_new_tokens=5)]
@@ -55,6 +56,7 @@ print(json.dumps({
                               **sampling)["sequences"].tolist() for ids in prompt_ids],
     "sampled_again": [fp32.generate([ids], seed=5, num_return_sequences=3, **sampling).tolist() for ids in prompt_ids],
     "scores": {"fp32": fp32.score(request["texts"]), "int8": int8.score(request["texts"])},
+    "long_scores": [fp32.score(request["long_text"], stride=stride) for stride in request["strides"]],
     "tensorflow_loaded": "tensorflow" in sys.modules,
 }))
 """
@@ -68,8 +70,9 @@ def exports(tiny_lm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runtime_results(exports, tmp_path_factory):
-    request = {"prompts": PROMPTS, "texts": TEXTS, "greedy": GREEDY, "sampling": SAMPLING}
+def runtime_results(exports, long_text, tmp_path_factory):
+    request = {"prompts": PROMPTS, "texts": TEXTS, "greedy": GREEDY, "sampling": SAMPLING, "long_text": long_text,
+               "strides": STRIDES}
     run = subprocess.run([sys.executable, "-c", RUN_EXPORTS, str(exports["none"]), str(exports["int8"]),
                           json.dumps(request)], cwd=tmp_path_factory.mktemp("run"), capture_output=True, text=True,
                          timeout=600)
@@ -105,6 +108,14 @@ def test_int8_scores_stay_near_fp32_and_fp32_scores_are_gpt2lm_score(tiny_lm, ru
         assert a["tokens"] == b["tokens"] == reference["tokens"]
         np.testing.assert_allclose(a["token_logprobs"], reference["token_logprobs"], rtol=1e-4, atol=1e-4)
         assert abs(b["perplexity"] / a["perplexity"] - 1) < PERPLEXITY_TOLERANCE, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(STRIDES)))
+def test_fp32_strided_score_of_a_long_text_is_gpt2lm_score(tiny_lm, long_text, runtime_results, case):
+    result, reference = runtime_results["long_scores"][case], tiny_lm.score(long_text, stride=STRIDES[case])
+    assert result["tokens"] == reference["tokens"] and len(result["tokens"]) >= 3 * tiny_lm.net.context
+    np.testing.assert_allclose(result["token_logprobs"], reference["token_logprobs"], rtol=1e-4, atol=1e-4)
 
 
 def _kept_set(logits, temperature, top_k, top_p):
@@ -153,6 +164,8 @@ def test_runtime_errors_name_the_fix(exports):
         lm.generate_text("안녕", max_new_tokens=CAPACITY)
     with pytest.raises(ValueError, match="top_p must be in"):
         lm.generate_text("안녕", do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="stride must be an integer from 1 to 127"):
+        lm.score("가 " * 200, stride=128)
     with pytest.raises(FileNotFoundError, match="tfgen export --format litert"):
         LiteRTLM(exports["int8"].parent)
 

@@ -7,12 +7,40 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from tiny_model import text_of_tokens
+
+from tfgen import GPT2LM, Tokenizer, scoring
+
+SHORT_CONTEXT = 32  # the context of a cut copy of the tiny GPT-2, for texts of a few contexts
 TEXTS = ["안녕하세요", "가", "근육이 커지기 위해서는 무엇보다 규칙적인 생활습관이 중요하다.", "이때 그는"]
 
 
 @pytest.fixture(scope="module")
 def pt_model(tiny_lm_dir):
     return GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny checkpoint cut to a context of SHORT_CONTEXT tokens (its first position embeddings), so that a
+    text of three contexts sums few enough float32 log-probabilities to match within 1e-4."""
+    model = GPT2LMHeadModel.from_pretrained(tiny_lm_dir)
+    model.transformer.wpe.weight = torch.nn.Parameter(model.transformer.wpe.weight[:SHORT_CONTEXT])
+    model.config.n_positions = SHORT_CONTEXT
+    directory = tmp_path_factory.mktemp("tiny-lm-short-context")
+    model.save_pretrained(directory)
+    Tokenizer.from_pretrained(tiny_lm_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def short_context_lm(short_context_dir):
+    return GPT2LM.from_pretrained(short_context_dir)
+
+
+@pytest.fixture(scope="module")
+def short_context_pt_model(short_context_dir):
+    return GPT2LMHeadModel.from_pretrained(short_context_dir).eval()
 
 
 def _pt_logits(model, ids):
@@ -52,6 +80,61 @@ def test_batched_scores_equal_single_text_scores(tiny_lm, ko_lines):
         assert batched["perplexity"] == pytest.approx(single["perplexity"], rel=1e-4)
 
 
+def _pt_strided_logprob(model, ids, context, stride):
+    """The total log-probability of `ids` as transformers' perplexity guide computes it: windows of the context,
+    `stride` apart, each scoring its tokens past the previous window's end (labels -100 before them)."""
+    total, previous_end = 0.0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        input_ids = torch.tensor([ids[begin:end]])
+        labels = input_ids.clone()
+        labels[:, :-(end - previous_end)] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=labels).loss
+        total -= loss.item() * int((labels[:, 1:] != -100).sum())  # the loss is the mean over the shifted targets
+        previous_end = end
+        if end == len(ids):
+            return total
+
+
+@pytest.mark.parametrize("stride", [5, 21, None])
+def test_strided_score_of_a_long_text_matches_pytorch_perplexity_guide(short_context_lm, short_context_pt_model,
+                                                                       ko_lines, stride):
+    lm = short_context_lm
+    text = text_of_tokens(lm.tokenizer, ko_lines, 3 * SHORT_CONTEXT)
+    ids = lm.tokenizer.encode(text)
+    assert lm.net.context == SHORT_CONTEXT and len(ids) < 4 * SHORT_CONTEXT
+    result = lm.score(text, stride=stride)
+    assert result["tokens"] == [lm.tokenizer.token_text(i) for i in ids]
+    assert len(result["token_logprobs"]) == len(ids) - 1
+    expected = _pt_strided_logprob(short_context_pt_model, ids, SHORT_CONTEXT, stride or SHORT_CONTEXT // 2)
+    assert result["logprob"] == pytest.approx(expected, abs=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(-expected / (len(ids) - 1)), rel=1e-6)
+
+
+def test_windows_of_long_and_short_texts_batch_together(tiny_lm, long_text):
+    texts = [TEXTS[0], long_text, *TEXTS[2:]]
+    singles = [tiny_lm.score(text, stride=96) for text in texts]
+    for batched, single in zip(tiny_lm.score(texts * 3, stride=96), singles * 3):  # over 16 windows in all
+        assert batched["tokens"] == single["tokens"]
+        np.testing.assert_allclose(batched["token_logprobs"], single["token_logprobs"], atol=1e-5)
+
+
+def test_a_text_that_fits_the_context_is_one_window_whatever_the_stride(tiny_lm):
+    assert tiny_lm.score(TEXTS[2], stride=1) == tiny_lm.score(TEXTS[2], stride=500) == tiny_lm.score(TEXTS[2])
+
+
+@pytest.mark.parametrize("length, context, stride", [(10, 4, 2), (11, 4, 3), (100, 32, 1), (33, 32, 31)])
+def test_windows_score_every_token_after_the_first_once(length, context, stride):
+    spans = scoring.windows(length, context, stride)
+    assert [t for _, end, count in spans for t in range(end - count, end)] == list(range(1, length))
+    assert all(count < end - begin <= context for begin, end, count in spans)  # each scored token has context
+    assert [begin for begin, _, _ in spans] == list(range(0, stride * len(spans), stride))
+    assert spans[-2][1] < length == spans[-1][1]  # the last window is the first to reach the end
+    assert scoring.windows(length, context) == scoring.windows(length, context, context // 2)
+    assert scoring.windows(context, context, stride) == [(0, context, context - 1)]
+
+
 def test_top_choices_match_pytorch_softmax_and_greedy_generate(tiny_lm, pt_model):
     tokenizer = tiny_lm.tokenizer
     prompt, steps, k = "근육이 커지기 위해서는", 6, 5
@@ -74,7 +157,9 @@ def test_top_choices_match_pytorch_softmax_and_greedy_generate(tiny_lm, pt_model
     [
         (lambda lm: lm.score(""), "scoring needs at least 2"),
         (lambda lm: lm.score(["안녕하세요", ""]), "''"),
-        (lambda lm: lm.score("가 " * 200), "more than the model's context of 128"),
+        (lambda lm: lm.score("가 " * 200, stride=128), "stride must be an integer from 1 to 127"),
+        (lambda lm: lm.score(["가", "가 " * 200], stride=0), "stride must be an integer from 1 to 127"),
+        (lambda lm: lm.score("가 " * 200, stride=2.5), "got 2.5"),
         (lambda lm: lm.top_choices("이때", steps=0), "steps must be a positive integer"),
         (lambda lm: lm.top_choices("이때", k=0), "k must be an integer from 1"),
         (lambda lm: lm.top_choices("가 " * 60, steps=100), "exceeds the model's context"),

@@ -66,6 +66,21 @@ def tiny_lm(tiny_lm_dir):
     return GPT2LM.from_pretrained(tiny_lm_dir)
 
 
+def text_of_tokens(tokenizer, lines, count):
+    """The first words of `lines` that make at least `count` tokens, joined by spaces."""
+    words = []
+    for word in " ".join(lines).split():
+        words.append(word)
+        if len(tokenizer.encode(" ".join(words))) >= count:
+            return " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def long_text(tiny_lm, ko_lines):
+    """About three contexts of the tiny GPT-2 (3 x 128 tokens)."""
+    return text_of_tokens(tiny_lm.tokenizer, ko_lines, 3 * tiny_lm.net.context)
+
+
 
 def load_recording_assigns(load, monkeypatch):
     """(the model `load()` returns, the dtype of every value checkpoint.read_weights assigned to a variable)."""

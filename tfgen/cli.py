@@ -124,7 +124,7 @@ def _print_score(text, result):
 def _score(args):
     texts = _read_texts(args.texts, noun="text")
     lm = _load_model(args.model)
-    for text, result in zip(texts, lm.score(texts)):
+    for text, result in zip(texts, lm.score(texts, stride=args.stride)):
         if args.json:
             print(json.dumps({"text": text, **result}, ensure_ascii=False))
         else:
@@ -269,6 +269,9 @@ def _add_score(subparsers):
     _add_model_argument(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per text per line: text, tokens, token_logprobs, logprob, perplexity")
+    p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
+                   help="a text longer than the model's context is scored in windows of the context, each N "
+                        "tokens after the one before (less than the context; default: half the context)")
     p.set_defaults(run=_score)
 
 

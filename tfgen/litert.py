@@ -141,19 +141,27 @@ class LiteRTLM:
         steps = self._steps(np.asarray(prompt_ids, np.int32), options, np.random.default_rng(options.seed))
         yield from self.tokenizer.text_pieces(prompt_ids, ([token] for token, _ in steps), options.eos_token_ids)
 
-    def score(self, texts):
-        """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict)."""
+    def score(self, texts, stride=None):
+        """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict).
+
+        A text longer than the context is scored in windows (`scoring.windows`; stride default: half the context).
+        """
         if isinstance(texts, str):
-            return self.score([texts])[0]
+            return self.score([texts], stride)[0]
         self._need_tokenizer()
         texts = list(texts)
         rows = [self.tokenizer.encode(text) for text in texts]
-        scoring.check_lengths(texts, [len(ids) for ids in rows], self.config["context"])
-        return [
-            scoring.summarize([self.tokenizer.token_text(t) for t in ids],
-                              self._run["score"](input_ids=np.asarray([ids], np.int32))["token_logprobs"][0])
-            for ids in rows
-        ]
+        scoring.check_lengths(texts, map(len, rows))
+        spans = [scoring.windows(len(ids), self.config["context"], stride) for ids in rows]
+        return [scoring.summarize([self.tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
+                for ids, row_spans in zip(rows, spans)]
+
+    def _token_logprobs(self, ids, spans):
+        """The log-probability of each token of `ids` after the first: each window's scored ones, in order."""
+        return np.concatenate([
+            self._run["score"](input_ids=np.asarray([ids[begin:end]], np.int32))["token_logprobs"][0, -scored:]
+            for begin, end, scored in spans
+        ])
 
     def _need_tokenizer(self):
         if self.tokenizer is None:

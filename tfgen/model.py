@@ -478,19 +478,22 @@ class CausalLM(tf.keras.Model):
         single = isinstance(prompts, str)
         return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
 
-    def score(self, texts):
+    def score(self, texts, stride=None):
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).
 
         Each dict has `tokens` (the `Tokenizer.token_text` of each id of
         `tokenizer.encode(text)`, with the special tokens the tokenizer adds), `token_logprobs` (the natural-log
         probability of each token after the first given those before it),
         `logprob` (their sum) and `perplexity` (exp of minus their mean).
+        A text longer than the context is scored in windows of the context, each
+        `stride` tokens after the one before (1 <= stride < context; default: half
+        the context), each token given the tokens before it in its window (see `scoring.windows`).
         """
         from tfgen import scoring
 
         if isinstance(texts, str):
-            return scoring.score(self, [texts])[0]
-        return scoring.score(self, list(texts))
+            return scoring.score(self, [texts], stride)[0]
+        return scoring.score(self, list(texts), stride)
 
     def top_choices(self, prompt, steps=8, k=5):
         """Greedy decoding laid open: one dict per step with `input` (the text so far) and `choices`.

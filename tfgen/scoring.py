@@ -1,4 +1,5 @@
-"""How likely a model finds a text: per-token log-probabilities and perplexity; the top candidates at greedy steps.
+"""How likely a model finds a text: per-token log-probabilities and perplexity (a text longer than the context in
+windows); the top candidates at greedy steps.
 
 TensorFlow is imported only by the functions that compute with it: the LiteRT
 runtime (tfgen.litert), which runs without TensorFlow, shares the rest.
@@ -8,7 +9,7 @@ import math
 
 import numpy as np
 
-BATCH = 16  # texts scored in one model call
+BATCH = 16  # windows (a text each, where it fits the context) scored in one model call
 
 
 def next_token_logprobs(logits, input_ids):
@@ -31,18 +32,40 @@ def summarize(tokens, token_logprobs):
     }
 
 
-def check_lengths(texts, lengths, context):
-    """Every text needs a token to condition on and one to score, and must fit the model's context."""
+def check_lengths(texts, lengths):
+    """Every text needs a token to condition on and one to score."""
     for text, length in zip(texts, lengths):
         if length < 2:
             raise ValueError(
                 f"text {text!r} is {length} token(s); scoring needs at least 2 (the first is only context): "
                 "pass a longer text"
             )
-        if length > context:
-            raise ValueError(
-                f"text {text!r} is {length} tokens, more than the model's context of {context}; shorten it"
-            )
+
+
+def windows(length, context, stride=None):
+    """How a text of `length` tokens is scored by a model of `context` tokens: a (begin, end, scored) per window.
+
+    The window ids[begin:end] goes through the model and gives the log-probabilities of its last `scored` tokens:
+    those past the previous window's end (in the first window, all but token 0). Each window starts `stride`
+    tokens after the one before (default: half the context) and is at most the context long; the last one ends at
+    the text's end. So every token after the first is scored once, given the window's tokens before it (past the
+    first window, at least `context` - `stride` of them), as transformers' perplexity guide does. A text that fits
+    the context is one window, whatever the stride.
+    """
+    if length <= context:
+        return [(0, length, length - 1)]
+    stride = context // 2 if stride is None else stride
+    if not (isinstance(stride, int) and 1 <= stride < context):
+        raise ValueError(
+            f"stride must be an integer from 1 to {context - 1} (less than the model's context of {context} "
+            f"tokens) to score a text of {length} tokens in windows, got {stride!r}"
+        )
+    spans, scored_to = [], 1
+    for begin in range(0, length - context + stride, stride):  # up to the first window that reaches the end
+        end = min(begin + context, length)
+        spans.append((begin, end, end - scored_to))
+        scored_to = end
+    return spans
 
 
 def top_probabilities(logits, k):
@@ -60,22 +83,22 @@ def _tokenizer(lm):
     return lm.tokenizer
 
 
-def score(lm, texts):
-    """CausalLM.score: one summarize() dict per text, batches of up to BATCH texts per model call."""
+def score(lm, texts, stride=None):
+    """CausalLM.score: one summarize() dict per text, its windows() through the model up to BATCH at a time."""
     tokenizer = _tokenizer(lm)
-    input_ids, attention_mask = tokenizer.encode_batch(texts)
-    lengths = attention_mask.sum(axis=1)
-    check_lengths(texts, lengths, lm.net.context)
-    results = []
-    for start in range(0, len(texts), BATCH):
-        rows = slice(start, start + BATCH)
-        width = lengths[rows].max()  # drop the columns that are padding in every row of this batch
-        ids, mask = input_ids[rows, -width:], attention_mask[rows, -width:]
+    rows = [tokenizer.encode(text) for text in texts]
+    check_lengths(texts, map(len, rows))
+    spans = [(row, ids[begin:end], scored) for row, ids in enumerate(rows)
+             for begin, end, scored in windows(len(ids), lm.net.context, stride)]
+    token_logprobs = [[] for _ in rows]
+    for start in range(0, len(spans), BATCH):
+        batch = spans[start:start + BATCH]
+        ids, mask = tokenizer.left_pad([window for _, window, _ in batch])
         logprobs = next_token_logprobs(lm(ids, mask), ids).numpy()
-        for row_ids, row_logprobs, length in zip(ids, logprobs, lengths[rows]):
-            tokens = [tokenizer.token_text(t) for t in row_ids[-length:]]
-            results.append(summarize(tokens, row_logprobs[1 - length:]))
-    return results
+        for (row, _, scored), window_logprobs in zip(batch, logprobs):
+            token_logprobs[row].extend(window_logprobs[-scored:])
+    return [summarize([tokenizer.token_text(t) for t in ids], row_logprobs)
+            for ids, row_logprobs in zip(rows, token_logprobs)]
 
 
 def top_choices(lm, prompt, steps, k):

@@ -313,7 +313,10 @@ class Tokenizer:
 
         Rows are padded with `padding_id`.
         """
-        rows = [self.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+        return self.left_pad([self.encode(text, add_special_tokens=add_special_tokens) for text in texts])
+
+    def left_pad(self, rows):
+        """Lists of ids left-padded with `padding_id` to the longest; int32 ``(input_ids, attention_mask)``."""
         length = max(map(len, rows), default=0)
         input_ids = np.full((len(rows), length), self.padding_id, dtype=np.int32)
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
