@@ -82,10 +82,12 @@ class LiteRTRows:
         self._lengths = np.zeros(rows, np.int32)  # tokens in each row's history: its next token's column
         self._steps = np.zeros(rows, np.int32)  # new tokens so far
         self._limits = np.zeros(rows, np.int32)
-        self._settings = {name: np.full(rows, neutral, dtype) for name, (dtype, neutral) in SETTINGS.items()}
+        self._settings = {name: np.zeros(rows, dtype) for name, (dtype, _) in SETTINGS.items()}
         self._generators = {}  # slot -> its numpy Generator, for sampling rows
         self._started = set()  # until free_row
         self._running = set()  # started and not done
+        for slot in range(rows):
+            self._idle(slot)
 
     def start_rows(self, starts):
         """Prefills each (slot, prompt_ids, sampling) of `starts` into its free slot, together; other rows are left as
@@ -116,6 +118,7 @@ class LiteRTRows:
         """Ends the row at once: its slot is free for `start_rows`, and steps leave it alone."""
         self._started.discard(slot)
         self._running.discard(slot)
+        self._idle(slot)
 
     def step(self, k):
         """Up to k new token ids per started slot: {slot: (ids, reached_eos)}; the ids end at an EOS."""
@@ -139,6 +142,7 @@ class LiteRTRows:
                 reached_eos = token in self.eos_ids
                 if reached_eos or self._lengths[slot] == self._limits[slot]:
                     self._running.discard(slot)
+                    self._idle(slot)
                     out[slot] = out[slot]._replace(finished=True, reached_eos=reached_eos)
             if self._running:
                 self._decode(tier_for(self.tiers, max(self._running) + 1), sorted(self._running))
@@ -150,6 +154,14 @@ class LiteRTRows:
         for tier in self.tiers:
             self._choose(tier, np.zeros([tier, 1], np.float32))
             self._decode(tier, [])
+
+    def _idle(self, slot):
+        """Greedy settings and one clear best logit for a row that is not running but runs in a tier: its choice
+        stays among the best candidates, so it never makes next_token sort the vocabulary."""
+        for name, (_, neutral) in SETTINGS.items():
+            self._settings[name][slot] = neutral
+        self._logits[slot] = 0.0
+        self._logits[slot, 0] = 1.0
 
     def _prefill(self, prompts):
         padded, lengths = right_padded(prompts, self._pad_id)
