@@ -43,7 +43,6 @@ import json
 import math
 import tempfile
 import time
-from pathlib import Path
 
 import tensorflow as tf
 
