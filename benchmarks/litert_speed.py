@@ -76,35 +76,41 @@ def warm_speed(generate, prompts, settings, repeats):
     return {"tokens_per_s": settings["max_new_tokens"] / statistics.median(times), "sequences": out[0].tolist()}
 
 
-def step_breakdown(runtime, prompts, steps):
-    """Milliseconds per token in the decode and next_token invokes and in writing the new cache column, timed one by
-    one over `steps` greedy steps."""
+class Timed:
+    """A signature runner (or method) that adds its call time to `totals[name]`."""
+
+    def __init__(self, call, name, totals):
+        self.call, self.name, self.totals = call, name, totals
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.call(*args, **kwargs)
+        self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - start
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.call, name)
+
+
+def step_breakdown(runtime, prompts, settings):
+    """Milliseconds per decode step (a token of every row) in the decode and next_token invokes, in writing the new
+    cache columns, and the rest (Python), over one warm generate call."""
+    totals = {}
     runners = runtime._run
-    ids = prompts[0]
-    sequence = np.zeros([1, runtime.capacity], np.int32)
-    sequence[0, :len(ids)] = ids
-    settings = {"do_sample": np.array(False), "temperature": np.array(1.0, np.float32), "top_k": np.array(0, np.int32),
-                "top_p": np.array(1.0, np.float32), "repetition_penalty": np.array(1.0, np.float32),
-                "no_repeat_ngram_size": np.array(0, np.int32), "min_new_steps": np.array(0, np.int32),
-                "eos_ids": np.zeros([0], np.int32), "uniform": np.zeros([1, 1], np.float32)}
-    logits = runtime._cached(runners["prefill"](input_ids=ids[None]), 0)
-    decode_s = choose_s = write_s = 0.0
-    for step in range(steps):
-        length = len(ids) + step
-        start = time.perf_counter()
-        token = runners["next_token"](logits=logits, sequence=sequence, length=np.array(length, np.int32),
-                                      step=np.array(step, np.int32), **settings)["token"]
-        choose_s += time.perf_counter() - start
-        sequence[0, length] = token[0]
-        start = time.perf_counter()
-        out = runners["decode"](token=token[None].astype(np.int32), position=np.array(length, np.int32),
-                                **runtime._cache_inputs)
-        decode_s += time.perf_counter() - start
-        start = time.perf_counter()
-        logits = runtime._cached(out, length)
-        write_s += time.perf_counter() - start
-    return {"decode_invoke_ms": 1000 * decode_s / steps, "next_token_invoke_ms": 1000 * choose_s / steps,
-            "cache_write_ms": 1000 * write_s / steps}
+    runtime._run = {name: Timed(run, name.rsplit("_", 1)[0], totals) for name, run in runners.items()}
+    runtime._rows = None
+    runtime.generate(prompts, eos_token_id=None, max_new_tokens=1)  # builds the timed rows
+    runtime._rows._decode = Timed(runtime._rows._decode, "decode_method", totals)
+    totals.clear()
+    start = time.perf_counter()
+    runtime.generate(prompts, eos_token_id=None, **settings)
+    total = time.perf_counter() - start
+    runtime._run, runtime._rows = runners, None
+    steps = settings["max_new_tokens"]
+    invokes = totals["decode"] + totals["next_token"] + totals["prefill"]
+    return {"decode_invoke_ms": 1000 * totals["decode"] / steps, "next_token_invoke_ms": 1000 * totals["next_token"] / steps,
+            "prefill_ms": 1000 * totals["prefill"], "cache_write_ms": 1000 * (totals["decode_method"] - totals["decode"]) / steps,
+            "python_ms": 1000 * (total - invokes - (totals["decode_method"] - totals["decode"])) / steps}
 
 
 def speed(args, work):
@@ -133,10 +139,8 @@ def speed(args, work):
 
         row = {"name": f"LiteRT {quantize}, capacity {export_capacity}", "size_mb": (path / MODEL_FILE).stat().st_size / 1e6,
                "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
-               **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, n)}
+               **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, settings)}
         row["token_ms"] = 1000 / row["tokens_per_s"]
-        row["python_ms"] = (row["token_ms"] - row["decode_invoke_ms"] - row["next_token_invoke_ms"]
-                            - row["cache_write_ms"])
         rows.append(row)
         del runtime
     reference = rows[0]["sequences"]
@@ -149,6 +153,46 @@ def speed(args, work):
              "all_threads_read_gb_s": bandwidth["all_threads_read_gb_s"],
              "int8_bound_tokens_per_s": max(bandwidth["read_gb_s"], bandwidth["all_threads_read_gb_s"]) * 1e9 / weight_bytes}
     return {"capacity": capacity, "rows": rows, "bound": bound}
+
+
+def batch_speed(args, work):
+    """The batched runtime at --batch rows: tokens/s of batch-1 greedy and of --batch sampled rows (top-k 50, top-p
+    0.95) decoded together and one after another, the step breakdown, and the export's size against a 1-row export."""
+    config = gpt2_config(args.small)
+    tf.keras.utils.set_random_seed(0)
+    lm = GPT2LM(config)
+    n, capacity = args.new_tokens, args.batch_prompt_length + args.new_tokens
+    prompts = make_prompts(args.batch, args.batch_prompt_length, config.vocab_size)
+    sizes, convert = {}, {}
+    for rows in (1, args.batch):
+        path = work / f"batch-int8-{rows}"
+        convert[rows] = seconds(lambda: export_litert(lm, path, quantize="int8", capacity=capacity, rows=rows))
+        sizes[rows] = (path / MODEL_FILE).stat().st_size / 1e6
+    runtime = LiteRTLM(path)
+    greedy = {"max_new_tokens": n, "min_new_tokens": n}
+    sampled = {**greedy, "do_sample": True, "top_k": 50, "top_p": 0.95, "seed": 0}
+
+    def together(ids, s):
+        return runtime.generate(ids, eos_token_id=None, **s)
+
+    def one_by_one(ids, s):
+        return np.concatenate([runtime.generate(row[None], eos_token_id=None, **s) for row in ids])
+
+    cases = [("batch 1 greedy", together, prompts[:1], greedy),
+             (f"batch {args.batch} top-k/top-p, one by one", one_by_one, prompts, sampled),
+             (f"batch {args.batch} top-k/top-p, together", together, prompts, sampled),
+             (f"batch {args.batch} greedy, together", together, prompts, greedy)]
+    out = []
+    for name, generate, ids, settings in cases:
+        row = {"name": name, **warm_speed(generate, ids, settings, args.repeats)}
+        row["tokens_per_s"] *= len(ids)
+        row.pop("sequences")
+        if generate is together:
+            row.update(step_breakdown(runtime, ids, settings))
+        out.append(row)
+        print(row, flush=True)
+    return {"prompt_length": args.batch_prompt_length, "new_tokens": n, "capacity": capacity, "rows": out,
+            "size_mb": sizes, "conversion_s": convert}
 
 
 def window_nats(runtime, ids, context):
@@ -189,8 +233,16 @@ def quality(args, work):
     return rows
 
 
-def report(info, command, speed_figures, quality_rows):
+def report(info, command, speed_figures, quality_rows, batch_figures=None):
     print_machine(info, command)
+    if batch_figures:
+        print(f"\nbatched runtime, int8, {batch_figures['prompt_length']}-token prompts, {batch_figures['new_tokens']} "
+              f"new tokens, EOS off; export size by rows {batch_figures['size_mb']} MB, conversion "
+              f"{batch_figures['conversion_s']} s:")
+        print(format_table(batch_figures["rows"], [
+            ("", "name", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}"), ("decode ms/step", "decode_invoke_ms", "{:.2f}"),
+            ("next_token ms/step", "next_token_invoke_ms", "{:.2f}"), ("cache write ms/step", "cache_write_ms", "{:.3f}"),
+            ("python ms/step", "python_ms", "{:.2f}"), ("prefill ms", "prefill_ms", "{:.1f}")]))
     if speed_figures:
         print(f"\nbatch-1 greedy, {speed_figures['capacity']} tokens (prompt + new):")
         print(format_table(speed_figures["rows"], [
@@ -225,7 +277,17 @@ def main():
                         help="perplexity over the first this many tokens of each source's validation text")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="only the batched runtime at this many rows (against one by one), batch_speed's figures")
+    parser.add_argument("--batch-prompt-length", type=int, default=12)
     args = parser.parse_args()
+    if args.batch:
+        info, command = machine_info(), command_line()
+        with tempfile.TemporaryDirectory() as work:
+            figures = batch_speed(args, Path(work))
+        report(info, command, None, None, figures)
+        write_results(results_path("litert_batch", args.small), {"machine": info, "command": command, "batch": figures})
+        return
     if not args.skip_quality and not (args.work / "corpus" / "wikipedia.valid.txt").is_file():
         sys.exit(f"no validation text in {args.work / 'corpus'}; run: python recipes/ko_mini.py prepare")
     info, command = machine_info(), command_line()

@@ -2,14 +2,12 @@
 
 Needs only ai-edge-litert (`pip install "tfgen[litert]"`), numpy and
 SentencePiece: importing this module imports neither TensorFlow nor
-transformers. The model's signatures (see tfgen.export.litert) do the math:
-prefill and decode give logits, `next_token` applies the logits processors
-and picks the token (argmax, or a draw at a uniform number that a seeded numpy
-generator gives, one per sampled token), `score` gives log-probabilities.
-What is left here is the loop: one prompt at a time (batch 1), the KV cache
-(numpy arrays that each decode call reads, its new keys and values written
-in after it), the token history, stopping at EOS, and text in and out through
-`tfgen.Tokenizer`.
+transformers. The model's signatures (see tfgen.export.litert) do the math;
+the rows (`tfgen.litert_rows.LiteRTRows`: the KV cache, each row's history,
+settings and seeded generator) run the decode loop, several prompts at once.
+`generate` and the text methods queue one row per returned sequence and admit
+them into the lowest free slots as rows finish, as the server's scheduler
+does; text goes in and out through `tfgen.Tokenizer`.
 """
 
 import json
@@ -20,13 +18,16 @@ import numpy as np
 
 from tfgen import scoring
 from tfgen.generation.options import resolve_options
+from tfgen.litert_rows import LiteRTRows
+from tfgen.serving.protocol import Sampling, choice_seed
 from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
 FORMAT = "tfgen-litert"
-FORMAT_VERSION = 2  # 2: the KV cache is the runtime's, passed to each decode step
+FORMAT_VERSION = 3  # 2: the KV cache is the runtime's, passed to each decode step; 3: row tiers, per-row state
 _INSTALL = 'pip install "tfgen[litert]" (or pip install ai-edge-litert)'
+BLOCK = 8  # tokens per row between admissions of queued rows
 
 
 def is_litert_dir(path):
@@ -70,39 +71,30 @@ class LiteRTLM:
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
         self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)
-        self._run = {name: self._interpreter.get_signature_runner(name)
-                     for name in ("prefill", "decode", "next_token", "score")}
-        # The KV cache, [layers, 1, heads, capacity, head_dim] for keys and for values: decode reads it (a view per
-        # layer and kind, each a signature input), this runtime writes each step's new column.
-        inputs = self._run["decode"].get_input_details()
-        layers = sum(name.startswith("key_cache_") for name in inputs)
-        self._keys = np.zeros([layers, *inputs["key_cache_0"]["shape"]], np.float32)
-        self._values = np.zeros_like(self._keys)
-        self._cache_inputs = {f"{kind}_cache_{layer}": cache[layer] for layer in range(layers)
-                              for kind, cache in (("key", self._keys), ("value", self._values))}
+        self._run = {name: self._interpreter.get_signature_runner(name) for name in self._interpreter.get_signature_list()}
+        self._rows = None  # the LiteRTRows of the last call, kept for its cache
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as GPT2LM.generate returns them (a numpy array).
 
-        Rows that stop early are padded with the pad id. With
-        return_dict_in_generate, a dict with `sequences` and, with
+        Prompts of different lengths come padded with an attention_mask (either
+        side), or as a list of lists. Rows that stop early are padded with the
+        pad id. With return_dict_in_generate, a dict with `sequences` and, with
         output_scores, `token_logprobs` (each new token's log-probability under
-        the distribution it was drawn from, 0 after EOS).
+        the distribution it was drawn from, 0 after EOS). Each returned sequence
+        of a prompt has its own seed (`protocol.choice_seed` of the seed and its row).
         """
-        input_ids = np.asarray(input_ids, dtype=np.int32)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
-        options = self._options(input_ids.shape[1], int(mask.sum(axis=1).max()), kwargs)
-        rng = np.random.default_rng(options.seed)
-        rows = [self._decode_row(ids[m > 0], options, rng)
-                for ids, m in zip(input_ids, mask) for _ in range(options.num_return_sequences)]
-        steps = max(len(tokens) for tokens, _ in rows)
+        input_ids, prompts = self._prompts(input_ids, attention_mask)
+        options = self._options(input_ids.shape[1], max(len(ids) for ids in prompts), kwargs)
+        rows = [prompt for prompt in prompts for _ in range(options.num_return_sequences)]
+        results = [([], []) for _ in rows]
+        for row, tokens in self._decode_rows(rows, options, BLOCK):
+            results[row][0].extend(tokens.ids)
+            results[row][1].extend(tokens.logprobs)
+        steps = max(len(tokens) for tokens, _ in results)
         new = np.full([len(rows), steps], options.pad_token_id, np.int32)
         logprobs = np.zeros([len(rows), steps], np.float32)
-        for row, (tokens, row_logprobs) in enumerate(rows):
+        for row, (tokens, row_logprobs) in enumerate(results):
             new[row, :len(tokens)] = tokens
             logprobs[row, :len(tokens)] = row_logprobs
         sequences = np.concatenate([np.repeat(input_ids, options.num_return_sequences, axis=0), new], axis=1)
@@ -111,16 +103,14 @@ class LiteRTLM:
         return {"sequences": sequences, "token_logprobs": logprobs if output_scores else None}
 
     def complete(self, prompts, **kwargs):
-        """For each prompt, a list of num_return_sequences `tfgen.tokenizer.Completion`s."""
+        """For each prompt, a list of num_return_sequences `tfgen.tokenizer.Completion`s (all decoded together)."""
         self._need_tokenizer()
-        prompts = list(prompts)
+        prompt_ids = [self.tokenizer.encode(prompt) for prompt in prompts]
         eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config["eos_token_id"]) or []).tolist())
-        results = []
-        for prompt in prompts:
-            prompt_ids = self.tokenizer.encode(prompt)
-            sequences = self.generate([prompt_ids], **kwargs)
-            results.append([self.tokenizer.completion(prompt_ids, row[len(prompt_ids):], eos_ids) for row in sequences])
-        return results
+        sequences = self.generate(prompt_ids, **kwargs)
+        width, returned = max(len(ids) for ids in prompt_ids), len(sequences) // len(prompt_ids)
+        return [[self.tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned:(i + 1) * returned]]
+                for i, ids in enumerate(prompt_ids)]
 
     def generate_text(self, prompts, return_full_text=True, **kwargs):
         """As GPT2LM.generate_text: a string per prompt (a list of them when num_return_sequences > 1)."""
@@ -138,8 +128,8 @@ class LiteRTLM:
         self._need_tokenizer()
         prompt_ids = self.tokenizer.encode(prompt)
         options = self._options(len(prompt_ids), len(prompt_ids), kwargs)
-        steps = self._steps(np.asarray(prompt_ids, np.int32), options, np.random.default_rng(options.seed))
-        yield from self.tokenizer.text_pieces(prompt_ids, ([token] for token, _ in steps), options.eos_token_ids)
+        pieces = (tokens.ids for _, tokens in self._decode_rows([prompt_ids], options, 1))
+        yield from self.tokenizer.text_pieces(prompt_ids, pieces, options.eos_token_ids)
 
     def score(self, texts, stride=None):
         """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict).
@@ -184,44 +174,59 @@ class LiteRTLM:
             )
         return options
 
-    def _decode_row(self, prompt_ids, options, rng):
-        """The new tokens of one prompt (through EOS) and their log-probabilities."""
-        steps = list(self._steps(prompt_ids, options, rng))
-        return [token for token, _ in steps], [logprob for _, logprob in steps]
+    def _prompts(self, input_ids, attention_mask):
+        """input_ids as a [batch, width] array (a list of ragged lists padded on the right) and each row's real ids."""
+        if attention_mask is None and isinstance(input_ids, (list, tuple)) and input_ids \
+                and all(isinstance(ids, (list, tuple, np.ndarray)) for ids in input_ids):
+            width = max(len(ids) for ids in input_ids)
+            attention_mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in input_ids]
+            input_ids = [list(ids) + [self.config["pad_token_id"] or 0] * (width - len(ids)) for ids in input_ids]
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
+        prompts = [ids[m > 0].tolist() for ids, m in zip(input_ids, mask)]
+        if not all(prompts):
+            raise ValueError("every prompt needs a token at least (an attention_mask row is all zeros)")
+        return input_ids, prompts
 
-    def _steps(self, prompt_ids, options, rng):
-        """Yields (token, logprob) for each new token of one prompt, the EOS token last if it comes."""
-        length = len(prompt_ids)
-        sequence = np.full([1, self.capacity], options.pad_token_id, np.int32)
-        sequence[0, :length] = prompt_ids
-        settings = {
-            "do_sample": np.array(options.do_sample),
-            "temperature": np.array(options.temperature, np.float32),
-            "top_k": np.array(options.top_k, np.int32),
-            "top_p": np.array(options.top_p, np.float32),
-            "repetition_penalty": np.array(options.repetition_penalty, np.float32),
-            "no_repeat_ngram_size": np.array(options.no_repeat_ngram_size, np.int32),
-            "min_new_steps": np.array(options.min_new_steps, np.int32),
-            "eos_ids": np.array(options.eos_token_ids, np.int32),
-        }
-        no_draw = np.zeros([1, 1], np.float32)
-        logits = self._cached(self._run["prefill"](input_ids=np.asarray(prompt_ids, np.int32)[None]), 0)
-        for step in range(options.max_new_tokens):
-            uniform = rng.random([1, 1], dtype=np.float32) if options.do_sample else no_draw
-            out = self._run["next_token"](logits=logits, sequence=sequence, length=np.array(length, np.int32),
-                                          step=np.array(step, np.int32), uniform=uniform, **settings)
-            token = int(out["token"][0])
-            yield token, float(out["logprob"][0])
-            if token in options.eos_token_ids or step + 1 == options.max_new_tokens:
-                return
-            sequence[0, length] = token
-            logits = self._cached(self._run["decode"](token=np.array([[token]], np.int32),
-                                                      position=np.array(length, np.int32), **self._cache_inputs), length)
-            length += 1
+    def rows(self, eos_ids, slots=None):
+        """A `LiteRTRows` on this export (the interface `tfgen.serving.rows` describes), ending rows at `eos_ids`."""
+        return LiteRTRows(self._run, self.capacity, tuple(self.config["row_tiers"]), eos_ids,
+                          self.config["pad_token_id"] or 0, slots)
 
-    def _cached(self, out, column):
-        """The logits of a prefill or decode call, after writing its keys and values into the cache from `column`."""
-        width = out["keys"].shape[2]
-        self._keys[:, 0, :, column:column + width] = out["keys"]
-        self._values[:, 0, :, column:column + width] = out["values"]
-        return out["logits"]
+    def _decode_rows(self, prompts, options, block):
+        """Yields (row, RowTokens) as the rows of `prompts` decode, `block` tokens at a time; queued rows take the
+        lowest free slots as others finish."""
+        eos_ids = tuple(sorted(options.eos_token_ids))
+        if self._rows is None or self._rows.eos_ids != eos_ids:
+            self._rows = self.rows(eos_ids)
+        rows = self._rows
+        queue = list(reversed(list(enumerate(prompts))))
+        row_of = {}  # slot -> row
+        try:
+            while queue or row_of:
+                starts = []
+                for slot in [slot for slot in range(rows.slots) if slot not in row_of][:len(queue)]:
+                    row, prompt = queue.pop()
+                    row_of[slot] = row
+                    starts.append((slot, prompt, _sampling(options, choice_seed(options.seed, row))))
+                if starts:
+                    rows.start_rows(starts)
+                for slot, tokens in rows.advance(block).items():
+                    yield row_of[slot], tokens
+                    if tokens.finished:
+                        rows.free_row(slot)
+                        del row_of[slot]
+        finally:  # a caller that stops early (a stream closed) leaves no row behind
+            for slot in row_of:
+                rows.free_row(slot)
+
+
+def _sampling(options, seed):
+    """One row's `Sampling` from generate's resolved options."""
+    return Sampling(max_tokens=options.max_new_tokens, do_sample=options.do_sample, temperature=options.temperature,
+                    top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
+                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed)

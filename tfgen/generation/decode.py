@@ -109,17 +109,24 @@ def chooser(strategy):
 
     def sample(scores, steps, settings):
         rows = dims(scores)[0]
-        temperature = per_row(settings["temperature"], rows, tf.float32)
-        greedy = temperature == 0.0
-        warped = sampling.apply_temperature(scores, tf.where(greedy, 1.0, temperature))
         draw_index = settings["draw_index"] if "draw_index" in settings else tf.range(rows)
         uniform = sampling.row_draws(per_row(settings["seed"], rows, tf.int64), steps, draw_index)
-        # A greedy row's top-k of 1 keeps the draw among the best logits (no row needs the whole vocabulary).
-        top_k = tf.where(greedy, 1, per_row(settings["top_k"], rows, tf.int32))
-        token, logprob = sampling.sample_top_k_top_p_at(warped, top_k, settings["top_p"], uniform)
-        best, best_logprob = greedy_choice(scores)
-        return tf.where(greedy, best, token), tf.where(greedy, best_logprob, logprob)
+        return choose_at(scores, settings["temperature"], settings["top_k"], settings["top_p"], uniform)
     return sample
+
+
+def choose_at(scores, temperature, top_k, top_p, uniform):
+    """Each row's token and log-probability: the best where its temperature is 0, else a top-k / top-p draw at its
+    `uniform` number [rows, 1] (each setting a scalar or one per row)."""
+    rows = dims(scores)[0]
+    temperature = per_row(temperature, rows, tf.float32)
+    greedy = temperature == 0.0
+    warped = sampling.apply_temperature(scores, tf.where(greedy, 1.0, temperature))
+    # A greedy row's top-k of 1 keeps the draw among the best logits (no row needs the whole vocabulary).
+    top_k = tf.where(greedy, 1, per_row(top_k, rows, tf.int32))
+    token, logprob = sampling.sample_top_k_top_p_at(warped, top_k, top_p, uniform)
+    best, best_logprob = greedy_choice(scores)
+    return tf.where(greedy, best, token), tf.where(greedy, best_logprob, logprob)
 
 
 def token_results(state):

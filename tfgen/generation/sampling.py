@@ -141,8 +141,9 @@ def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
     """One token per row from softmax(logits) after top-k and top-p filtering, with its log-probability.
 
     Draws at `uniform` [rows, 1] in [0, 1) (as `sample_at` takes them) among
-    the best NUM_CANDIDATES logits when every row's kept set lies there, from
-    the whole filtered vocabulary otherwise.
+    the best NUM_CANDIDATES logits for each row whose kept set lies there,
+    from the whole filtered vocabulary for the others (sorted only when a row
+    needs it): a row's token does not depend on the rows beside it.
     """
     top_k, top_p = _clamp_top_k(top_k, logits), _column(top_p, logits, tf.float32)
     best, best_ids, threshold, fits = _candidates(logits, top_k, top_p)
@@ -152,9 +153,11 @@ def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
         choice = sample_at(kept, uniform)
         return tf.gather(best_ids, choice, axis=-1, batch_dims=1), chosen_logprob(kept, choice)
 
-    def among_all():
+    def per_row():
         kept = _filtered(logits, top_k, top_p)
         token = sample_at(kept, uniform)
-        return token, chosen_logprob(kept, token)
+        best_token, best_logprob = among_best()
+        return (tf.where(fits[:, 0], best_token, token),
+                tf.where(fits[:, 0], best_logprob, chosen_logprob(kept, token)))
 
-    return tf.cond(tf.reduce_all(fits), among_best, among_all)
+    return tf.cond(tf.reduce_all(fits), among_best, per_row)

@@ -157,6 +157,20 @@ def choice_seed(seed, choice):
     return int(np.random.SeedSequence([seed, choice]).generate_state(1)[0]) % 2**31
 
 
+def row_settings(sampling, seed):
+    """A row's values of tfgen.generation.decode.ROW_SETTINGS for a request's `Sampling` (temperature 0: greedy)."""
+    return {
+        "temperature": sampling.temperature if sampling.do_sample else 0.0,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": seed,
+        "draw_index": 0,  # the row's draws come from its own seed and step count alone
+        "repetition_penalty": sampling.repetition_penalty,
+        "no_repeat_ngram_size": sampling.no_repeat_ngram_size,
+        "min_new_steps": sampling.min_tokens,
+    }
+
+
 def completion_id():
     return f"cmpl-{uuid.uuid4().hex}"
 

@@ -23,20 +23,7 @@ import tensorflow as tf
 from tfgen.generation import decode
 from tfgen.generation.decode import ROW_SETTINGS, capacity_tier, settings_tensors
 from tfgen.generation.options import resolve_options
-
-
-def row_settings(sampling, seed):
-    """A row's values of decode.ROW_SETTINGS for a request's `Sampling` (temperature 0: greedy)."""
-    return {
-        "temperature": sampling.temperature if sampling.do_sample else 0.0,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "seed": seed,
-        "draw_index": 0,  # the row's draws come from its own seed and step count alone
-        "repetition_penalty": sampling.repetition_penalty,
-        "no_repeat_ngram_size": sampling.no_repeat_ngram_size,
-        "min_new_steps": sampling.min_tokens,
-    }
+from tfgen.serving.protocol import row_settings
 
 
 class StateRows:
