@@ -239,6 +239,8 @@ def main():
                         help="leave out the int8 export at the default capacity")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/litert_speed.json, "
+                                                   "litert_quality.json with --skip-speed)")
     args = parser.parse_args()
     if not args.skip_quality and not (args.work / "corpus" / "wikipedia.valid.txt").is_file():
         sys.exit(f"no validation text in {args.work / 'corpus'}; run: python recipes/ko_mini.py prepare")
@@ -248,7 +250,7 @@ def main():
         quality_rows = None if args.skip_quality else quality(args, Path(work))
     report(info, command, speed_figures, quality_rows)
     name = "litert_quality" if args.skip_speed else "litert_speed"
-    write_results(results_path(name, args.small),
+    write_results(results_path(name, args.small, args.json),
                   {"machine": info, "command": command, "speed": speed_figures, "quality": quality_rows})
 
 
