@@ -1,6 +1,6 @@
 """int4 weights for the LiteRT export: a float LiteRT flatbuffer quantized by ai-edge-quantizer (`tfgen[litert]`).
 
-The recipe is ai-edge-quantizer's dynamic int4 one, blockwise (BLOCK_SIZE
+The recipe is ai-edge-quantizer's dynamic int4 one, blockwise (32
 weights share a scale), on FULLY_CONNECTED and EMBEDDING_LOOKUP ops only:
 int4 weights, float activations that the kernel quantizes on the fly, which
 XNNPACK runs with its blockwise int4 matrix-vector kernels. Blocks of 32 were
@@ -18,36 +18,35 @@ import hashlib
 
 import numpy as np
 
-RECIPE = "dynamic_wi4b32_afp32"
-BLOCK_SIZE = 32
+RECIPE = "dynamic_wi4b32_afp32"  # blocks of 32 weights
 _INSTALL = 'pip install "tfgen[litert]" (or pip install ai-edge-quantizer)'
 
 
 def require_quantizer():
-    """ai-edge-quantizer's package, or an ImportError that names the install command."""
+    """Raises an ImportError that names the install command where ai-edge-quantizer is missing."""
     try:
-        import ai_edge_quantizer
+        import ai_edge_quantizer  # noqa: F401
     except ImportError as error:
         raise ImportError(f"--quantize int4 needs ai-edge-quantizer ({error}); {_INSTALL}") from None
-    return ai_edge_quantizer
 
 
 def quantize_int4(float_model):
     """The LiteRT flatbuffer `float_model` (bytes) with blockwise int4 weights in its fully connected and embedding
-    lookup ops, as bytes."""
+    lookup ops (a bytearray)."""
     require_quantizer()
     from ai_edge_quantizer import qtyping, quantizer, recipe
 
     ops = (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP)
     make = getattr(recipe, RECIPE)
     model_recipe = sum((make(operation_name=op) for op in ops), [])
-    result = quantizer.Quantizer(bytearray(float_model), model_recipe).quantize(enable_progress_bar=False, enable_progress_report=False)
+    result = quantizer.Quantizer(float_model, model_recipe).quantize(enable_progress_bar=False,
+                                                                     enable_progress_report=False)
     return share_identical_buffers(result.quantized_model)
 
 
 def share_identical_buffers(model_bytes):
     """The flatbuffer `model_bytes` with tensors whose buffers hold the same bytes pointing at one of them, the
-    copies emptied; the bytes of the model it gives back."""
+    copies emptied (a new bytearray)."""
     from ai_edge_litert.tools import flatbuffer_utils
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils
 
@@ -62,4 +61,4 @@ def share_identical_buffers(model_bytes):
     for index, kept in canonical.items():
         # numpy arrays: the flatbuffers packer writes them at once, other sequences a byte at a time
         model.buffers[index].data = np.frombuffer(model.buffers[index].data, np.uint8) if kept == index else None
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return flatbuffer_utils.convert_object_to_bytearray(model)
