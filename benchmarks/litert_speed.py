@@ -3,7 +3,7 @@
 Speed (random weights, KoGPT2-base's shape; --small: a tiny one): batch-1
 greedy decoding of --new-tokens after a --prompt-length prompt, tokens/s
 (median of --repeats warm calls) of GPT2LM.generate (float32, XLA) and of
-LiteRTLM.generate on int8, fp16 and fp32 exports of the same weights, each
+LiteRTLM.generate on int8, int4, fp16 and fp32 exports of the same weights, each
 with its export size, conversion time, load time and first-token latency
 (a first call with max_new_tokens=1); for each export, where a token's time
 goes (the decode and next_token invokes, writing the new keys and values into
@@ -11,14 +11,14 @@ the runtime's cache, the rest being Python); the int8
 weights' bandwidth bound (their bytes per token against numpy's one-thread
 read bandwidth).
 
-Quality (ko-mini, int8 against fp32 exports): perplexity on the first
+Quality (ko-mini, int8 and int4 against fp32 exports): perplexity on the first
 --quality-tokens tokens of each source's validation text (recipes/ko_mini.py's
 split: run its prepare stage first),
 scored with the exports' `score` signature over windows of the context as
 the recipe scores it; greedy agreement over 32 new tokens from prompts cut
 from validation documents.
 
-    python benchmarks/litert_speed.py [--small] [--work runs/ko-mini] [--skip-quality]
+    python benchmarks/litert_speed.py [--small] [--work runs/ko-mini] [--skip-quality] [--quantize int8 int4]
 """
 
 import argparse
@@ -41,10 +41,10 @@ from generate_speed import make_prompts, measure_bandwidth  # noqa: E402
 from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine, results_path,  # noqa: E402
                       seconds, write_results)
 from tfgen import GPT2LM, export_litert  # noqa: E402
-from tfgen.export.litert import DEFAULT_CAPACITY  # noqa: E402
+from tfgen.export.litert import DEFAULT_CAPACITY, QUANTIZATIONS  # noqa: E402
 from tfgen.litert import MODEL_FILE, LiteRTLM  # noqa: E402
 
-QUANTIZATIONS = ("int8", "fp16", "none")
+QUANTIZED = ("int8", "int4")  # each against fp32 in the quality part
 AGREEMENT_PROMPTS = 10  # per source
 AGREEMENT_PROMPT_TOKENS = 16
 AGREEMENT_NEW_TOKENS = 32
@@ -125,7 +125,7 @@ def speed(args, work):
         lambda ids, s: lm.generate(ids, eos_token_id=None, **s).numpy(), prompts, settings, args.repeats)}]
     # Each export at the smallest capacity the request needs, and int8 at the default capacity: a decode step
     # reads the whole cache.
-    exports = [(quantize, capacity) for quantize in QUANTIZATIONS] + [("int8", DEFAULT_CAPACITY)]
+    exports = [(quantize, capacity) for quantize in args.quantize] + [("int8", DEFAULT_CAPACITY)] * args.default_capacity
     for quantize, export_capacity in exports:
         path = work / f"base-{quantize}-{export_capacity}"
         convert_s = seconds(lambda: export_litert(lm, path, quantize=quantize, capacity=export_capacity))
@@ -204,10 +204,24 @@ def window_nats(runtime, ids, context):
     return total
 
 
+def agreement(reference, runtime, tokenizer, documents):
+    """Greedy agreement of `runtime` with `reference` over AGREEMENT_NEW_TOKENS from the first documents' openings:
+    how many continuations are equal, and the mean length of their agreeing prefix."""
+    equal, prefix = 0, []
+    for document in documents[:AGREEMENT_PROMPTS]:
+        prompt = tokenizer.encode(document)[:AGREEMENT_PROMPT_TOKENS]
+        a, b = (r.generate([prompt], max_new_tokens=AGREEMENT_NEW_TOKENS, min_new_tokens=AGREEMENT_NEW_TOKENS)[0, len(prompt):]
+                for r in (reference, runtime))
+        same = a == b
+        equal += bool(same.all())
+        prefix.append(AGREEMENT_NEW_TOKENS if same.all() else int(np.argmin(same)))
+    return f"{equal}/{min(AGREEMENT_PROMPTS, len(documents))}", statistics.mean(prefix)
+
+
 def quality(args, work):
     lm = GPT2LM.from_pretrained("ko-mini")
     runtimes = {}
-    for quantize in ("none", "int8"):
+    for quantize in ("none", *QUANTIZED):
         export_litert(lm, work / f"ko-mini-{quantize}", quantize=quantize)
         runtimes[quantize] = LiteRTLM(work / f"ko-mini-{quantize}")
     context = lm.config.n_positions
@@ -218,16 +232,10 @@ def quality(args, work):
         row = {"source": name, "tokens": len(ids) - 1}
         for quantize, runtime in runtimes.items():
             row[f"ppl_{quantize}"] = math.exp(window_nats(runtime, ids, context) / (len(ids) - 1))
-        row["change_pct"] = 100 * (row["ppl_int8"] / row["ppl_none"] - 1)
-        agree, prefix = 0, []
-        for document in documents[:AGREEMENT_PROMPTS]:
-            prompt = lm.tokenizer.encode(document)[:AGREEMENT_PROMPT_TOKENS]
-            a, b = (runtimes[q].generate([prompt], max_new_tokens=AGREEMENT_NEW_TOKENS, min_new_tokens=AGREEMENT_NEW_TOKENS)[0, len(prompt):]
-                    for q in ("none", "int8"))
-            agree += bool((a == b).all())
-            prefix.append(int(np.argmin(a == b)) if not (a == b).all() else AGREEMENT_NEW_TOKENS)
-        row["greedy_agree"] = f"{agree}/{min(AGREEMENT_PROMPTS, len(documents))}"
-        row["mean_agreeing_prefix"] = statistics.mean(prefix)
+        for quantize in QUANTIZED:
+            row[f"change_pct_{quantize}"] = 100 * (row[f"ppl_{quantize}"] / row["ppl_none"] - 1)
+            row[f"greedy_agree_{quantize}"], row[f"mean_agreeing_prefix_{quantize}"] = agreement(
+                runtimes["none"], runtimes[quantize], lm.tokenizer, documents)
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -257,12 +265,14 @@ def report(info, command, speed_figures, quality_rows, batch_figures=None):
               f"{max(bound['numpy_read_gb_s'], bound['all_threads_read_gb_s']):.1f} GB/s: "
               f"{bound['int8_bound_tokens_per_s']:.0f} tokens/s")
     if quality_rows:
-        print("\nko-mini validation perplexity (LiteRT fp32 vs int8 exports), greedy agreement over "
+        print("\nko-mini validation perplexity (LiteRT fp32, int8 and int4 exports), greedy agreement with fp32 over "
               f"{AGREEMENT_NEW_TOKENS} tokens:")
-        print(format_table(quality_rows, [
-            ("source", "source", "{}"), ("tokens", "tokens", "{:,}"), ("ppl fp32", "ppl_none", "{:.3f}"),
-            ("ppl int8", "ppl_int8", "{:.3f}"), ("change %", "change_pct", "{:+.2f}"), ("greedy equal", "greedy_agree", "{}"),
-            ("agreeing prefix", "mean_agreeing_prefix", "{:.1f}")]))
+        print(format_table(quality_rows, [("source", "source", "{}"), ("tokens", "tokens", "{:,}"),
+                                          ("ppl fp32", "ppl_none", "{:.3f}")] + [
+            column for q in QUANTIZED for column in (
+                (f"ppl {q}", f"ppl_{q}", "{:.3f}"), (f"change % {q}", f"change_pct_{q}", "{:+.2f}"),
+                (f"greedy equal {q}", f"greedy_agree_{q}", "{}"),
+                (f"agreeing prefix {q}", f"mean_agreeing_prefix_{q}", "{:.1f}"))]))
 
 
 def main():
@@ -275,11 +285,17 @@ def main():
                         help="the recipe's work directory (its corpus/*.valid.txt are scored)")
     parser.add_argument("--quality-tokens", type=int, default=16384,
                         help="perplexity over the first this many tokens of each source's validation text")
+    parser.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS),
+                        help="the exports timed, in this order")
+    parser.add_argument("--no-default-capacity", dest="default_capacity", action="store_false",
+                        help="leave out the int8 export at the default capacity")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--batch", type=int, default=0,
                         help="only the batched runtime at this many rows (against one by one), batch_speed's figures")
     parser.add_argument("--batch-prompt-length", type=int, default=12)
+    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/litert_speed.json, "
+                                                   "litert_quality.json with --skip-speed)")
     args = parser.parse_args()
     if args.batch:
         info, command = machine_info(), command_line()
@@ -296,7 +312,7 @@ def main():
         quality_rows = None if args.skip_quality else quality(args, Path(work))
     report(info, command, speed_figures, quality_rows)
     name = "litert_quality" if args.skip_speed else "litert_speed"
-    write_results(results_path(name, args.small),
+    write_results(results_path(name, args.small, args.json),
                   {"machine": info, "command": command, "speed": speed_figures, "quality": quality_rows})
 
 

@@ -308,7 +308,7 @@ def test_cli_exports_and_generate_runs_the_export_without_tensorflow(tiny_lm, ti
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--format", "litert", "--quantize", "int4"], "invalid choice: 'int4'"),
+    (["--format", "litert", "--quantize", "int2"], "invalid choice: 'int2'"),
     (["--format", "tflite"], "invalid choice: 'tflite'"),
     (["--quantize", "int8"], "--quantize is for --format litert"),
     (["--format", "litert", "--num-beams", "4"], "--num-beams is for --format saved_model"),

@@ -329,8 +329,9 @@ def _add_export(subparsers):
     p.add_argument("--format", choices=["saved_model", "litert"], default="saved_model",
                    help="saved_model: a TF SavedModel; litert: model.tflite, the tokenizer and litert.json, "
                         "for tfgen.litert.LiteRTLM (pip install \"tfgen[litert]\")")
-    p.add_argument("--quantize", choices=["int8", "fp16", "none"], default=None,
-                   help="LiteRT weights: int8 (default), fp16 or none (float32)")
+    p.add_argument("--quantize", choices=["int8", "int4", "fp16", "none"], default=None,
+                   help="LiteRT weights: int8 (default), int4 (blockwise; needs ai-edge-quantizer, "
+                        "pip install \"tfgen[litert]\"), fp16 or none (float32)")
     p.add_argument("--capacity", type=_positive_int, default=None,
                    help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
                         "context for a SavedModel, 256 or the context for LiteRT)")

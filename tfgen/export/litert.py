@@ -35,8 +35,9 @@ READ_VARIABLE and ASSIGN_VARIABLE copy the whole cache on every step, and a
 scatter into it rewrites it again (see README, "LiteRT").
 
 Weights: "int8" (dynamic-range quantization: int8 weights, float
-activations; XNNPACK's int8 matrix-vector kernels), "fp16" (float16 weights,
-float computation) or "none" (float32).
+activations; XNNPACK's int8 matrix-vector kernels), "int4" (blockwise int4
+weights by ai-edge-quantizer, see tfgen.export.quantize), "fp16" (float16
+weights, float computation) or "none" (float32).
 """
 
 import json
@@ -47,11 +48,12 @@ import time
 import tensorflow as tf
 
 from tfgen import checkpoint, scoring
+from tfgen.export import quantize as int4
 from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
 from tfgen.generation import decode, kv_cache, processors
 from tfgen.generation.shapes import dims
 
-QUANTIZATIONS = ("int8", "fp16", "none")
+QUANTIZATIONS = ("int8", "int4", "fp16", "none")
 DEFAULT_CAPACITY = 256
 DEFAULT_ROWS = 8
 
@@ -59,13 +61,15 @@ DEFAULT_ROWS = 8
 def export_litert(lm, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS):
     """Writes `lm` (a GPT2LM with its tokenizer) as a LiteRT model directory at `path`, atomically; returns `path`.
 
-    quantize: "int8", "fp16" or "none" (float32 weights); capacity: the most
+    quantize: "int8", "int4", "fp16" or "none" (float32 weights); capacity: the most
     tokens a request may use, prompt plus new tokens (default 256, at most the
     model's context); rows: the most rows decoded at once (tiers 1, 2, 4, ...
     up to it). See the module docstring for the files and signatures.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if quantize == "int4":
+        int4.require_quantizer()  # before the conversion's minutes
     context = lm.net.context
     capacity = min(DEFAULT_CAPACITY, context) if capacity is None else capacity
     if not isinstance(capacity, int) or not 2 <= capacity <= context:
@@ -98,6 +102,8 @@ def export_litert(lm, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS):
 
 def convert(module, quantize):
     """The LiteRT flatbuffer of a StepModule's signatures, with weights as `quantize` says."""
+    if quantize == "int4":
+        return int4.quantize_int4(convert(module, "none"))
     with tempfile.TemporaryDirectory() as saved:
         tf.saved_model.save(module, saved, signatures=module.signatures())
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(module.signatures()))
