@@ -69,7 +69,7 @@ def run_rows(schedule, eos_ids=(fp32.config["eos_token_id"],), frees=()):
     # Drives a LiteRTRows as the scheduler does: each (call, slot, row) of `schedule` starts prompt `row` with its
     # sampling in `slot` before step call `call`, each (call, slot) of `frees` frees a row before a call; a row done
     # (EOS or max_tokens) is freed. Per schedule entry, its steps' [ids, reached_eos].
-    rows, steps, active, call = fp32.rows(eos_ids), {}, {}, 0
+    rows, steps, active, call = fp32.decode_rows(eos_ids=eos_ids), {}, {}, 0
     while len(steps) < len(schedule) or active:
         for at, slot in frees:
             if at == call and slot in active:

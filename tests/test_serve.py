@@ -19,11 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from transformers import GPT2Config
 
-from tfgen import GPT2LM, cli
+from test_litert import BLOCK_TENSORFLOW
+from tfgen import GPT2LM, cli, export_litert
 from tfgen.serving import protocol
 from tfgen.serving.scheduler import find_stop, settled_text
 
 API_KEY = "test-key"
+ENGINES = ["xla", "litert"]  # `tfgen serve` on a checkpoint (XLA), and on a LiteRT export without TensorFlow
+SERVE_WITHOUT_TENSORFLOW = BLOCK_TENSORFLOW + "from tfgen.cli import main; sys.exit(main(sys.argv[1:]))"
 STARTUP_SECONDS = 600
 HANGUL = re.compile("[가-힣]")
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
@@ -42,15 +45,15 @@ def _get(url, path, timeout=10):
 
 class ServerProcess:
     """`python -m tfgen serve` on a free port of 127.0.0.1, waited for until /health says ok (`python`: which
-    interpreter's tfgen)."""
+    interpreter's tfgen; `without_tensorflow`: in a process where importing TensorFlow fails)."""
 
-    def __init__(self, model_dir, log_path, *args, python=sys.executable):
+    def __init__(self, model_dir, log_path, *args, python=sys.executable, without_tensorflow=False):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [python, "-m", "tfgen", "serve", "--model", str(model_dir), "--port", str(self.port), *args],
+            [python, *(["-c", SERVE_WITHOUT_TENSORFLOW] if without_tensorflow else ["-m", "tfgen"]), "serve", "--model", str(model_dir), "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -84,9 +87,30 @@ class ServerProcess:
         self.log.close()
 
 
+def served_dir(engine, model_dir, tmp_path_factory):
+    """What `tfgen serve --model` is given for `engine`: the checkpoint itself, or its float32 LiteRT export at the
+    model's full context (so its greedy tokens are the checkpoint's)."""
+    if engine == "xla":
+        return model_dir
+    lm = GPT2LM.from_pretrained(model_dir)
+    return export_litert(lm, tmp_path_factory.mktemp("litert") / model_dir.name, quantize="none",
+                         capacity=lm.net.context)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(tiny_lm_dir, tmp_path_factory):
-    process = ServerProcess(tiny_lm_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16", "--api-key", API_KEY)
+def model_dir(engine, tiny_lm_dir, tmp_path_factory):
+    return served_dir(engine, tiny_lm_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(engine, model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16",
+                            "--api-key", API_KEY, without_tensorflow=engine == "litert")
     yield process
     process.stop()
 
@@ -97,8 +121,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def model_name(tiny_lm_dir):
-    return tiny_lm_dir.resolve().name
+def model_name(model_dir):
+    return model_dir.resolve().name
 
 
 def _greedy(client, model_name, prompt, max_tokens=24, **kwargs):
@@ -299,9 +323,11 @@ def long_context_dir(tiny_lm, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_full_queue_is_429_and_sigterm_drains(long_context_dir, tmp_path):
-    small = ServerProcess(long_context_dir, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0")
-    model_name = long_context_dir.name
+def test_full_queue_is_429_and_sigterm_drains(engine, long_context_dir, tmp_path_factory, tmp_path):
+    served = served_dir(engine, long_context_dir, tmp_path_factory)
+    small = ServerProcess(served, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0",
+                          without_tensorflow=engine == "litert")
+    model_name = served.name
     try:
         client = small.client()
         stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=1000, temperature=0,
@@ -362,6 +388,13 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
     for args in (["--max-batch", "0"], ["--max-queue", "-1"], ["--request-timeout", "0"]):
         assert cli.main(["serve", *args]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_serve_refuses_more_slots_than_a_litert_export_has(tiny_lm, tmp_path, capsys):
+    export = export_litert(tiny_lm, tmp_path / "litert", quantize="none", capacity=32, rows=2)
+    assert cli.main(["serve", "--model", str(export), "--max-batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at most 2 rows" in err and "--rows 4" in err
 
 
 def test_settled_text_holds_back_partial_characters_and_stop_prefixes():

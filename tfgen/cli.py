@@ -166,6 +166,8 @@ def _export(args):
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
                          "or pass --overwrite to replace it")
+    if args.format == "saved_model" and args.rows is not None:
+        raise UsageError("--rows is for --format litert; a SavedModel decodes any number of rows")
     if args.format == "litert" and args.num_beams is not None:
         raise UsageError("--num-beams is for --format saved_model; the LiteRT export has no beam search")
     if args.format == "saved_model" and args.quantize is not None:
@@ -181,12 +183,14 @@ def _export(args):
 
 def _export_litert(lm, output, args):
     from tfgen.export import export_litert
+    from tfgen.export.litert import DEFAULT_ROWS
     from tfgen.litert import read_config
 
-    export_litert(lm, output, quantize=args.quantize or "int8", capacity=args.capacity)
+    export_litert(lm, output, quantize=args.quantize or "int8", capacity=args.capacity, rows=args.rows or DEFAULT_ROWS)
     config = read_config(output)
     print(f"{output}: LiteRT model, {config['quantize']} weights; capacity {config['capacity']} tokens "
-          f"(prompt + new); run it with `tfgen generate --model {output}` or tfgen.litert.LiteRTLM")
+          f"(prompt + new), up to {config['row_tiers'][-1]} rows at once; run it with `tfgen generate --model "
+          f"{output}`, `tfgen serve --model {output}` or tfgen.litert.LiteRTLM")
 
 
 def _export_saved_model(lm, output, args):
@@ -335,6 +339,8 @@ def _add_export(subparsers):
     p.add_argument("--capacity", type=_positive_int, default=None,
                    help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
                         "context for a SavedModel, 256 or the context for LiteRT)")
+    p.add_argument("--rows", type=_positive_int, default=None,
+                   help="LiteRT: the most rows decoded at once, `tfgen serve --max-batch` at most (default 16)")
     p.add_argument("--num-beams", type=_positive_int, default=None,
                    help="beam count of the SavedModel's generate_beam signature (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")

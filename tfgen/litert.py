@@ -192,17 +192,23 @@ class LiteRTLM:
             raise ValueError("every prompt needs a token at least (an attention_mask row is all zeros)")
         return input_ids, prompts
 
-    def rows(self, eos_ids, slots=None):
-        """A `LiteRTRows` on this export (the interface `tfgen.serving.rows` describes), ending rows at `eos_ids`."""
+    def decode_rows(self, slots=None, eos_ids=None):
+        """A `LiteRTRows` of `slots` rows (default: the export's most) on this export, the interface
+        `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS)."""
+        eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
         return LiteRTRows(self._run, self.capacity, tuple(self.config["row_tiers"]), eos_ids,
                           self.config["pad_token_id"] or 0, slots)
+
+    def next_token_logprobs(self, ids, start):
+        """log-softmax of the logits at positions start..len(ids)-2 of one text: a [len(ids) - 1 - start, vocab] array."""
+        return self._run["logprobs"](input_ids=np.asarray([ids], np.int32))["logprobs"][0, start:-1]
 
     def _decode_rows(self, prompts, options, block):
         """Yields (row, RowTokens) as the rows of `prompts` decode, `block` tokens at a time; queued rows take the
         lowest free slots as others finish."""
         eos_ids = tuple(sorted(options.eos_token_ids))
         if self._rows is None or self._rows.eos_ids != eos_ids:
-            self._rows = self.rows(eos_ids)
+            self._rows = self.decode_rows(eos_ids=eos_ids)
         rows = self._rows
         queue = list(reversed(list(enumerate(prompts))))
         row_of = {}  # slot -> row

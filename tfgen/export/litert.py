@@ -27,6 +27,8 @@ converter stores the weights once for all signatures:
   else a top-k / top-p draw at its uniform number (the runtime draws it from
   the row's seeded numpy generator; LiteRT has no stateless RNG).
 - `score(input_ids [1, n])` -> `token_logprobs` [1, n - 1].
+- `logprobs(input_ids [1, n])` -> `logprobs` [1, n, vocab]: the log-softmax at
+  every position (the server's `logprobs` alternatives).
 
 The KV cache belongs to the runtime (numpy arrays it passes to `decode_R`):
 the model only reads it, and hands back one column of keys and values per row
@@ -55,7 +57,7 @@ from tfgen.generation.shapes import dims
 
 QUANTIZATIONS = ("int8", "int4", "fp16", "none")
 DEFAULT_CAPACITY = 256
-DEFAULT_ROWS = 8
+DEFAULT_ROWS = 16  # as `tfgen serve --max-batch`'s default
 
 
 def export_litert(lm, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS):
@@ -169,6 +171,8 @@ class StepModule(tf.Module):
             "prefill": tf.function(self._prefill, input_signature=[
                 tf.TensorSpec([None, None], tf.int32, name="input_ids"), tf.TensorSpec([None], tf.int32, name="lengths")]),
             "score": tf.function(self._score, input_signature=[tf.TensorSpec([1, None], tf.int32, name="input_ids")]),
+            "logprobs": tf.function(self._logprobs,
+                                    input_signature=[tf.TensorSpec([1, None], tf.int32, name="input_ids")]),
         }
         for rows in tiers:
             self._signatures[f"decode_{rows}"] = tf.function(self._decode, input_signature=_row_specs(
@@ -208,10 +212,16 @@ class StepModule(tf.Module):
         token, logprob = decode.choose_at(scores, temperature, top_k, top_p, uniform)
         return {"token": token, "logprob": logprob}
 
-    def _score(self, input_ids):
-        # The family's own blocks, as prefill runs them: the wrapped transformers model does not convert to builtin
-        # ops for every family (GPT-J's rotary slicing needs TF Select).
+    def _logits(self, input_ids):
+        """[1, n, vocab]: the logits at every position of one text. The family's own blocks, as prefill runs them:
+        the wrapped transformers model does not convert to builtin ops for every family (GPT-J's rotary slicing
+        needs TF Select)."""
         hidden, _ = self.net.blocks(input_ids, tf.range(tf.shape(input_ids)[1])[None], self._no_cache(),
                                     attend=attend_beside_cache)
-        logits = self.net.head(hidden[0])[None]
-        return {"token_logprobs": scoring.next_token_logprobs(logits, input_ids)}
+        return self.net.head(hidden[0])[None]
+
+    def _score(self, input_ids):
+        return {"token_logprobs": scoring.next_token_logprobs(self._logits(input_ids), input_ids)}
+
+    def _logprobs(self, input_ids):
+        return {"logprobs": tf.nn.log_softmax(self._logits(input_ids), axis=-1)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfgen.litert import is_litert_dir
+from tfgen.litert import is_litert_dir, read_config
 
 
 class XLAModel:
@@ -32,11 +32,16 @@ class XLAModel:
         return tf.nn.log_softmax(self.lm(np.array([ids], np.int32))[0, start:-1]).numpy()
 
 
-def resolve(model):
-    """A LiteRT export's directory as it is; otherwise what `CausalLM.from_pretrained` would load (checked now, so a
-    missing model fails before the server starts)."""
-    if is_litert_dir(Path(model).expanduser()):
-        return Path(model).expanduser()
+def resolve(model, slots):
+    """A LiteRT export's directory as it is; otherwise what `CausalLM.from_pretrained` would load. Checked now, so
+    a missing model, or an export of fewer rows than the server's `slots`, fails before the server starts."""
+    path = Path(model).expanduser()
+    if is_litert_dir(path):
+        rows = read_config(path)["row_tiers"][-1]
+        if slots > rows:
+            raise ValueError(f"{path} decodes at most {rows} rows at once, fewer than --max-batch {slots}; pass "
+                             f"--max-batch {rows} or export with --rows {slots}")
+        return path
     from tfgen.model import resolve_model_dir
 
     return resolve_model_dir(model)

@@ -18,7 +18,7 @@ def serve(model, host, port, settings, log_level="info"):
     """Serves `model` (a checkpoint, an embedded model's name, a hub id or a LiteRT export; loaded once the server
     is up, GET /health says when it is ready) until SIGTERM or Ctrl-C; on either, stops taking connections and
     lets the requests in flight finish."""
-    directory = models.resolve(model)
+    directory = models.resolve(model, settings.max_batch)
     app = create_app(lambda: models.load_model(directory), settings)
     uvicorn.run(app, host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=int(settings.request_timeout) + 5)
