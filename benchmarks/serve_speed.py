@@ -1,12 +1,13 @@
-"""Serving speed: `tfgen serve` (continuous batching) against a plain server that calls generate once per request.
+"""Serving speed: `tfgen serve` (continuous batching) on a checkpoint (XLA) and on its LiteRT int8 export, against a
+plain server that calls generate once per request.
 
-For each model (ko-mini; a random-weight model of KoGPT2-base size) both servers run as
+For each model (ko-mini; a random-weight model of KoGPT2-base size) the servers run as
 subprocesses on 127.0.0.1, one after the other, and the same load hits each: C concurrent
 clients (C in --clients), each sending --requests completions one after another with greedy
 decoding and min_tokens = max_tokens (so every request makes exactly --max-tokens tokens).
 tfgen's requests stream and their time to first token (TTFT) is the arrival of the first text;
 the plain server cannot stream, so its TTFT is the whole request. Throughput is all tokens over
-the wall time of the load. Before timing, each server gets one untimed round at every client
+the wall time of the load; each server's peak RSS (VmHWM) is read after its loads. Before timing, each server gets one untimed round at every client
 count (compiles). The KoGPT2-base-size model has a word-level tokenizer of 51,200 made-up words
 (text is irrelevant to speed; the shapes are KoGPT2-base's).
 
@@ -128,29 +129,56 @@ def load(url, model, clients, requests, max_tokens, stream):
             "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
 
 
+def peak_rss_mib(pid):
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def run_server_side(name, command, model, args):
     server = Server(command)
     try:
+        stream = name != "plain"
         for clients in args.clients:  # untimed: compiles the programs each load needs
-            load(server.url, model, clients, 1, args.max_tokens, name == "tfgen")
+            load(server.url, model, clients, 1, args.max_tokens, stream)
         rows = []
         for clients in args.clients:
-            figures = load(server.url, model, clients, args.requests, args.max_tokens, name == "tfgen")
+            figures = load(server.url, model, clients, args.requests, args.max_tokens, stream)
             rows.append({"server": name, "clients": clients, **figures})
-            print(f"  {name:5s} {clients:3d} clients: {figures['tokens_per_s']:8.1f} tokens/s, TTFT p50 "
+            print(f"  {name:12s} {clients:3d} clients: {figures['tokens_per_s']:8.1f} tokens/s, TTFT p50 "
                   f"{figures['ttft_p50_ms']:.0f} ms, p99 {figures['ttft_p99_ms']:.0f} ms", flush=True)
+        peak = peak_rss_mib(server.process.pid)
+        for row in rows:
+            row["server_peak_rss_mib"] = peak
         return rows
     finally:
         server.stop()
 
 
-def benchmark_model(label, model_dir, args):
-    model = Path(model_dir).resolve().name if Path(model_dir).is_dir() else str(model_dir)
+def litert_export(model_dir, scratch, args):
+    """`tfgen export --format litert` of the checkpoint (int8, the default capacity, --max-batch rows), in a process
+    of its own."""
+    output = Path(scratch) / f"{Path(str(model_dir)).name}-litert"
+    subprocess.run([sys.executable, "-m", "tfgen", "export", str(model_dir), str(output), "--format", "litert",
+                    "--quantize", "int8", "--rows", str(args.max_batch)], check=True, stdout=subprocess.DEVNULL)
+    return output
+
+
+def benchmark_model(label, model_dir, scratch, args):
     print(f"\n{label}", flush=True)
-    tfgen_command = [sys.executable, "-m", "tfgen", "serve", "--model", str(model_dir),
-                     "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients))]
-    plain_command = [sys.executable, __file__, "--plain-server", "--model", str(model_dir)]
-    rows = run_server_side("tfgen", tfgen_command, model, args) + run_server_side("plain", plain_command, model, args)
+    served = {"tfgen": model_dir, "plain": model_dir}
+    if "tfgen-litert" in args.servers:
+        served["tfgen-litert"] = litert_export(model_dir, scratch, args)
+    rows = []
+    for name in args.servers:
+        directory = served[name]
+        model = Path(directory).resolve().name if Path(directory).is_dir() else str(directory)
+        if name == "plain":
+            command = [sys.executable, __file__, "--plain-server", "--model", str(directory)]
+        else:
+            command = [sys.executable, "-m", "tfgen", "serve", "--model", str(directory),
+                       "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients))]
+        rows += run_server_side(name, command, model, args)
     for row in rows:
         row["model"] = label
     return rows
@@ -195,6 +223,9 @@ def parse_args():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16, help="tfgen serve's decode slots")
     parser.add_argument("--models", nargs="+", choices=["ko-mini", "base"], default=["ko-mini", "base"])
+    parser.add_argument("--servers", nargs="+", choices=["tfgen", "tfgen-litert", "plain"],
+                        default=["tfgen", "tfgen-litert", "plain"],
+                        help="tfgen serve on the checkpoint (XLA), on its LiteRT int8 export, and the plain server")
     parser.add_argument("--small", action="store_true", help="tiny random model, 1 and 4 clients: a smoke run")
     parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/serve_speed.json)")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
@@ -216,17 +247,18 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         if args.small:
-            rows += benchmark_model("tiny (small run)", word_level_checkpoint(scratch, dict(SMALL_SHAPE)), args)
+            rows += benchmark_model("tiny (small run)", word_level_checkpoint(scratch, dict(SMALL_SHAPE)), scratch, args)
         else:
             if "ko-mini" in args.models:
-                rows += benchmark_model("ko-mini", "ko-mini", args)
+                rows += benchmark_model("ko-mini", "ko-mini", scratch, args)
             if "base" in args.models:
-                rows += benchmark_model("KoGPT2-base size", word_level_checkpoint(scratch, gpt2_shape(False)), args)
+                rows += benchmark_model("KoGPT2-base size", word_level_checkpoint(scratch, gpt2_shape(False)), scratch,
+                                        args)
     print()
     print(format_table(rows, [("model", "model", "{}"), ("server", "server", "{}"), ("clients", "clients", "{}"),
                               ("tokens/s", "tokens_per_s", "{:.1f}"), ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"),
-                              ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}")]))
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "max_batch", "small")}
+                              ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"), ("server peak RSS MiB", "server_peak_rss_mib", "{:.0f}")]))
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "max_batch", "small", "servers")}
     write_results(results_path("serve_speed", args.small, args.json),
                   {"machine": info, "command": command, "settings": settings, "rows": rows})
 
