@@ -12,8 +12,10 @@ from tfgen.generation.shapes import dims
 def rotary_tables(positions, rotary_dim):
     """(sin, cos) [rows, 1, len, rotary_dim], each frequency repeated twice: GPT-J's interleaved layout."""
     inverse_frequency = 1.0 / (10000.0 ** (tf.range(0, rotary_dim, 2, dtype=tf.float32) / rotary_dim))
-    angles = tf.cast(positions, tf.float32)[..., None] * inverse_frequency  # [rows, len, rotary_dim / 2]
-    return (tf.repeat(tf.sin(angles), 2, axis=-1)[:, None], tf.repeat(tf.cos(angles), 2, axis=-1)[:, None])
+    # expand_dims, not [..., None]: LiteRT's builtin STRIDED_SLICE cannot add an axis to a tensor of unknown shape.
+    angles = tf.expand_dims(tf.cast(positions, tf.float32), -1) * inverse_frequency  # [rows, len, rotary_dim / 2]
+    return (tf.expand_dims(tf.repeat(tf.sin(angles), 2, axis=-1), 1),
+            tf.expand_dims(tf.repeat(tf.cos(angles), 2, axis=-1), 1))
 
 
 def rotate_every_two(x):
