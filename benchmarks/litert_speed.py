@@ -100,7 +100,9 @@ def step_breakdown(runtime, prompts, settings):
     runtime._run = {name: Timed(run, name.rsplit("_", 1)[0], totals) for name, run in runners.items()}
     runtime._rows = None
     runtime.generate(prompts, eos_token_id=None, max_new_tokens=1)  # builds the timed rows
-    runtime._rows._decode = Timed(runtime._rows._decode, "decode_method", totals)
+    rows = runtime._rows
+    rows._decoders = {tier: Timed(decoder, "decode", totals) for tier, decoder in rows._decoders.items()}
+    rows._decode = Timed(rows._decode, "decode_method", totals)
     totals.clear()
     start = time.perf_counter()
     runtime.generate(prompts, eos_token_id=None, **settings)

@@ -18,6 +18,7 @@ import numpy as np
 
 from tfgen import scoring
 from tfgen.generation.options import resolve_options
+from tfgen.litert_host import host_buffer
 from tfgen.litert_rows import LiteRTRows
 from tfgen.serving.protocol import Sampling, choice_seed
 from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
@@ -53,11 +54,12 @@ class LiteRTLM:
     Greedy decoding, sampling (temperature, top_k, top_p, seed), repetition
     penalty, no-repeat n-grams and min_new_tokens / min_length; no beam search
     and no bad_words_ids (GPT2LM and the SavedModel export have them).
-    `num_threads`: the interpreter's threads (default: the usable cores).
+    `num_threads`: the Interpreter's and the CompiledModel's threads (default: the usable cores).
     """
 
     def __init__(self, path, num_threads=None):
         try:
+            from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as error:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
@@ -70,8 +72,13 @@ class LiteRTLM:
         warn_if_vocabulary_differs(self.tokenizer, self.config["vocab_size"], path)
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
+        # decode_R runs on a CompiledModel (XNNPACK), over the rows' numpy cache in place; the other signatures on
+        # the Interpreter, whose runners take any input shape (prefill, score and logprobs have dynamic ones).
         self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)
-        self._run = {name: self._interpreter.get_signature_runner(name) for name in self._interpreter.get_signature_list()}
+        self._run = {name: self._interpreter.get_signature_runner(name)
+                     for name in self._interpreter.get_signature_list() if not name.startswith("decode_")}
+        cpu = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
+        self._decode = BoundSignatures(CompiledModel.from_file(str(path / MODEL_FILE), options=cpu))
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
@@ -196,7 +203,7 @@ class LiteRTLM:
         """A `LiteRTRows` of `slots` rows (default: the export's most) on this export, the interface
         `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS)."""
         eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
-        return LiteRTRows(self._run, self.capacity, tuple(self.config["row_tiers"]), eos_ids,
+        return LiteRTRows(self._run, self._decode, self.capacity, tuple(self.config["row_tiers"]), eos_ids,
                           self.config["pad_token_id"] or 0, slots)
 
     def next_token_logprobs(self, ids, start):
@@ -229,6 +236,38 @@ class LiteRTLM:
         finally:  # a caller that stops early (a stream closed) leaves no row behind
             for slot in row_of:
                 rows.free_row(slot)
+
+
+class BoundSignatures:
+    """A LiteRT CompiledModel's signatures, each bound once to numpy arrays (`bind`) that it reads and writes in place."""
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+
+    def input_details(self, name):
+        return self._compiled.get_input_tensor_details(name)
+
+    def output_details(self, name):
+        return self._compiled.get_output_tensor_details(name)
+
+    def bind(self, name, inputs, outputs):
+        """A `BoundSignature` running `name` from the arrays of `inputs` into those of `outputs` (name -> array, each
+        of the signature's shape, from `litert_host.aligned_zeros` or a contiguous view of one that starts aligned)."""
+        return BoundSignature(self._compiled, name, inputs, outputs)
+
+
+class BoundSignature:
+    """Calling it runs its signature on the current contents of `inputs` and returns `outputs`, rewritten."""
+
+    def __init__(self, compiled, name, inputs, outputs):
+        self._compiled, self._name = compiled, name
+        self.inputs, self.outputs = inputs, outputs
+        self._input_buffers = {key: host_buffer(array) for key, array in inputs.items()}
+        self._output_buffers = {key: host_buffer(array) for key, array in outputs.items()}
+
+    def __call__(self):
+        self._compiled.run_by_name(self._name, self._input_buffers, self._output_buffers)
+        return self.outputs
 
 
 def _sampling(options, seed):

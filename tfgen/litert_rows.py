@@ -8,9 +8,10 @@ logits its next token is chosen from. `start_rows` prefills new rows together
 into their slots; each `step` iteration picks a token for every running row
 (`next_token_R`) and feeds it back (`decode_R`, which reads the cache and
 returns one column per row, written in here), R being the smallest row tier
-that holds the busy slots: the cache's first R rows are views, not copies.
-A sampling row draws one uniform number per token from its own numpy
-Generator, seeded by its request, so what a row decodes depends on its prompt,
+that holds the busy slots: the cache's first R rows are views, not copies, and
+the model reads them where they are (zero-copy buffers of a LiteRT
+CompiledModel, bound once per tier). A sampling row draws one uniform number
+per token from its own numpy Generator, seeded by its request, so what a row decodes depends on its prompt,
 settings and seed alone: not on the rows beside it, its slot or when it joined.
 """
 
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tfgen.litert_host import aligned_zeros
 from tfgen.serving.protocol import row_settings
 
 # The row settings the model takes ([rows] inputs of `next_token_R`), at their neutral values.
@@ -51,13 +53,14 @@ def right_padded(prompts, pad_id):
 
 
 class LiteRTRows:
-    """Decode rows on a LiteRT export's signature runners (`runners`: name -> callable of numpy arrays).
+    """Decode rows on a LiteRT export: `decode_R` through `decode` (a `tfgen.litert.BoundSignatures`: each tier's
+    decode bound once to numpy arrays), the other signatures through `runners` (name -> callable of numpy arrays).
 
     `tiers`: the export's row tiers; `slots`: at most the largest; `eos_ids`:
     the tokens that end a row.
     """
 
-    def __init__(self, runners, capacity, tiers, eos_ids, pad_id, slots=None):
+    def __init__(self, runners, decode, capacity, tiers, eos_ids, pad_id, slots=None):
         slots = tiers[-1] if slots is None else slots
         if not 1 <= slots <= tiers[-1]:
             raise ValueError(f"slots must be from 1 to the export's {tiers[-1]} rows, got {slots}")
@@ -68,14 +71,22 @@ class LiteRTRows:
         self._eos_array = np.array(self.eos_ids, np.int32)
         self._pad_id = pad_id
         rows = self.tiers[-1]
-        inputs = runners[f"decode_{rows}"].get_input_details()
+        inputs = decode.input_details(f"decode_{rows}")
         layers = sum(name.startswith("key_cache_") for name in inputs)
-        self._keys = np.zeros([layers, *inputs["key_cache_0"]["shape"]], np.float32)
-        self._values = np.zeros_like(self._keys)
-        # Each tier's cache inputs: views of the first `tier` rows of every layer's keys and values.
-        self._cache_inputs = {tier: {f"{kind}_cache_{layer}": cache[layer, :tier] for layer in range(layers)
-                                     for kind, cache in (("key", self._keys), ("value", self._values))}
-                              for tier in self.tiers}
+        self._keys = aligned_zeros([layers, *inputs["key_cache_0"]["shape"]])
+        self._values = aligned_zeros(self._keys.shape)
+        # Each tier's decode, bound once to its inputs and outputs: its cache inputs are the first `tier` rows of
+        # every layer's keys and values (views: the model reads the cache where it is, no copy).
+        self._decoders = {}
+        for tier in self.tiers:
+            name = f"decode_{tier}"
+            views = {f"{kind}_cache_{layer}": cache[layer, :tier] for layer in range(layers)
+                     for kind, cache in (("key", self._keys), ("value", self._values))}
+            self._decoders[tier] = decode.bind(
+                name, {"token": aligned_zeros([tier, 1], np.int32), "positions": aligned_zeros([tier], np.int32),
+                       **views},
+                {output: aligned_zeros(details["shape"], details["dtype"])
+                 for output, details in decode.output_details(name).items()})
         vocab = runners[f"next_token_{rows}"].get_input_details()["logits"]["shape"][1]
         self._logits = np.zeros([rows, vocab], np.float32)
         self._sequence = np.full([rows, capacity], pad_id, np.int32)
@@ -188,12 +199,13 @@ class LiteRTRows:
 
         The tier's other rows run on their stale state; their outputs are dropped.
         """
-        positions = self._lengths[:tier] - 1
-        tokens = self._sequence[np.arange(tier), np.maximum(positions, 0)][:, None]
-        out = self._runners[f"decode_{tier}"](token=tokens, positions=np.maximum(positions, 0),
-                                              **self._cache_inputs[tier])
+        positions = np.maximum(self._lengths[:tier] - 1, 0)
+        decoder = self._decoders[tier]
+        decoder.inputs["token"][:, 0] = self._sequence[np.arange(tier), positions]
+        decoder.inputs["positions"][:] = positions
+        out = decoder()
         slots = np.asarray(slots, np.int64)
-        columns = positions[slots]
+        columns = self._lengths[slots] - 1
         self._keys[:, slots, :, columns] = out["keys"][:, slots, :, 0]
         self._values[:, slots, :, columns] = out["values"][:, slots, :, 0]
         self._logits[slots] = out["logits"][slots]
