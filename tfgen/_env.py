@@ -173,13 +173,20 @@ class _QuietLoader:
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     """Finds TensorFlow, for whichever module imports it first, with `_QuietLoader`: tfgen does not import it
-    itself, so the LiteRT runtime and server never load it."""
+    itself, so the LiteRT runtime and server never load it. It stays in place until TensorFlow is imported, since
+    a look-up alone (transformers asks `importlib.util.find_spec`) imports nothing."""
+
+    def __init__(self):
+        self._finding = False
 
     def find_spec(self, name, path, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or self._finding or "tensorflow" in sys.modules:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._finding = True  # the look-up below asks this finder again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec

@@ -172,6 +172,7 @@ class Tokenizer:
 
     def __init__(self, backend, special_tokens, added_tokens=None):
         self._backend = backend
+        self._vocab_size = backend.vocab_size  # read once: tokenizers' get_vocab_size builds the whole vocabulary
         for key in _SPECIAL_TOKEN_KEYS:
             token = special_tokens.get(key)
             token_id = None if token is None else backend.token_to_id(token)
@@ -286,7 +287,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self):
-        return self._backend.vocab_size
+        return self._vocab_size
 
     def sentencepiece_model(self):
         """The serialized SentencePiece model (bytes), or None for a tokenizer.json tokenizer."""
@@ -328,7 +329,7 @@ class Tokenizer:
 
     def knows(self, token_id):
         """Whether ``token_id`` is in the vocabulary (a model's embedding may have more rows than it)."""
-        return 0 <= token_id < self.vocab_size
+        return 0 <= token_id < self._vocab_size
 
     def decode(self, ids, skip_special_tokens=True):
         """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``.
