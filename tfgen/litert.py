@@ -12,11 +12,13 @@ does; text goes in and out through `tfgen.Tokenizer`.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from tfgen import scoring
+from tfgen._env import native_stderr_without
 from tfgen.generation.options import resolve_options
 from tfgen.litert_host import host_buffer
 from tfgen.litert_rows import LiteRTRows
@@ -27,6 +29,8 @@ MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
 FORMAT = "tfgen-litert"
 FORMAT_VERSION = 3  # 2: the KV cache is the runtime's, passed to each decode step; 3: row tiers, per-row state
+# What LiteRT logs while it looks for accelerators a CPU machine does not have (GPU, NPU, vendor plugins).
+_ACCELERATOR_NOISE = re.compile(r"^(INFO|WARNING): \[\w+\.cc:\d+\] |^\W*Could not load shared library")
 _INSTALL = 'pip install "tfgen[litert]" (or pip install ai-edge-litert)'
 BLOCK = 8  # tokens per row between admissions of queued rows
 
@@ -78,7 +82,8 @@ class LiteRTLM:
         self._run = {name: self._interpreter.get_signature_runner(name)
                      for name in self._interpreter.get_signature_list() if not name.startswith("decode_")}
         cpu = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
-        self._decode = BoundSignatures(CompiledModel.from_file(str(path / MODEL_FILE), options=cpu))
+        with native_stderr_without(_ACCELERATOR_NOISE):
+            self._decode = BoundSignatures(CompiledModel.from_file(str(path / MODEL_FILE), options=cpu))
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
