@@ -153,11 +153,11 @@ def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
         choice = sample_at(kept, uniform)
         return tf.gather(best_ids, choice, axis=-1, batch_dims=1), chosen_logprob(kept, choice)
 
-    def per_row():
+    def each_row_its_own():  # rows whose kept set fits among the best draw there, the others from the whole vocabulary
         kept = _filtered(logits, top_k, top_p)
         token = sample_at(kept, uniform)
         best_token, best_logprob = among_best()
         return (tf.where(fits[:, 0], best_token, token),
                 tf.where(fits[:, 0], best_logprob, chosen_logprob(kept, token)))
 
-    return tf.cond(tf.reduce_all(fits), among_best, per_row)
+    return tf.cond(tf.reduce_all(fits), among_best, each_row_its_own)
