@@ -241,7 +241,7 @@ def _h5_strings(values):
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
-def read_weights(variables, path):
+def read_weights(variables, path, rename=None):
     """Assigns a checkpoint to TF variables, one tensor at a time.
 
     `path` is a PyTorch-layout checkpoint (see `open_weights`), whose tensors
@@ -255,12 +255,19 @@ def read_weights(variables, path):
     tensors in the file, such as the causal-mask buffers attn.bias and
     attn.masked_bias of older checkpoints, are not weights and are left unread.
     A progress bar over the shards' bytes shows on a terminal (tqdm; not when stderr is redirected).
+    `rename`: a function from a variable's name in the file's convention to the name to read instead (a LiteRT
+    export's part holds blocks 0, 1, ... that are blocks k, k + 1, ... of the checkpoint).
     """
     from tqdm.auto import tqdm
 
     path = Path(path)
     in_tf_layout = path.suffix == ".h5"
-    name_of = tf_name if in_tf_layout else pytorch_name
+    convention = tf_name if in_tf_layout else pytorch_name
+
+    def name_of(variable_name):
+        name = convention(variable_name)
+        return name if rename is None else rename(name)
+
     files = _files_and_names(path)
     everything = set().union(*(names for _, names in files))
     names = {variable.name: _checkpoint_name(name_of(variable.name), everything) for variable in variables}

@@ -5,6 +5,8 @@ SentencePiece: importing this module imports neither TensorFlow nor
 transformers. The model's signatures (see tfgen.export.litert) do the math;
 the rows (`tfgen.litert_rows.LiteRTRows`: the KV cache, each row's history,
 settings and seeded generator) run the decode loop, several prompts at once.
+Each part of the export runs on one LiteRT CompiledModel (XNNPACK), which
+prepares its weights once; a model cut into parts runs them one after another.
 `generate` and the text methods queue one row per returned sequence and admit
 them into the lowest free slots as rows finish, as the server's scheduler
 does; text goes in and out through `tfgen.Tokenizer`.
@@ -20,15 +22,17 @@ import numpy as np
 from tfgen import scoring
 from tfgen._env import native_stderr_without
 from tfgen.generation.options import resolve_options
-from tfgen.litert_host import host_buffer
-from tfgen.litert_rows import LiteRTRows
+from tfgen.litert_host import aligned_zeros, host_buffer
+from tfgen.litert_rows import Chain, LiteRTRows, extend_chunks
 from tfgen.serving.protocol import Sampling, choice_seed
 from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
 FORMAT = "tfgen-litert"
-FORMAT_VERSION = 3  # 2: the KV cache is the runtime's, passed to each decode step; 3: row tiers, per-row state
+# 2: the KV cache is the runtime's, passed to each decode step; 3: row tiers, per-row state; 4: static shapes
+# (prompts prefilled in chunks), parts
+FORMAT_VERSION = 4
 # What LiteRT logs while it looks for accelerators a CPU machine does not have (GPU, NPU, vendor plugins).
 _ACCELERATOR_NOISE = re.compile(r"^(INFO|WARNING): \[\w+\.cc:\d+\] |^\W*Could not load shared library")
 _INSTALL = 'pip install "tfgen[litert]" (or pip install ai-edge-litert)'
@@ -53,18 +57,17 @@ def read_config(path):
 
 
 class LiteRTLM:
-    """A GPT-2 LiteRT export: `generate`, `generate_text`, `stream_text` and `score` with GPT2LM's arguments.
+    """A GPT-2 or GPT-J LiteRT export: `generate`, `generate_text`, `stream_text` and `score` with GPT2LM's arguments.
 
     Greedy decoding, sampling (temperature, top_k, top_p, seed), repetition
     penalty, no-repeat n-grams and min_new_tokens / min_length; no beam search
     and no bad_words_ids (GPT2LM and the SavedModel export have them).
-    `num_threads`: the Interpreter's and the CompiledModel's threads (default: the usable cores).
+    `num_threads`: the CompiledModels' threads (default: the usable cores).
     """
 
     def __init__(self, path, num_threads=None):
         try:
             from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
-            from ai_edge_litert.interpreter import Interpreter
         except ImportError as error:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
         path = Path(path)
@@ -76,15 +79,14 @@ class LiteRTLM:
         warn_if_vocabulary_differs(self.tokenizer, self.config["vocab_size"], path)
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
-        # decode_R runs on a CompiledModel (XNNPACK), over the rows' numpy cache in place; the other signatures on
-        # the Interpreter, whose runners take any input shape (prefill, score and logprobs have dynamic ones).
-        self._interpreter = Interpreter(model_path=str(path / MODEL_FILE), num_threads=threads)
-        self._run = {name: self._interpreter.get_signature_runner(name)
-                     for name in self._interpreter.get_signature_list() if not name.startswith("decode_")}
         cpu = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
+        parts = []
         with native_stderr_without(_ACCELERATOR_NOISE):
-            self._decode = BoundSignatures(CompiledModel.from_file(str(path / MODEL_FILE), options=cpu))
+            for part in self.config["parts"]:
+                parts.append(BoundSignatures(CompiledModel.from_file(str(path / part["file"]), options=cpu)))
+        self._chain = Chain(parts, [tuple(part["layers"]) for part in self.config["parts"]])
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
+        self._scratch = None  # a one-row cache's `extend` call, for scoring
 
     def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
         """Token ids [batch * num_return_sequences, len + new], as GPT2LM.generate returns them (a numpy array).
@@ -146,7 +148,8 @@ class LiteRTLM:
     def score(self, texts, stride=None):
         """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict).
 
-        A text longer than the context is scored in windows (`scoring.windows`; stride default: half the context).
+        A text longer than the export's capacity (or the model's context, if less) is scored in windows of it
+        (`scoring.windows`; stride default: half the window).
         """
         if isinstance(texts, str):
             return self.score([texts], stride)[0]
@@ -154,16 +157,19 @@ class LiteRTLM:
         texts = list(texts)
         rows = [self.tokenizer.encode(text) for text in texts]
         scoring.check_lengths(texts, map(len, rows))
-        spans = [scoring.windows(len(ids), self.config["context"], stride) for ids in rows]
+        window = min(self.config["context"], self.capacity)
+        spans = [scoring.windows(len(ids), window, stride) for ids in rows]
         return [scoring.summarize([self.tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
                 for ids, row_spans in zip(rows, spans)]
 
     def _token_logprobs(self, ids, spans):
         """The log-probability of each token of `ids` after the first: each window's scored ones, in order."""
-        return np.concatenate([
-            self._run["score"](input_ids=np.asarray([ids[begin:end]], np.int32))["token_logprobs"][0, -scored:]
-            for begin, end, scored in spans
-        ])
+        scores = []
+        for begin, end, scored in spans:
+            window = ids[begin:end]
+            logprobs = self._logprobs_after(window[:-1])  # each token's distribution over the one after it
+            scores.append(logprobs[np.arange(len(window) - 1), window[1:]][-scored:])
+        return np.concatenate(scores)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -208,12 +214,25 @@ class LiteRTLM:
         """A `LiteRTRows` of `slots` rows (default: the export's most) on this export, the interface
         `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS)."""
         eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
-        return LiteRTRows(self._run, self._decode, self.capacity, tuple(self.config["row_tiers"]), eos_ids,
-                          self.config["pad_token_id"] or 0, slots)
+        return LiteRTRows(self._chain, self._chain.parts[-1], self.capacity, tuple(self.config["row_tiers"]),
+                          eos_ids, self.config["pad_token_id"] or 0, slots)
 
     def next_token_logprobs(self, ids, start):
         """log-softmax of the logits at positions start..len(ids)-2 of one text: a [len(ids) - 1 - start, vocab] array."""
-        return self._run["logprobs"](input_ids=np.asarray([ids], np.int32))["logprobs"][0, start:-1]
+        return self._logprobs_after(ids[:-1])[start:]
+
+    def _logprobs_after(self, ids):
+        """The log-softmax of the logits after each token of `ids` (at most the capacity): [len(ids), vocab]."""
+        if len(ids) > self.capacity:
+            raise ValueError(f"{len(ids)} tokens exceed the export's capacity of {self.capacity}")
+        if self._scratch is None:
+            layers, heads, capacity, head_dim = self._chain.cache_shape
+            keys, values = (aligned_zeros([layers, 1, heads, capacity, head_dim]) for _ in range(2))
+            self._scratch = self._chain.bind("extend", aligned_zeros([1, self._chain.chunk], np.int32),
+                                             aligned_zeros([1], np.int32), keys, values, slice(0, 1))
+        logits = np.concatenate(list(extend_chunks(self._scratch, ids)))
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
     def _decode_rows(self, prompts, options, block):
         """Yields (row, RowTokens) as the rows of `prompts` decode, `block` tokens at a time; queued rows take the

@@ -1,40 +1,43 @@
-"""LiteRT export: GPT-2's prefill and decode steps as one LiteRT (TFLite) model, run by `tfgen.litert.LiteRTLM`.
+"""LiteRT export: a GPT-2 or GPT-J model's decode steps as LiteRT (TFLite) models, run by `tfgen.litert.LiteRTLM`.
 
-The directory holds `model.tflite`, the tokenizer files and `litert.json`
-(the config the runtime reads, with the row tiers). TensorFlow's converter
-turns a tf.Module of signatures into builtin LiteRT ops only, so
-`ai-edge-litert` runs it without TensorFlow. Every row has its own prompt
-length and position, so ragged prompts decode together; `decode_R` and
-`next_token_R` exist for each row tier R (1, 2, 4, ... up to `rows`, static
-shapes: the runtime runs the smallest tier that holds its busy rows), and the
-converter stores the weights once for all signatures:
+The directory holds the model's parts (`model.tflite`, or `part_0.tflite`,
+`part_1.tflite`, ... for a model cut into parts: see `tfgen.export.parts`),
+the tokenizer files and `litert.json` (the config the runtime reads: the
+parts' layers, the row tiers, the capacity and the chunk). TensorFlow's
+converter turns each part's tf.Module of signatures into builtin LiteRT ops
+only, so `ai-edge-litert` runs it without TensorFlow, and stores its weights
+once for all its signatures. Every shape is static, so a LiteRT
+CompiledModel runs every signature over the runtime's own arrays (zero-copy).
+A part takes token ids (the first part) or the hidden states of the part
+before it, and gives hidden states, or the logits (the last part):
 
-- `prefill(input_ids [r, n], lengths [r])` -> `logits` [r, vocab] (at each
-  row's last token), `keys`, `values` [layers, r, heads, n, head_dim]: prompts
-  right-padded to n, from position 0, each attending to itself only; their
-  keys and values, for the runtime's cache.
-- `decode_R(token [R, 1], positions [R], key_cache_0, value_cache_0, ...)` ->
-  `logits` [R, vocab], `keys`, `values` [layers, R, heads, 1, head_dim]: one
-  token per row at its position, attending to its cache row's columns before
-  it (each layer's `key_cache_i` and `value_cache_i`, [R, heads, capacity,
-  head_dim]) and to itself; its keys and values, which the runtime writes at
-  that column.
+- `extend(token [1, chunk] or hidden [1, chunk, width], positions [1],
+  key_cache_0, value_cache_0, ...)` -> `hidden` [1, chunk, width] or
+  `logits` [chunk, vocab], `keys`, `values` [layers, 1, heads, chunk,
+  head_dim]: one row's `chunk` tokens from column `positions` on, each
+  attending to the cache's columns before the first and to the chunk's
+  tokens up to itself; a prompt is prefilled (and a text scored) chunk by
+  chunk, its tail padded on the right.
+- `decode_R(token [R, 1] or hidden [R, 1, width], positions [R], caches)` ->
+  `hidden` or `logits` [R, vocab], `keys`, `values` [layers, R, heads, 1,
+  head_dim]: one token per row at its own position, for each row tier R (1,
+  2, 4, ... up to `rows`: the runtime runs the smallest tier that holds its
+  busy rows).
 - `next_token_R(logits, sequence [R, capacity], lengths, steps, temperature,
   top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_steps
-  (each [R]), uniform [R, 1], eos_ids [e])` -> `token` [R], `logprob` [R]:
-  the logits processors of `tfgen.generation.processors` over each row's
-  history, then `decode.choose_at`: the argmax where a row's temperature is 0,
-  else a top-k / top-p draw at its uniform number (the runtime draws it from
-  the row's seeded numpy generator; LiteRT has no stateless RNG).
-- `score(input_ids [1, n])` -> `token_logprobs` [1, n - 1].
-- `logprobs(input_ids [1, n])` -> `logprobs` [1, n, vocab]: the log-softmax at
-  every position (the server's `logprobs` alternatives).
+  (each [R]), uniform [R, 1], eos_ids [MAX_EOS_IDS])` -> `token` [R],
+  `logprob` [R], in the last part: the logits processors of
+  `tfgen.generation.processors` over each row's history, then
+  `decode.choose_at`: the argmax where a row's temperature is 0, else a
+  top-k / top-p draw at its uniform number (the runtime draws it from the
+  row's seeded numpy generator; LiteRT has no stateless RNG). `eos_ids` is
+  padded with -1.
 
-The KV cache belongs to the runtime (numpy arrays it passes to `decode_R`):
-the model only reads it, and hands back one column of keys and values per row
-and step. A cache held in the model (resource variables) costs more: LiteRT's
-READ_VARIABLE and ASSIGN_VARIABLE copy the whole cache on every step, and a
-scatter into it rewrites it again (see README, "LiteRT").
+Caches are [1 or R, heads, capacity, head_dim] per layer of the part. The KV
+cache belongs to the runtime (numpy arrays it passes in place): the model only
+reads it, and hands back the new columns of keys and values. A cache held in
+the model (resource variables) costs more: LiteRT's READ_VARIABLE and
+ASSIGN_VARIABLE copy the whole cache on every step.
 
 Weights: "int8" (dynamic-range quantization: int8 weights, float
 activations; XNNPACK's int8 matrix-vector kernels), "int4" (blockwise int4
@@ -44,66 +47,110 @@ weights, float computation) or "none" (float32).
 
 import json
 import math
+import os
 import tempfile
 import time
+from dataclasses import dataclass
 
 import tensorflow as tf
 
-from tfgen import checkpoint, scoring
+from tfgen import checkpoint, families
+from tfgen.export import parts as model_parts
 from tfgen.export import quantize as int4
-from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
+from tfgen.families.base import Family
 from tfgen.generation import decode, kv_cache, processors
 from tfgen.generation.shapes import dims
+from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
+from tfgen.litert_rows import MAX_EOS_IDS
+from tfgen.tokenizer import Tokenizer
 
 QUANTIZATIONS = ("int8", "int4", "fp16", "none")
 DEFAULT_CAPACITY = 256
 DEFAULT_ROWS = 16  # as `tfgen serve --max-batch`'s default
+DEFAULT_CHUNK = 32  # prompt tokens per `extend` call
 
 
-def export_litert(lm, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS):
-    """Writes `lm` (a GPT2LM with its tokenizer) as a LiteRT model directory at `path`, atomically; returns `path`.
+def export_litert(model, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS, chunk=DEFAULT_CHUNK,
+                  part_bytes=model_parts.PART_BYTES):
+    """Writes a model as a LiteRT model directory at `path`, atomically; returns `path`.
 
-    quantize: "int8", "int4", "fp16" or "none" (float32 weights); capacity: the most
-    tokens a request may use, prompt plus new tokens (default 256, at most the
-    model's context); rows: the most rows decoded at once (tiers 1, 2, 4, ...
-    up to it). See the module docstring for the files and signatures.
+    model: a `CausalLM` (GPT2LM or GPTJLM, with its tokenizer), or a checkpoint
+    directory (or hub id), which is read part by part, so a model bigger than
+    memory in float32 exports. quantize: "int8", "int4", "fp16" or "none"
+    (float32 weights); capacity: the most tokens a request may use, prompt
+    plus new tokens (default 256, at most the model's context); rows: the most
+    rows decoded at once (tiers 1, 2, 4, ... up to it); chunk: the prompt
+    tokens one `extend` call takes; part_bytes: the float32 weights of one part
+    (None: one part). See the module docstring for the files and signatures.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     if quantize == "int4":
         int4.require_quantizer()  # before the conversion's minutes
-    context = lm.net.context
+    family, config, tokenizer, layers_of = _source(model)
+    context = config.n_positions
     capacity = min(DEFAULT_CAPACITY, context) if capacity is None else capacity
     if not isinstance(capacity, int) or not 2 <= capacity <= context:
         raise ValueError(f"capacity must be an integer from 2 to the model's context of {context} tokens, "
                          f"got {capacity!r}")
     if not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive integer, got {rows!r}")
+    if not isinstance(chunk, int) or not 1 <= chunk <= capacity:
+        raise ValueError(f"chunk must be an integer from 1 to the capacity of {capacity} tokens, got {chunk!r}")
     start = time.perf_counter()
-    model = convert(StepModule(lm.net, capacity, row_tiers(rows)), quantize)
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "family": lm.net.model_type,
-        "quantize": quantize,
-        "capacity": capacity,
-        "row_tiers": list(row_tiers(rows)),
-        "context": lm.net.context,
-        "vocab_size": lm.config.vocab_size,
-        "eos_token_id": lm.config.eos_token_id,
-        "pad_token_id": lm.config.pad_token_id,
-        "conversion_seconds": round(time.perf_counter() - start, 1),
-    }
+    plan = model_parts.plan(config, part_bytes)
+    files = [MODEL_FILE] if len(plan) == 1 else [f"part_{index}.tflite" for index in range(len(plan))]
     with checkpoint.atomic_directory(path) as staging:
-        (staging / MODEL_FILE).write_bytes(model)
-        if lm.tokenizer is not None:  # without one, the runtime generates from ids only
-            lm.tokenizer.save_pretrained(staging)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for part, file in zip(plan, files):  # one part in memory at a time
+            net, blocks, variables = layers_of(part)
+            module = PartModule(Stage(net, blocks, part), variables, capacity, chunk, row_tiers(rows))
+            (staging / file).write_bytes(convert(module, quantize))
+            del net, blocks, variables, module
+        if tokenizer is not None:  # without one, the runtime generates from ids only
+            tokenizer.save_pretrained(staging)
+        litert_config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": family.model_type,
+            "quantize": quantize,
+            "capacity": capacity,
+            "chunk": chunk,
+            "row_tiers": list(row_tiers(rows)),
+            "parts": [{"file": file, "layers": [part.start, part.stop]} for part, file in zip(plan, files)],
+            "context": context,
+            "vocab_size": config.vocab_size,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+            "conversion_seconds": round(time.perf_counter() - start, 1),
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(litert_config, indent=2) + "\n", encoding="utf-8")
     return path
 
 
+def _source(model):
+    """(family class, config, tokenizer, part -> (family, blocks, variables)) of a CausalLM or a checkpoint."""
+    if not isinstance(model, (str, os.PathLike)):
+        return type(model.net), model.config, model.tokenizer, lambda part: model_parts.layers_in_memory(model, part)
+    from tfgen.model import resolve_model_dir
+
+    directory = resolve_model_dir(model)
+    config_path = directory / checkpoint.CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {checkpoint.CONFIG_FILE}; is it a model checkpoint?")
+    family = families.family_of(json.loads(config_path.read_text(encoding="utf-8")).get("model_type"), config_path)
+    weights = checkpoint.weights_file({file.name for file in directory.iterdir()})
+    if weights is None:
+        raise FileNotFoundError(f"{directory} has no weights: expected one of {', '.join(checkpoint.WEIGHTS_FILES)}")
+    config = family.config_class.from_pretrained(directory)
+    try:
+        tokenizer = Tokenizer.from_pretrained(directory)
+    except FileNotFoundError:
+        tokenizer = None
+    return family, config, tokenizer, lambda part: model_parts.load_part(family, config, directory / weights, part)
+
+
 def convert(module, quantize):
-    """The LiteRT flatbuffer of a StepModule's signatures, with weights as `quantize` says."""
+    """The LiteRT flatbuffer of a PartModule's signatures, with weights as `quantize` says."""
     if quantize == "int4":
         return int4.quantize_int4(convert(module, "none"))
     with tempfile.TemporaryDirectory() as saved:
@@ -126,18 +173,14 @@ def attend_beside_cache(q, k, v, cache_k, cache_v, columns):
     one and over the new keys k and values v themselves; the cache is only read.
 
     q, k, v: [rows, heads, n, head_dim]; cache_k, cache_v: [rows, heads,
-    capacity, head_dim], or None where no column comes before (prefill).
-    Returns (merged output [rows, n, width], k, v): the runtime writes k and v
-    into its cache.
+    capacity, head_dim]. Returns (merged output [rows, n, width], k, v): the
+    runtime writes k and v into its cache.
     """
-    n = dims(q)[2]
+    n, capacity = dims(q)[2], cache_k.shape[2]
     scale = math.sqrt(q.shape[-1])
     causal = tf.range(n)[None, :] <= tf.range(n)[:, None]
     own = tf.where(causal, tf.matmul(q, k, transpose_b=True) / scale, kv_cache.MASKED)  # [rows, heads, n, n]
-    if cache_k is None:
-        return kv_cache.merge_heads(tf.matmul(tf.nn.softmax(own, axis=-1), v)), k, v
-    capacity = cache_k.shape[2]
-    # A row's columns from its position on hold stale keys (of its earlier requests, or of its prompt's padding).
+    # A row's columns from its first one on hold stale keys (of its earlier requests, or of a prompt's padding).
     earlier = tf.range(capacity)[None, :] < columns[:, :1]  # [rows, capacity]
     past = tf.where(earlier[:, None, None], tf.matmul(q, cache_k, transpose_b=True) / scale, kv_cache.MASKED)
     weights = tf.nn.softmax(tf.concat([past, own], axis=-1), axis=-1)
@@ -150,56 +193,64 @@ def _row_specs(rows, specs):
     return [tf.TensorSpec([rows, *shape], dtype, name=name) for name, dtype, shape in specs]
 
 
-class StepModule(tf.Module):
-    """The signatures of the LiteRT model, over the layers of a TFGPT2LMHeadModel: `decode_R` and `next_token_R`
-    for each row tier R, one `prefill` and one `score` of any row count and length."""
+@dataclass(frozen=True)
+class Stage:
+    """What a part computes with: the family's forward pieces, its blocks and its place. A plain object, so tf.Module
+    does not track the layers (their variables are tracked once, in PartModule.model_weights)."""
 
-    def __init__(self, net, capacity, tiers):
+    net: Family
+    blocks: list
+    part: model_parts.Part
+
+
+class PartModule(tf.Module):
+    """The signatures of one part (see the module docstring): `extend`, `decode_R` for each row tier R, and in the
+    last part `next_token_R`."""
+
+    def __init__(self, stage, variables, capacity, chunk, tiers):
         super().__init__(name="tfgen_litert")
-        self.net = net
-        self.model_weights = list(net.weights)
-        config = net.config
-        cache_shape = [config.n_head, capacity, config.n_embd // config.n_head]
+        self.stage = stage
+        self.model_weights = list(variables)
+        config = stage.net.config
+        width = config.n_embd
+        cache_shape = [config.n_head, capacity, width // config.n_head]
         cache = [(f"{kind}_cache_{layer}", tf.float32, cache_shape)
-                 for layer in range(config.n_layer) for kind in ("key", "value")]
-        choice = [("logits", tf.float32, [config.vocab_size]), ("sequence", tf.int32, [capacity]),
-                  ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
-                  ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
-                  ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
-                  ("uniform", tf.float32, [1])]
-        self._signatures = {
-            "prefill": tf.function(self._prefill, input_signature=[
-                tf.TensorSpec([None, None], tf.int32, name="input_ids"), tf.TensorSpec([None], tf.int32, name="lengths")]),
-            "score": tf.function(self._score, input_signature=[tf.TensorSpec([1, None], tf.int32, name="input_ids")]),
-            "logprobs": tf.function(self._logprobs,
-                                    input_signature=[tf.TensorSpec([1, None], tf.int32, name="input_ids")]),
-        }
+                 for layer in range(len(stage.blocks)) for kind in ("key", "value")]
+
+        def steps(rows, tokens):
+            taken = ("token", tf.int32, [tokens]) if stage.part.first else ("hidden", tf.float32, [tokens, width])
+            return _row_specs(rows, [taken, ("positions", tf.int32, []), *cache])
+
+        self._signatures = {"extend": tf.function(self._step, input_signature=steps(1, chunk))}
         for rows in tiers:
-            self._signatures[f"decode_{rows}"] = tf.function(self._decode, input_signature=_row_specs(
-                rows, [("token", tf.int32, [1]), ("positions", tf.int32, []), *cache]))
-            self._signatures[f"next_token_{rows}"] = tf.function(self._next_token, input_signature=[
-                *_row_specs(rows, choice), tf.TensorSpec([None], tf.int32, name="eos_ids")])
+            self._signatures[f"decode_{rows}"] = tf.function(self._step, input_signature=steps(rows, 1))
+        if stage.part.last:
+            choice = [("logits", tf.float32, [config.vocab_size]), ("sequence", tf.int32, [capacity]),
+                      ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
+                      ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
+                      ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
+                      ("uniform", tf.float32, [1])]
+            for rows in tiers:
+                self._signatures[f"next_token_{rows}"] = tf.function(self._next_token, input_signature=[
+                    *_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")])
 
     def signatures(self):
         return self._signatures
 
-    def _forward(self, token_ids, columns, cache, last):
-        # A token's column is its position; `last` [rows]: the column whose logits each row returns.
-        hidden, new = self.net.blocks(token_ids, columns, cache, attend=attend_beside_cache)
-        return {"logits": self.net.head(tf.gather(hidden, last, batch_dims=1)),
-                "keys": tf.stack([k for k, _ in new]), "values": tf.stack([v for _, v in new])}
-
-    def _prefill(self, input_ids, lengths):
-        # Prompts right-padded to one width: a row's padding comes after its tokens, so they never attend to it.
-        rows, width = dims(input_ids)
-        columns = tf.broadcast_to(tf.range(width)[None], [rows, width])
-        return self._forward(input_ids, columns, self._no_cache(), lengths - 1)
-
-    def _no_cache(self):
-        return [(None, None)] * self.net.config.n_layer
-
-    def _decode(self, token, positions, *cache):
-        return self._forward(token, positions[:, None], list(zip(cache[::2], cache[1::2])), tf.zeros_like(positions))
+    def _step(self, taken, positions, *cache):
+        """Tokens (or the part before's hidden states) [rows, n] at columns positions .. positions + n - 1."""
+        net, blocks, part = self.stage.net, self.stage.blocks, self.stage.part
+        n = taken.shape[1]
+        columns = positions[:, None] + tf.range(n)[None]
+        hidden = net.embed(taken, columns) if part.first else taken
+        hidden, new = net.transform(hidden, columns, blocks, list(zip(cache[::2], cache[1::2])),
+                                    attend=attend_beside_cache)
+        out = {"keys": tf.stack([k for k, _ in new]), "values": tf.stack([v for _, v in new])} if new else {}
+        if part.last:  # [rows * n, vocab]: a decode step's [rows, vocab], an extend's [chunk, vocab]
+            out["logits"] = net.head(tf.reshape(hidden, [-1, net.config.n_embd]))
+        else:
+            out["hidden"] = hidden
+        return out
 
     def _next_token(self, logits, sequence, lengths, steps, temperature, top_k, top_p, repetition_penalty,
                     no_repeat_ngram_size, min_new_steps, uniform, eos_ids):
@@ -211,17 +262,3 @@ class StepModule(tf.Module):
         scores = processors.process(logits, sequence, lengths, steps, settings)
         token, logprob = decode.choose_at(scores, temperature, top_k, top_p, uniform)
         return {"token": token, "logprob": logprob}
-
-    def _logits(self, input_ids):
-        """[1, n, vocab]: the logits at every position of one text. The family's own blocks, as prefill runs them:
-        the wrapped transformers model does not convert to builtin ops for every family (GPT-J's rotary slicing
-        needs TF Select)."""
-        hidden, _ = self.net.blocks(input_ids, tf.range(tf.shape(input_ids)[1])[None], self._no_cache(),
-                                    attend=attend_beside_cache)
-        return self.net.head(hidden[0])[None]
-
-    def _score(self, input_ids):
-        return {"token_logprobs": scoring.next_token_logprobs(self._logits(input_ids), input_ids)}
-
-    def _logprobs(self, input_ids):
-        return {"logprobs": tf.nn.log_softmax(self._logits(input_ids), axis=-1)}

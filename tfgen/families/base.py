@@ -139,10 +139,27 @@ class Family:
         its cache entry: `kv_cache.attend` writes the new keys and values into the cache; the LiteRT export passes
         its own, which leaves the cache to the runtime and returns the new keys and values in its place.
         """
+        return self.transform(self.embed(token_ids, columns), columns, self.model.transformer.h, cache, attend)
+
+    def embed(self, token_ids, columns):
+        """The hidden states [rows, len, width] the first block takes, of `token_ids` at `columns` [rows, len]."""
+        raise NotImplementedError
+
+    def transform(self, hidden, columns, blocks, cache, attend=kv_cache.attend):
+        """`blocks` (a run of the model's transformer blocks, e.g. a LiteRT export's part) over `hidden` at `columns`,
+        each with its (keys, values) entry of `cache`: (hidden states, updated cache), as `blocks` returns them."""
         raise NotImplementedError
 
     def head(self, hidden):
         """Float32 next-token logits [rows, vocab] from hidden states [rows, width]."""
+        raise NotImplementedError
+
+    def embedding_weights(self):
+        """The variables `embed` reads."""
+        raise NotImplementedError
+
+    def head_weights(self):
+        """The variables `head` reads."""
         raise NotImplementedError
 
     def lora_layers(self):

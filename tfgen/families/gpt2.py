@@ -14,14 +14,16 @@ class GPT2(Family):
     transformers_class = TFGPT2LMHeadModel
     lora_targets = ("c_attn",)  # the fused q/k/v Conv1D
 
-    def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
+    def embed(self, token_ids, columns):
         main = self.model.transformer
-        n_head = self.config.n_head
         positions = tf.minimum(columns, self.context - 1)  # columns past the context are never read
         h = tf.gather(main.wte.embeddings, token_ids) + tf.gather(main.wpe.embeddings, positions)
-        h = tf.cast(h, main.compute_dtype)
+        return tf.cast(h, main.compute_dtype)
+
+    def transform(self, h, columns, blocks, cache, attend=kv_cache.attend):
+        n_head = self.config.n_head
         new_cache = []
-        for block, (cache_k, cache_v) in zip(main.h, cache):
+        for block, (cache_k, cache_v) in zip(blocks, cache):
             with self.weights_after(block, h):
                 q, k, v = (kv_cache.split_heads(x, n_head)
                            for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1))
@@ -37,3 +39,11 @@ class GPT2(Family):
         with self.weights_after(main.wte, h):
             logits = tf.matmul(h, tf.cast(main.wte.embeddings, h.dtype), transpose_b=True)
         return tf.cast(logits, tf.float32)
+
+    def embedding_weights(self):
+        main = self.model.transformer
+        return [main.wte.embeddings, main.wpe.embeddings]
+
+    def head_weights(self):
+        main = self.model.transformer
+        return [*main.ln_f.weights, main.wte.embeddings]

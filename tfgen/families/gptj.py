@@ -37,14 +37,16 @@ class GPTJ(Family):
     transformers_class = TFGPTJForCausalLM
     lora_targets = ("q_proj", "v_proj")
 
-    def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):
+    def embed(self, token_ids, columns):
         main = self.model.transformer
+        return tf.cast(tf.gather(main.wte.weight, token_ids), main.compute_dtype)
+
+    def transform(self, h, columns, blocks, cache, attend=kv_cache.attend):
         config = self.config
         rotary_dim = config.rotary_dim or config.n_embd // config.n_head
         sin, cos = rotary_tables(tf.minimum(columns, self.context - 1), rotary_dim)
-        h = tf.cast(tf.gather(main.wte.weight, token_ids), main.compute_dtype)
         new_cache = []
-        for block, (cache_k, cache_v) in zip(main.h, cache):
+        for block, (cache_k, cache_v) in zip(blocks, cache):
             with self.weights_after(block, h):
                 x = block.ln_1(h)
                 attn = block.attn
@@ -60,3 +62,9 @@ class GPTJ(Family):
         h = self.model.transformer.ln_f(hidden[:, None])
         with self.weights_after(self.model.lm_head, h):
             return tf.cast(self.project(self.model.lm_head, h)[:, 0], tf.float32)
+
+    def embedding_weights(self):
+        return [self.model.transformer.wte.weight]
+
+    def head_weights(self):
+        return [*self.model.transformer.ln_f.weights, *self.model.lm_head.weights]
