@@ -166,29 +166,35 @@ def _export(args):
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
                          "or pass --overwrite to replace it")
-    if args.format == "saved_model" and args.rows is not None:
-        raise UsageError("--rows is for --format litert; a SavedModel decodes any number of rows")
+    if args.format == "saved_model" and (args.rows, args.chunk) != (None, None):
+        raise UsageError("--rows and --chunk are for --format litert; a SavedModel decodes any number of rows")
     if args.format == "litert" and args.num_beams is not None:
         raise UsageError("--num-beams is for --format saved_model; the LiteRT export has no beam search")
     if args.format == "saved_model" and args.quantize is not None:
         raise UsageError("--quantize is for --format litert; a SavedModel keeps the checkpoint's weights")
-    from tfgen.model import CausalLM
-
-    lm = CausalLM.from_pretrained(args.model)
+    if args.format == "saved_model" and args.part_mb is not None:
+        raise UsageError("--part-mb is for --format litert; a SavedModel is one graph")
     if args.format == "litert":
-        _export_litert(lm, output, args)
+        _export_litert(args.model, output, args)
     else:
-        _export_saved_model(lm, output, args)
+        from tfgen.model import CausalLM
+
+        _export_saved_model(CausalLM.from_pretrained(args.model), output, args)
 
 
-def _export_litert(lm, output, args):
+def _export_litert(model, output, args):
     from tfgen.export import export_litert
-    from tfgen.export.litert import DEFAULT_ROWS
+    from tfgen.export.litert import DEFAULT_CHUNK, DEFAULT_ROWS
+    from tfgen.export.parts import PART_BYTES
     from tfgen.litert import read_config
 
-    export_litert(lm, output, quantize=args.quantize or "int8", capacity=args.capacity, rows=args.rows or DEFAULT_ROWS)
+    part_bytes = PART_BYTES if args.part_mb is None else args.part_mb * 2**20
+    export_litert(model, output, quantize=args.quantize or "int8", capacity=args.capacity,
+                  rows=args.rows or DEFAULT_ROWS, chunk=args.chunk or DEFAULT_CHUNK, part_bytes=part_bytes)
     config = read_config(output)
-    print(f"{output}: LiteRT model, {config['quantize']} weights; capacity {config['capacity']} tokens "
+    parts = len(config["parts"])
+    print(f"{output}: LiteRT model{f' in {parts} parts' if parts > 1 else ''}, {config['quantize']} weights; "
+          f"capacity {config['capacity']} tokens "
           f"(prompt + new), up to {config['row_tiers'][-1]} rows at once; run it with `tfgen generate --model "
           f"{output}`, `tfgen serve --model {output}` or tfgen.litert.LiteRTLM")
 
@@ -341,6 +347,12 @@ def _add_export(subparsers):
                         "context for a SavedModel, 256 or the context for LiteRT)")
     p.add_argument("--rows", type=_positive_int, default=None,
                    help="LiteRT: the most rows decoded at once, `tfgen serve --max-batch` at most (default 16)")
+    p.add_argument("--chunk", type=_positive_int, default=None,
+                   help="LiteRT: prompt tokens prefilled per call (default 32)")
+    p.add_argument("--part-mb", type=_positive_int, default=None,
+                   help="LiteRT: the float32 weights of one part in MiB (default 256): the model is read from the "
+                        "checkpoint and converted a part at a time, so the export's memory grows with this, not "
+                        "with the model")
     p.add_argument("--num-beams", type=_positive_int, default=None,
                    help="beam count of the SavedModel's generate_beam signature (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")

@@ -157,8 +157,8 @@ class LiteRTLM:
         texts = list(texts)
         rows = [self.tokenizer.encode(text) for text in texts]
         scoring.check_lengths(texts, map(len, rows))
-        window = min(self.config["context"], self.capacity)
-        spans = [scoring.windows(len(ids), window, stride) for ids in rows]
+        window, name = min((self.config["context"], "the model's context"), (self.capacity, "the export's capacity"))
+        spans = [scoring.windows(len(ids), window, stride, name) for ids in rows]
         return [scoring.summarize([self.tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
                 for ids, row_spans in zip(rows, spans)]
 

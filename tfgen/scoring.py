@@ -42,7 +42,7 @@ def check_lengths(texts, lengths):
             )
 
 
-def windows(length, context, stride=None):
+def windows(length, context, stride=None, window_name="the model's context"):
     """How a text of `length` tokens is scored by a model of `context` tokens: a (begin, end, scored) per window.
 
     The window ids[begin:end] goes through the model and gives the log-probabilities of its last `scored` tokens:
@@ -50,14 +50,14 @@ def windows(length, context, stride=None):
     tokens after the one before (default: half the context) and is at most the context long; the last one ends at
     the text's end. So every token after the first is scored once, given the window's tokens before it (past the
     first window, at least `context` - `stride` of them), as transformers' perplexity guide does. A text that fits
-    the context is one window, whatever the stride.
+    the context is one window, whatever the stride. `window_name`: what `context` is, for the error message.
     """
     if length <= context:
         return [(0, length, length - 1)]
     stride = context // 2 if stride is None else stride
     if not (isinstance(stride, int) and 1 <= stride < context):
         raise ValueError(
-            f"stride must be an integer from 1 to {context - 1} (less than the model's context of {context} "
+            f"stride must be an integer from 1 to {context - 1} (less than {window_name} of {context} "
             f"tokens) to score a text of {length} tokens in windows, got {stride!r}"
         )
     spans, scored_to = [], 1
