@@ -47,5 +47,6 @@ def notebook_markdown(notebook, name):
 def on_files(files, config):
     for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
-        files.append(File.generated(config, f"{PAGE_DIR}/{path.stem}.md", content=notebook_markdown(notebook, path.name)))
+        page = notebook_markdown(notebook, path.name)
+        files.append(File.generated(config, f"{PAGE_DIR}/{path.stem}.md", content=page))
     return files
