@@ -3,12 +3,12 @@ decoding what they decode without it."""
 
 import numpy as np
 import pytest
+from tiny_model import text_of_tokens
 from transformers import GPT2Config
 
 from tfgen import GPT2LM
 from tfgen.serving.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
 from tfgen.serving.protocol import Sampling
-from tiny_model import text_of_tokens
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 PREFIX_TOKENS = 200
@@ -27,10 +27,14 @@ def kv_of(token_ids):
 
 
 def cache_prompt(cache, token_ids):
-    """What a row does once prefilled: hands the cache its blocks before the prompt's last token."""
-    start, end = cache.missing(token_ids, len(token_ids) - 1)
-    keys, values = kv_of(token_ids)
-    cache.put(token_ids, start, keys[:, :, start:end], values[:, :, start:end])
+    """What a row does once prefilled: hands the cache its blocks; returns the columns the cache asked for."""
+    asked = []
+
+    def columns_of(start, end):
+        asked.append((start, end))
+        return tuple(kv[:, :, start:end] for kv in kv_of(token_ids))
+    cache.add(token_ids, columns_of)
+    return asked
 
 
 def test_block_keys_chain_the_whole_prefix():
@@ -45,16 +49,18 @@ def test_reuse_is_whole_blocks_before_the_last_token():
     cache = PrefixCache(1024)
     prompt = list(range(100, 150))  # 50 tokens: 3 whole blocks before its last token
     assert cache.reusable(prompt) == 0
-    cache_prompt(cache, prompt)
+    assert cache_prompt(cache, prompt) == [(0, 48)]
     assert len(cache) == 3
     assert cache.reusable(prompt) == 48  # the prompt again: all but its last 2 tokens
     assert cache.reusable(prompt[:48]) == 32  # a prompt equal to the cached prefix: its last token is fed, not taken
     assert cache.reusable(prompt[:40] + [7] * 30) == 32  # shared up to mid-block 3: blocks 1 and 2
     assert cache.reusable([7] + prompt[1:]) == 0
-    keys, values = cache.take(prompt[:40] + [7] * 30, 32)
+    count, keys, values = cache.take(prompt[:40] + [7] * 30)
+    assert count == 32
     np.testing.assert_array_equal(keys, kv_of(prompt)[0][:, :, :32])
     np.testing.assert_array_equal(values, kv_of(prompt)[1][:, :, :32])
-    assert cache.missing(prompt + [1] * 20, 69) == (48, 64)  # a longer prompt: one more block to give
+    assert cache_prompt(cache, prompt + [1] * 20) == [(48, 64)]  # a longer prompt: only its new block is read
+    assert cache_prompt(cache, prompt) == []
 
 
 def test_least_recently_used_prefixes_are_dropped_within_the_budget():
@@ -65,7 +71,7 @@ def test_least_recently_used_prefixes_are_dropped_within_the_budget():
     assert cache.tokens() == 6 * BLOCK_TOKENS
     assert cache.reusable(second) == 64
     assert cache.reusable(first) == 2 * BLOCK_TOKENS  # the older prefix lost its last blocks first
-    cache.take(first, 32)  # used again: its blocks are now the newest
+    cache.take(first[:33])  # used again: its blocks are now the newest
     cache_prompt(cache, list(range(500, 533)))  # 2 more blocks push out the second prefix's tail
     assert cache.reusable(first) == 32 and cache.reusable(second) == 32
 
@@ -94,42 +100,70 @@ def prompts(long_lm, ko_lines):
     return [prefix + long_lm.tokenizer.encode(suffix) for suffix in SUFFIXES]
 
 
+def xla_rows(lm, slots, cache, tmp_path_factory):
+    from tfgen.serving.rows import StateRows
+
+    return StateRows(lm, slots, cache)
+
+
+def litert_rows(lm, slots, cache, tmp_path_factory, exports={}):
+    from tfgen import export_litert
+    from tfgen.litert import LiteRTLM
+
+    if "long" not in exports:  # exported once for the module
+        exports["long"] = LiteRTLM(export_litert(lm, tmp_path_factory.mktemp("litert") / "long", quantize="none",
+                                                 capacity=256, rows=4))
+    return exports["long"].decode_rows(slots, prefix_cache=cache)
+
+
+def decoded(rows, slot, count):
+    """Up to `count` new ids of the started `slot` and their log-probabilities, its row then freed."""
+    ids, logprobs = [], []
+    while len(ids) < count:
+        if hasattr(rows, "advance"):  # LiteRT rows say the log-probabilities of their tokens
+            tokens = rows.advance(4)[slot]
+            ids, logprobs, done = ids + tokens.ids, logprobs + tokens.logprobs, tokens.finished
+        else:
+            new_ids, done = rows.step(4)[slot]
+            ids += new_ids
+            length = rows._sent[slot]
+            logprobs = rows._programs.state.value("logprobs")[slot, length - len(ids):length].tolist()
+        if done:
+            break
+    rows.free_row(slot)
+    return ids, logprobs
+
+
+@pytest.fixture(scope="module", params=[xla_rows, litert_rows], ids=["xla", "litert"])
+def make_rows(request, long_lm, tmp_path_factory):
+    return lambda slots, cache=None: request.param(long_lm, slots, cache, tmp_path_factory)
+
+
 def decode_one_by_one(rows, prompts):
     """Each prompt started alone in slot 0 and decoded to its end: [(new ids, their log-probabilities)], the rows'
     prefix-cache reuse counts."""
     out, reused = [], []
     for prompt in prompts:
         reused += rows.start_rows([(0, prompt, GREEDY)])
-        ids = []
-        while len(ids) < GREEDY.max_tokens:
-            new_ids, reached_eos = rows.step(4)[0]
-            ids += new_ids
-            if reached_eos:
-                break
-        logprobs = rows._programs.state.value("logprobs")[0, len(prompt):len(prompt) + len(ids)]
-        rows.free_row(0)
-        out.append((ids, logprobs))
+        out.append(decoded(rows, 0, GREEDY.max_tokens))
     return out, reused
 
 
-def test_rows_reusing_a_200_token_prefix_decode_what_they_do_without_it(long_lm, prompts):
-    from tfgen.serving.rows import StateRows
-
-    without, none_reused = decode_one_by_one(StateRows(long_lm, 2), prompts)
+def test_rows_reusing_a_200_token_prefix_decode_what_they_do_without_it(make_rows, prompts):
+    without, none_reused = decode_one_by_one(make_rows(2), prompts)
     cache = PrefixCache(4096)
-    with_cache, reused = decode_one_by_one(StateRows(long_lm, 2, cache), prompts)
+    with_cache, reused = decode_one_by_one(make_rows(2, cache), prompts)
     assert none_reused == [0] * 8
     assert reused == [0] + [PREFIX_TOKENS // BLOCK_TOKENS * BLOCK_TOKENS] * 7
     for (ids, logprobs), (cached_ids, cached_logprobs) in zip(without, with_cache):
         assert cached_ids == ids
         np.testing.assert_allclose(cached_logprobs, logprobs, atol=1e-4)
     # Rows started together, one of them a prompt equal to a cached prefix, one sharing it only to mid-block.
-    rows = StateRows(long_lm, 4, cache)
     equal, mid_block = prompts[0][:PREFIX_TOKENS - 8], prompts[1][:100] + prompts[2][-5:]
-    reused = rows.start_rows([(0, equal, GREEDY), (1, mid_block, GREEDY), (2, prompts[3], GREEDY)])
-    assert reused == [176, 96, 192]
+    starts = [(0, equal, GREEDY), (1, mid_block, GREEDY), (2, prompts[3], GREEDY)]
+    rows, fresh = make_rows(4, cache), make_rows(4)
+    assert rows.start_rows(starts) == [176, 96, 192]
+    fresh.start_rows(starts)
     first = rows.step(6)
-    fresh = StateRows(long_lm, 4)
-    fresh.start_rows([(0, equal, GREEDY), (1, mid_block, GREEDY), (2, prompts[3], GREEDY)])
     assert first == fresh.step(6)
-    assert first[2][0] == without[3][0][:6]
+    assert first[2][0] == without[3][0][:len(first[2][0])]

@@ -12,7 +12,9 @@ that holds the busy slots: the cache's first R rows are views, not copies, and
 the model reads them where they are (zero-copy buffers of a LiteRT
 CompiledModel, bound once per tier). A sampling row draws one uniform number
 per token from its own numpy Generator, seeded by its request, so what a row decodes depends on its prompt,
-settings and seed alone: not on the rows beside it, its slot or when it joined.
+settings and seed alone: not on the rows beside it, its slot or when it joined. With a prefix cache
+(`tfgen.serving.prefix_cache`, numpy only), a row whose prompt starts with cached blocks takes their keys and
+values and feeds the rest of its prompt through `decode_R`, a token a call, instead of prefilling it all.
 """
 
 import random
@@ -21,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tfgen.litert_host import aligned_zeros
+from tfgen.serving.prefix_cache import PrefixCache
 from tfgen.serving.protocol import row_settings
 
 # The row settings the model takes ([rows] inputs of `next_token_R`), at their neutral values.
@@ -57,11 +60,12 @@ class LiteRTRows:
     decode bound once to numpy arrays), the other signatures through `runners` (name -> callable of numpy arrays).
 
     `tiers`: the export's row tiers; `slots`: at most the largest; `eos_ids`:
-    the tokens that end a row.
+    the tokens that end a row; `prefix_cache`: a `tfgen.serving.prefix_cache.PrefixCache` (None: none).
     """
 
-    def __init__(self, runners, decode, capacity, tiers, eos_ids, pad_id, slots=None):
+    def __init__(self, runners, decode, capacity, tiers, eos_ids, pad_id, slots=None, prefix_cache=None):
         slots = tiers[-1] if slots is None else slots
+        self.prefix_cache = PrefixCache(0) if prefix_cache is None else prefix_cache
         if not 1 <= slots <= tiers[-1]:
             raise ValueError(f"slots must be from 1 to the export's {tiers[-1]} rows, got {slots}")
         self.slots, self.capacity = slots, capacity
@@ -102,18 +106,27 @@ class LiteRTRows:
 
     def start_rows(self, starts):
         """Prefills each (slot, prompt_ids, sampling) of `starts` into its free slot, together; other rows are left as
-        they are."""
+        they are. A row whose prompt starts with cached blocks (`prefix_cache`) gets their keys and values and is fed
+        the rest of its prompt a token at a time (`_feed_after_prefix`). Returns each row's count of prompt tokens
+        taken from the cache."""
         for slot, prompt_ids, sampling in starts:
             if slot in self._started or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
             if not 1 <= len(prompt_ids) <= self.capacity - sampling.max_tokens:
                 raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
                                  f"capacity {self.capacity} (or the prompt is empty)")
-        out, lengths = self._prefill([prompt_ids for _, prompt_ids, _ in starts])
-        for row, ((slot, prompt_ids, sampling), length) in enumerate(zip(starts, lengths)):
-            self._keys[:, slot, :, :length] = out["keys"][:, row, :, :length]
-            self._values[:, slot, :, :length] = out["values"][:, row, :, :length]
-            self._logits[slot] = out["logits"][row]
+        reused = [self._copy_cached_prefix(slot, prompt_ids) for slot, prompt_ids, _ in starts]
+        fresh = [(slot, prompt_ids) for (slot, prompt_ids, _), count in zip(starts, reused) if not count]
+        if fresh:
+            out, lengths = self._prefill([prompt_ids for _, prompt_ids in fresh])
+            for row, ((slot, _), length) in enumerate(zip(fresh, lengths)):
+                self._keys[:, slot, :, :length] = out["keys"][:, row, :, :length]
+                self._values[:, slot, :, :length] = out["values"][:, row, :, :length]
+                self._logits[slot] = out["logits"][row]
+        self._feed_after_prefix([(slot, prompt_ids, count) for (slot, prompt_ids, _), count in zip(starts, reused)
+                                 if count])
+        for slot, prompt_ids, sampling in starts:
+            length = len(prompt_ids)
             self._sequence[slot, :length] = prompt_ids
             self._lengths[slot], self._steps[slot], self._limits[slot] = length, 0, length + sampling.max_tokens
             seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
@@ -124,6 +137,35 @@ class LiteRTRows:
             self._started.add(slot)
             if sampling.max_tokens > 0:
                 self._running.add(slot)
+            self._cache_prefix(slot, prompt_ids)
+        return reused
+
+    def _copy_cached_prefix(self, slot, prompt_ids):
+        """Writes the keys and values of the prompt's cached first blocks into its slot; returns their token count."""
+        count, keys, values = self.prefix_cache.take(prompt_ids)
+        if count:
+            self._keys[:, slot, :, :count], self._values[:, slot, :, :count] = keys, values
+        return count
+
+    def _feed_after_prefix(self, rows):
+        """Feeds each (slot, prompt_ids, count) its prompt's tokens after the first `count` (whose keys and values
+        are in its slot), a `decode_R` call a token for all of them together: their keys and values, and the logits
+        after the last one. The export's prefill starts at column 0 with an empty cache, so this is the only way
+        to start from a prefix."""
+        for slot, prompt_ids, count in rows:
+            self._sequence[slot, :len(prompt_ids)] = prompt_ids
+            self._lengths[slot] = count
+        feeding = [slot for slot, _, _ in rows]
+        ends = {slot: len(prompt_ids) for slot, prompt_ids, _ in rows}
+        while feeding:
+            self._lengths[feeding] += 1
+            self._decode(tier_for(self.tiers, max(feeding) + 1), feeding)
+            feeding = [slot for slot in feeding if self._lengths[slot] < ends[slot]]
+
+    def _cache_prefix(self, slot, prompt_ids):
+        """Hands the prefix cache the slot's prompt blocks."""
+        self.prefix_cache.add(prompt_ids, lambda start, end: (self._keys[:, slot, :, start:end],
+                                                              self._values[:, slot, :, start:end]))
 
     def free_row(self, slot):
         """Ends the row at once: its slot is free for `start_rows`, and steps leave it alone."""

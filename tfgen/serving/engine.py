@@ -71,8 +71,7 @@ class Engine:
         started = time.monotonic()
         try:
             self.model = self._load()
-            prefix_cache = PrefixCache(self.prefix_cache_tokens) if self.prefix_cache_tokens else None
-            rows = self.model.decode_rows(self.max_batch, prefix_cache=prefix_cache)
+            rows = self.model.decode_rows(self.max_batch, prefix_cache=PrefixCache(self.prefix_cache_tokens))
             self.scheduler = Scheduler(rows, self.model.tokenizer, self.max_queue, self.metrics,
                                        logprobs=lambda p, n, top: token_logprobs(self.model, p, n, top))
             self._warm_up(rows)

@@ -56,32 +56,28 @@ class PrefixCache:
             found += 1
         return found * self.block_tokens
 
-    def take(self, token_ids, count):
-        """The keys and values [layers, heads, count, d] of the prompt's first `count` tokens (a `reusable` count),
-        marked most recently used."""
-        keys = block_keys(token_ids[:count], self.block_tokens)
-        self._touch(keys)
-        blocks = [self._blocks[key] for key in keys]
-        return tuple(np.concatenate([block[i] for block in blocks], axis=2) for i in (0, 1))
+    def take(self, token_ids):
+        """(count, keys, values): the `reusable` count of the prompt's first tokens and their keys and values
+        [layers, heads, count, d] (None if count is 0), marked most recently used."""
+        count = self.reusable(token_ids)
+        if not count:
+            return 0, None, None
+        chain = block_keys(token_ids[:count], self.block_tokens)
+        self._touch(chain)
+        blocks = [self._blocks[key] for key in chain]
+        return (count, *(np.concatenate([block[i] for block in blocks], axis=2) for i in (0, 1)))
 
-    def missing(self, token_ids, length):
-        """The range (start, end) of the prompt's first `length` tokens whose whole blocks the cache lacks: what a
-        row should hand `put` once prefilled (start == end: none)."""
-        keys = block_keys(token_ids[:length], self.block_tokens)
-        held = next((i for i, key in enumerate(keys) if key not in self._blocks), len(keys))
-        return held * self.block_tokens, len(keys) * self.block_tokens
-
-    def put(self, token_ids, start, keys, values):
-        """Caches the blocks of the prompt from column `start` (a block boundary): `keys` and `values` [layers,
-        heads, n, d] of its columns start..start+n-1 (whole blocks); drops least recently used blocks past the
-        budget. The prompt's blocks before `start` are marked used."""
-        end = start + keys.shape[2]
-        chain = block_keys(token_ids[:end], self.block_tokens)
-        if self.max_blocks == 0:
-            return
-        for i, key in enumerate(chain[start // self.block_tokens:]):
-            columns = slice(i * self.block_tokens, (i + 1) * self.block_tokens)
-            self._blocks[key] = (np.array(keys[:, :, columns]), np.array(values[:, :, columns]))
+    def add(self, token_ids, columns_of):
+        """Caches the prompt's whole blocks before its last token that the cache lacks, from a row that holds its
+        keys and values: `columns_of(start, end)` -> its keys and values [layers, heads, end-start, d] of those
+        columns (called once, for missing blocks only). Drops least recently used blocks past the budget."""
+        chain = block_keys(token_ids[:-1], self.block_tokens)
+        held = next((i for i, key in enumerate(chain) if key not in self._blocks), len(chain))
+        if self.max_blocks and held < len(chain):
+            keys, values = columns_of(held * self.block_tokens, len(chain) * self.block_tokens)
+            for i, key in enumerate(chain[held:]):
+                columns = slice(i * self.block_tokens, (i + 1) * self.block_tokens)
+                self._blocks[key] = (np.array(keys[:, :, columns]), np.array(values[:, :, columns]))
         self._touch(chain)
         while len(self._blocks) > self.max_blocks:
             self._blocks.popitem(last=False)

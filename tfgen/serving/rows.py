@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfgen.generation import decode
 from tfgen.generation.decode import ROW_SETTINGS, capacity_tier, settings_tensors
 from tfgen.generation.options import resolve_options
+from tfgen.serving.prefix_cache import PrefixCache
 from tfgen.serving.protocol import row_settings
 
 
@@ -32,12 +33,12 @@ class StateRows:
 
     def __init__(self, lm, slots, prefix_cache=None):
         """`prefix_cache`: a `serving.prefix_cache.PrefixCache` that rows take prompt prefixes from and give theirs
-        to (None: none)."""
+        to (None: none, as a cache of 0 tokens)."""
         config = lm.config
         options = resolve_options(1, max_new_tokens=1, eos_token_id=config.eos_token_id,
                                   pad_token_id=config.pad_token_id)
         self.slots = slots
-        self.prefix_cache = prefix_cache
+        self.prefix_cache = PrefixCache(0) if prefix_cache is None else prefix_cache
         self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
         # The programs read the cache's first `span` columns only: a step the smallest span that holds every running
         # row's limit, a row's prefill the smallest that holds its prompt (short requests never pay for the context).
@@ -93,24 +94,18 @@ class StateRows:
 
     def _copy_cached_prefix(self, slot, prompt_ids):
         """Writes the keys and values of the prompt's cached first blocks into its slot; returns their token count."""
-        count = self.prefix_cache.reusable(prompt_ids) if self.prefix_cache is not None else 0
+        count, keys, values = self.prefix_cache.take(prompt_ids)
         if count:
-            keys, values = self.prefix_cache.take(prompt_ids, count)
             for (k, v), layer_keys, layer_values in zip(self._programs.state.cache, keys, values):
                 k[slot, :, :count].assign(layer_keys)
                 v[slot, :, :count].assign(layer_values)
         return count
 
     def _cache_prefix(self, slot, prompt_ids):
-        """Hands the prefix cache the prefilled slot's whole blocks that it lacks (all before the prompt's last
-        token, which the first step feeds)."""
-        if self.prefix_cache is None:
-            return
-        start, end = self.prefix_cache.missing(prompt_ids, len(prompt_ids) - 1)
-        if end > start:
-            cache = self._programs.state.cache
-            self.prefix_cache.put(prompt_ids, start, *(np.stack([kv[i][slot, :, start:end].numpy() for kv in cache])
-                                                       for i in (0, 1)))
+        """Hands the prefix cache the prefilled slot's prompt blocks."""
+        cache = self._programs.state.cache
+        self.prefix_cache.add(prompt_ids, lambda start, end: tuple(
+            np.stack([kv[i][slot, :, start:end].numpy() for kv in cache]) for i in (0, 1)))
 
     def free_row(self, slot):
         """Ends the row at once: its slot is finished, so the next step leaves it alone."""
