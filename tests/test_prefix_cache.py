@@ -15,6 +15,7 @@ PREFIX_TOKENS = 200
 SUFFIXES = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
 GREEDY = Sampling(max_tokens=16, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, min_tokens=0)
+_EXPORTS = {}  # the LiteRT export of the long model, made once
 
 
 def kv_of(token_ids):
@@ -106,14 +107,14 @@ def xla_rows(lm, slots, cache, tmp_path_factory):
     return StateRows(lm, slots, cache)
 
 
-def litert_rows(lm, slots, cache, tmp_path_factory, exports={}):
+def litert_rows(lm, slots, cache, tmp_path_factory):
     from tfgen import export_litert
     from tfgen.litert import LiteRTLM
 
-    if "long" not in exports:  # exported once for the module
-        exports["long"] = LiteRTLM(export_litert(lm, tmp_path_factory.mktemp("litert") / "long", quantize="none",
+    if "long" not in _EXPORTS:  # exported once for the module
+        _EXPORTS["long"] = LiteRTLM(export_litert(lm, tmp_path_factory.mktemp("litert") / "long", quantize="none",
                                                  capacity=256, rows=4))
-    return exports["long"].decode_rows(slots, prefix_cache=cache)
+    return _EXPORTS["long"].decode_rows(slots, prefix_cache=cache)
 
 
 def decoded(rows, slot, count):
