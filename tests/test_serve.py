@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import GPT2Config
 
 from test_litert import BLOCK_TENSORFLOW
+from tiny_model import text_of_tokens
 from tfgen import GPT2LM, cli, export_litert
 from tfgen.serving import protocol
 from tfgen.serving.scheduler import find_stop, settled_text
@@ -258,6 +259,18 @@ def test_models_health_and_metrics(server, client, model_name):
     names = {family.name for family in text_string_to_metric_families(_get(server.url, "/metrics")[1])}
     assert {"tfgen_requests", "tfgen_completion_tokens", "tfgen_queue_depth", "tfgen_busy_slots",
             "tfgen_time_to_first_token_seconds", "tfgen_request_latency_seconds"} <= names
+
+
+def test_prompts_sharing_a_prefix_reuse_it_and_say_so_in_metrics(server, client, model_name, tiny_lm, ko_lines):
+    prefix = text_of_tokens(tiny_lm.tokenizer, ko_lines[-40:], 70)  # a text no other test sends
+    before = {name: server.metric(f"tfgen_prefix_cache_{name}_total") for name in ("hits", "misses", "reused_tokens")}
+    for suffix in (" 서울은", " 우리는"):
+        response = _greedy(client, model_name, prefix + suffix, max_tokens=12)
+        assert response.choices[0].text == tiny_lm.generate_text(prefix + suffix, return_full_text=False,
+                                                                 max_new_tokens=12)
+    after = {name: server.metric(f"tfgen_prefix_cache_{name}_total") for name in before}
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1
+    assert after["reused_tokens"] - before["reused_tokens"] >= 64  # the shared 70 tokens' first 4 blocks at least
 
 
 @pytest.mark.slow

@@ -223,6 +223,7 @@ def _serve(args):
     settings = ServerSettings(
         model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     serve(args.model, args.host, args.port, settings)
 
@@ -367,6 +368,8 @@ def _positive_float(text):
 
 
 def _add_serve(subparsers):
+    from tfgen.serving.prefix_cache import BLOCK_TOKENS, DEFAULT_TOKENS
+
     p = subparsers.add_parser("serve", help="an OpenAI-compatible completions server with a playground page at /")
     _add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -378,6 +381,9 @@ def _add_serve(subparsers):
                    help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
     p.add_argument("--request-timeout", type=_positive_float, default=120.0,
                    help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
+    p.add_argument("--prefix-cache-tokens", type=_non_negative_int, default=DEFAULT_TOKENS,
+                   help="prompt prefixes whose keys and values are kept for requests that start alike, in tokens "
+                        f"(blocks of {BLOCK_TOKENS}, least recently used dropped; 0: off; default {DEFAULT_TOKENS})")
     p.set_defaults(run=_serve)
 
 

@@ -210,12 +210,13 @@ class LiteRTLM:
             raise ValueError("every prompt needs a token at least (an attention_mask row is all zeros)")
         return input_ids, prompts
 
-    def decode_rows(self, slots=None, eos_ids=None):
+    def decode_rows(self, slots=None, eos_ids=None, prefix_cache=None):
         """A `LiteRTRows` of `slots` rows (default: the export's most) on this export, the interface
-        `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS)."""
+        `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS), taking prompt prefixes
+        from `prefix_cache` (a `tfgen.serving.prefix_cache.PrefixCache`; None: none)."""
         eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
         return LiteRTRows(self._chain, self._chain.parts[-1], self.capacity, tuple(self.config["row_tiers"]),
-                          eos_ids, self.config["pad_token_id"] or 0, slots)
+                          eos_ids, self.config["pad_token_id"] or 0, slots, prefix_cache)
 
     def next_token_logprobs(self, ids, start):
         """log-softmax of the logits at positions start..len(ids)-2 of one text: a [len(ids) - 1 - start, vocab] array."""

@@ -14,7 +14,9 @@ they are. An export cut into parts runs as a `Chain`: each part's hidden states
 feed the next in place. A sampling row draws one uniform number per token from
 its own numpy Generator, seeded by its request, so what a row decodes depends
 on its prompt, settings and seed alone: not on the rows beside it, its slot or
-when it joined.
+when it joined. With a prefix cache (`tfgen.serving.prefix_cache`, numpy only),
+a row whose prompt starts with cached blocks takes their keys and values and
+prefills the rest of its prompt after them.
 """
 
 import random
@@ -23,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tfgen.litert_host import aligned_zeros
+from tfgen.serving.prefix_cache import PrefixCache
 from tfgen.serving.protocol import row_settings
 
 MAX_EOS_IDS = 8  # the length of next_token's eos_ids input (padded with -1)
@@ -112,11 +115,13 @@ class LiteRTRows:
     `next_token_R` through `chooser` (the last part's `tfgen.litert.BoundSignatures`).
 
     `tiers`: the export's row tiers; `slots`: at most the largest; `eos_ids`:
-    the tokens that end a row (at most `MAX_EOS_IDS`).
+    the tokens that end a row (at most `MAX_EOS_IDS`); `prefix_cache`: a
+    `tfgen.serving.prefix_cache.PrefixCache` (None: none).
     """
 
-    def __init__(self, chain, chooser, capacity, tiers, eos_ids, pad_id, slots=None):
+    def __init__(self, chain, chooser, capacity, tiers, eos_ids, pad_id, slots=None, prefix_cache=None):
         slots = tiers[-1] if slots is None else slots
+        self.prefix_cache = PrefixCache(0) if prefix_cache is None else prefix_cache
         if not 1 <= slots <= tiers[-1]:
             raise ValueError(f"slots must be from 1 to the export's {tiers[-1]} rows, got {slots}")
         if len(eos_ids) > MAX_EOS_IDS:
@@ -162,15 +167,24 @@ class LiteRTRows:
             self._idle(slot)
 
     def start_rows(self, starts):
-        """Prefills each (slot, prompt_ids, sampling) of `starts` into its free slot; other rows are left as they are."""
+        """Prefills each (slot, prompt_ids, sampling) of `starts` into its free slot; other rows are left as they are.
+
+        A prompt's cached first blocks (`prefix_cache`) are copied, not prefilled. Returns each row's count of prompt
+        tokens taken from the cache."""
         for slot, prompt_ids, sampling in starts:
             if slot in self._started or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
             if not 1 <= len(prompt_ids) <= self.capacity - sampling.max_tokens:
                 raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
                                  f"capacity {self.capacity} (or the prompt is empty)")
+        reused = []
         for slot, prompt_ids, sampling in starts:
-            self._prefill(slot, prompt_ids)
+            count, keys, values = self.prefix_cache.take(prompt_ids)
+            self._keys[:, slot, :, :count], self._values[:, slot, :, :count] = keys, values
+            self._prefill(slot, prompt_ids, count)
+            self.prefix_cache.add(prompt_ids, lambda start, end: (self._keys[:, slot, :, start:end],
+                                                                  self._values[:, slot, :, start:end]))
+            reused.append(count)
             length = len(prompt_ids)
             self._sequence[slot, :length] = prompt_ids
             self._lengths[slot], self._steps[slot], self._limits[slot] = length, 0, length + sampling.max_tokens
@@ -182,6 +196,7 @@ class LiteRTRows:
             self._started.add(slot)
             if sampling.max_tokens > 0:
                 self._running.add(slot)
+        return reused
 
     def free_row(self, slot):
         """Ends the row at once: its slot is free for `start_rows`, and steps leave it alone."""
@@ -233,13 +248,14 @@ class LiteRTRows:
         self._logits[slot] = 0.0
         self._logits[slot, 0] = 1.0
 
-    def _prefill(self, slot, prompt_ids):
-        """The prompt's keys and values into the slot's cache columns, its last token's logits into the slot's."""
+    def _prefill(self, slot, prompt_ids, start=0):
+        """The prompt's keys and values from column `start` on into the slot's cache, its last token's logits into
+        the slot's."""
         if slot not in self._extenders:
             self._extenders[slot] = self._chain.bind(
                 "extend", aligned_zeros([1, self._chain.chunk], np.int32), aligned_zeros([1], np.int32), self._keys,
                 self._values, slice(slot, slot + 1))
-        *_, last_chunk = extend_chunks(self._extenders[slot], prompt_ids)
+        *_, last_chunk = extend_chunks(self._extenders[slot], prompt_ids[start:], start)
         self._logits[slot] = last_chunk[-1]
 
     def _choose(self, tier):

@@ -242,18 +242,20 @@ class _Programs:
                 self.state.write(decode_state.prefill_columns(self.net, self.state.read(), columns, CHUNK, writing))
             self._compiled("prefill", prefill)(tf.constant(width - 1), tf.constant(writing))
 
-    def prefill_rows(self, rows, width, span):
+    def prefill_rows(self, rows, starts, ends, span):
         """The prefill call of the rows `rows` alone (a list; its length picks the program): their columns
-        0..width-2, within the first `span` of the cache."""
-        if width > 1:
+        starts..ends-1 (lists: a row's columns before its start hold its cached prefix; a prompt of n tokens ends
+        at n-1, its last token fed by the first step), within the first `span` of the cache."""
+        if max(end - start for start, end in zip(starts, ends)) > 0:
             # About CHUNK positions an iteration, as generate's prefill of one row: many rows of short prompts
             # (a server's new rows) then compute few pad columns.
             chunk = max(1, CHUNK // len(rows))
 
-            def prefill_rows(rows, columns):
-                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, columns, chunk, span))
-            self._compiled(("prefill_rows", span, len(rows)), prefill_rows)(tf.constant(rows, tf.int32),
-                                                                            tf.constant(width - 1))
+            def prefill_rows(rows, starts, ends):
+                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, starts, ends, chunk,
+                                                           span))
+            self._compiled(("prefill_rows", span, len(rows)), prefill_rows)(
+                *(tf.constant(values, tf.int32) for values in (rows, starts, ends)))
 
     def _compiled(self, key, function):
         """The compiled program of `function` under `key`: traced (or loaded from the program store) on first use."""

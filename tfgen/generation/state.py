@@ -95,18 +95,28 @@ def prefill_columns(net, state, columns, chunk, writing):
     return state
 
 
-def prefill_rows(net, state, rows, columns, chunk, span):
-    """`prefill_columns` of the rows `rows` [n] alone, columns 0..columns-1 (a scalar tensor), over the first `span`
-    columns of their cache, within which their prompts lie: the cost of an n-row prefill, however many rows the
-    state holds. A row may be listed twice (the same values are written twice)."""
+def prefill_rows(net, state, rows, starts, ends, chunk, span):
+    """The keys and values of columns starts..ends-1 ([n] each) of the rows `rows` [n] alone, `chunk` columns an
+    iteration, over the first `span` columns of their cache, within which their prompts lie: the cost of an n-row
+    prefill, however many rows the state holds. A row's columns before its start are kept (a prefix whose keys and
+    values are there already). A row may be listed twice (the same values are written twice)."""
     # A gather, not a slice at a row: XLA takes a slice's start as a constant, compiling a program per row.
     def cut(cache):  # [slots, heads, capacity, d] -> [n, heads, span, d]
         return tf.gather(cache, rows)[:, :, :span]
-    alone = {CACHE: [(cut(k), cut(v)) for k, v in state[CACHE]], "tokens": tf.gather(state["tokens"], rows)[:, :span]}
-    alone = prefill_columns(net, alone, columns, chunk, tf.ones(dims(rows), tf.bool))
+    tokens = tf.gather(state["tokens"], rows)[:, :span]
+
+    def body(offset, cache):
+        # Columns past a row's end get its pads' keys and values (overwritten as it grows); past the span, dropped.
+        columns = (starts + offset)[:, None] + tf.range(chunk)[None, :]
+        token_ids = tf.gather(tokens, tf.minimum(columns, span - 1), batch_dims=1)
+        return offset + chunk, net.blocks(token_ids, columns, cache)[1]
+
+    longest = tf.reduce_max(ends - starts)
+    _, alone = tf.while_loop(lambda offset, cache: offset < longest, body,
+                             (tf.constant(0), [(cut(k), cut(v)) for k, v in state[CACHE]]))
     where = (tf.broadcast_to(tf.range(span)[None, :], [dims(rows)[0], span]), rows)  # their columns 0..span-1
     cache = [(kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))
-             for (k, v), (new_k, new_v) in zip(state[CACHE], alone[CACHE])]
+             for (k, v), (new_k, new_v) in zip(state[CACHE], alone)]
     return {**state, CACHE: cache}
 
 

@@ -20,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 from tfgen.serving import protocol
 from tfgen.serving.engine import Engine
 from tfgen.serving.metrics import Metrics
+from tfgen.serving.prefix_cache import DEFAULT_TOKENS
 from tfgen.serving.protocol import APIError
 from tfgen.serving.scheduler import Job, QueueFull
 
@@ -33,6 +34,7 @@ class ServerSettings:
     model_name: str  # the id clients pass as `model`
     max_batch: int = 16  # decode slots
     max_queue: int = 64  # rows waiting beyond the slots
+    prefix_cache_tokens: int = DEFAULT_TOKENS  # prompt prefixes' keys and values kept for reuse, in tokens; 0: off
     api_key: str = None  # None: no authentication
     request_timeout: float = 120.0  # seconds from arrival; a row past it ends with finish_reason "length"
     retry_after: int = 1  # seconds, in a 429's Retry-After
@@ -48,7 +50,8 @@ class Server:
     def __init__(self, load, settings):
         self.settings = settings
         self.metrics = Metrics(settings.max_batch)
-        self.engine = Engine(load, settings.max_batch, settings.max_queue, self.metrics)
+        self.engine = Engine(load, settings.max_batch, settings.max_queue, self.metrics,
+                             settings.prefix_cache_tokens)
         self.created = int(time.time())
 
     def check_key(self, request):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from tfgen.serving import protocol
+from tfgen.serving.prefix_cache import PrefixCache
 from tfgen.serving.scheduler import Scheduler
 from tfgen.tokenizer import INCOMPLETE
 
@@ -42,10 +43,11 @@ def token_logprobs(model, prompt_ids, new_ids, top):
 
 class Engine:
     """`load()` (a serving.models model) runs on the engine thread; `ready` is set once the model answered a
-    warm-up request."""
+    warm-up request. `prefix_cache_tokens`: the prefix cache's budget (serving.prefix_cache; 0: no cache)."""
 
-    def __init__(self, load, max_batch, max_queue, metrics):
+    def __init__(self, load, max_batch, max_queue, metrics, prefix_cache_tokens=0):
         self._load = load
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
@@ -69,7 +71,7 @@ class Engine:
         started = time.monotonic()
         try:
             self.model = self._load()
-            rows = self.model.decode_rows(self.max_batch)
+            rows = self.model.decode_rows(self.max_batch, prefix_cache=PrefixCache(self.prefix_cache_tokens))
             self.scheduler = Scheduler(rows, self.model.tokenizer, self.max_queue, self.metrics,
                                        logprobs=lambda p, n, top: token_logprobs(self.model, p, n, top))
             self._warm_up(rows)

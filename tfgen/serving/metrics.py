@@ -23,5 +23,11 @@ class Metrics:
         self.time_to_first_token = Histogram("tfgen_time_to_first_token_seconds",
                                              "From a row's arrival to its first generated token", registry=r,
                                              buckets=_SECONDS)
+        self.prefix_cache_hits = Counter("tfgen_prefix_cache_hits", "Admitted rows whose prompt began with cached "
+                                         "blocks of keys and values (prefix caching)", registry=r)
+        self.prefix_cache_misses = Counter("tfgen_prefix_cache_misses", "Admitted rows that found no cached prefix",
+                                           registry=r)
+        self.prefix_cache_reused_tokens = Counter("tfgen_prefix_cache_reused_tokens", "Prompt tokens taken from the "
+                                                  "prefix cache instead of prefilled", registry=r)
         self.latency = Histogram("tfgen_request_latency_seconds", "From a row's arrival to its last token",
                                  registry=r, buckets=_SECONDS)

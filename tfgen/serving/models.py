@@ -1,5 +1,5 @@
-"""What the server runs a model through: `tokenizer`, `decode_rows(slots)` (an object with serving.rows'
-interface) and `next_token_logprobs(ids, start)`.
+"""What the server runs a model through: `tokenizer`, `decode_rows(slots, prefix_cache)` (an object with
+serving.rows' interface; `prefix_cache`: a serving.prefix_cache.PrefixCache or None) and `next_token_logprobs(ids, start)`.
 
 `XLAModel` serves a `CausalLM` on the XLA decode state (`serving.rows.StateRows`); a `tfgen.litert.LiteRTLM`
 has these itself and serves a LiteRT export on its own rows, in a process that never imports TensorFlow.
@@ -20,10 +20,10 @@ class XLAModel:
         self.lm = lm
         self.tokenizer = lm.tokenizer
 
-    def decode_rows(self, slots):
+    def decode_rows(self, slots, prefix_cache=None):
         from tfgen.serving.rows import StateRows
 
-        return StateRows(self.lm, slots)
+        return StateRows(self.lm, slots, prefix_cache)
 
     def next_token_logprobs(self, ids, start):
         """log-softmax of the logits at positions start..len(ids)-2: each a [vocab] row, as a numpy array."""

@@ -12,7 +12,8 @@ slots, as many as a row tier (1, 4, 16, ... slots) that holds every running row:
 token per row of the tier. Both read the cache only up to a span (a capacity tier) that holds the
 rows they serve. Every row has its own settings ([rows] setting tensors,
 decode.ROW_SETTINGS) and its own sampling counter, so what a row decodes does not depend on the
-rows beside it, nor on its slot or when it joined.
+rows beside it, nor on its slot or when it joined. With a prefix cache (`serving.prefix_cache`), a new row
+whose prompt starts with cached blocks has their keys and values copied into its slot and prefills from there.
 """
 
 import random
@@ -23,17 +24,21 @@ import tensorflow as tf
 from tfgen.generation import decode
 from tfgen.generation.decode import ROW_SETTINGS, capacity_tier, settings_tensors
 from tfgen.generation.options import resolve_options
+from tfgen.serving.prefix_cache import PrefixCache
 from tfgen.serving.protocol import row_settings
 
 
 class StateRows:
     """Decode rows on a decode state of `slots` rows whose capacity is the model's context."""
 
-    def __init__(self, lm, slots):
+    def __init__(self, lm, slots, prefix_cache=None):
+        """`prefix_cache`: a `serving.prefix_cache.PrefixCache` that rows take prompt prefixes from and give theirs
+        to (None: none, as a cache of 0 tokens)."""
         config = lm.config
         options = resolve_options(1, max_new_tokens=1, eos_token_id=config.eos_token_id,
                                   pad_token_id=config.pad_token_id)
         self.slots = slots
+        self.prefix_cache = PrefixCache(0) if prefix_cache is None else prefix_cache
         self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
         # The programs read the cache's first `span` columns only: a step the smallest span that holds every running
         # row's limit, a row's prefill the smallest that holds its prompt (short requests never pay for the context).
@@ -59,7 +64,9 @@ class StateRows:
 
     def start_rows(self, starts):
         """Puts each (slot, prompt_ids, sampling) of `starts` into its free slot and prefills them there together
-        (one prefill over those rows alone, as many as a row tier); the other rows are left as they are."""
+        (one prefill over those rows alone, as many as a row tier); the other rows are left as they are. A row whose
+        prompt begins with cached blocks (`prefix_cache`) gets their keys and values and prefills the rest only.
+        Returns each row's count of prompt tokens taken from the cache."""
         for slot, prompt_ids, sampling in starts:
             if slot in self._sent or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
@@ -72,13 +79,33 @@ class StateRows:
         width = max(lengths)
         prompts = [prompt_ids + [self._pad_id] * (width - len(prompt_ids)) for _, prompt_ids, _ in starts]
         self._programs.state.start_rows(slots, prompts, lengths, limits)
-        padded = slots + slots[:1] * (self.rows_tier(len(slots)) - len(slots))  # a row twice is prefilled twice alike
-        self._programs.prefill_rows(padded, width, self.span(width))
-        for (slot, _, sampling), length, limit in zip(starts, lengths, limits):
+        reused = [self._copy_cached_prefix(slot, prompt_ids) for slot, prompt_ids, _ in starts]
+        tier = self.rows_tier(len(slots))
+        # A row twice is prefilled twice alike.
+        padded = [values + values[:1] * (tier - len(values)) for values in (slots, reused, [n - 1 for n in lengths])]
+        self._programs.prefill_rows(*padded, self.span(width))
+        for (slot, prompt_ids, sampling), length, limit in zip(starts, lengths, limits):
             seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
             for name, value in row_settings(sampling, seed).items():
                 self._settings[name][slot] = value
             self._sent[slot], self._limits[slot] = length, limit
+            self._cache_prefix(slot, prompt_ids)
+        return reused
+
+    def _copy_cached_prefix(self, slot, prompt_ids):
+        """Writes the keys and values of the prompt's cached first blocks into its slot; returns their token count."""
+        count, keys, values = self.prefix_cache.take(prompt_ids)
+        if count:
+            for (k, v), layer_keys, layer_values in zip(self._programs.state.cache, keys, values):
+                k[slot, :, :count].assign(layer_keys)
+                v[slot, :, :count].assign(layer_values)
+        return count
+
+    def _cache_prefix(self, slot, prompt_ids):
+        """Hands the prefix cache the prefilled slot's prompt blocks."""
+        cache = self._programs.state.cache
+        self.prefix_cache.add(prompt_ids, lambda start, end: tuple(
+            np.stack([kv[i][slot, :, start:end].numpy() for kv in cache]) for i in (0, 1)))
 
     def free_row(self, slot):
         """Ends the row at once: its slot is finished, so the next step leaves it alone."""
@@ -109,7 +136,7 @@ class StateRows:
         for span in self.spans:
             state.start_rows([0], [prompt_ids], [len(prompt_ids)], [span])
             for rows in self.row_tiers:
-                self._programs.prefill_rows([0] * rows, len(prompt_ids), span)
+                self._programs.prefill_rows([0] * rows, [0] * rows, [len(prompt_ids) - 1] * rows, span)
                 for strategy in ("greedy", "sample"):
                     self._programs.advance(strategy, span, rows)(tf.constant(1), self._settings_tensors(rows))
             state.finish_rows([0])

@@ -155,7 +155,9 @@ class Scheduler:
             starts.append((slot, job.prompt_ids, job.sampling))
             self.active[slot] = job
         if starts:
-            self.rows.start_rows(starts)
+            for reused in self.rows.start_rows(starts):
+                (self.metrics.prefix_cache_hits if reused else self.metrics.prefix_cache_misses).inc()
+                self.metrics.prefix_cache_reused_tokens.inc(reused)
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.busy_slots.set(len(self.active))
 
