@@ -19,6 +19,7 @@ a row whose prompt starts with cached blocks takes their keys and values and
 prefills the rest of its prompt after them.
 """
 
+import functools
 import random
 from typing import NamedTuple
 
@@ -182,8 +183,7 @@ class LiteRTRows:
             count, keys, values = self.prefix_cache.take(prompt_ids)
             self._keys[:, slot, :, :count], self._values[:, slot, :, :count] = keys, values
             self._prefill(slot, prompt_ids, count)
-            self.prefix_cache.add(prompt_ids, lambda start, end: (self._keys[:, slot, :, start:end],
-                                                                  self._values[:, slot, :, start:end]))
+            self.prefix_cache.add(prompt_ids, functools.partial(self._columns, slot))
             reused.append(count)
             length = len(prompt_ids)
             self._sequence[slot, :length] = prompt_ids
@@ -247,6 +247,10 @@ class LiteRTRows:
             self._settings[name][slot] = neutral
         self._logits[slot] = 0.0
         self._logits[slot, 0] = 1.0
+
+    def _columns(self, slot, start, end):
+        """The slot's keys and values of columns start..end-1: [layers, heads, end - start, head_dim] each."""
+        return self._keys[:, slot, :, start:end], self._values[:, slot, :, start:end]
 
     def _prefill(self, slot, prompt_ids, start=0):
         """The prompt's keys and values from column `start` on into the slot's cache, its last token's logits into
