@@ -139,9 +139,10 @@ def test_ray_flags_without_ray_installed_exit_2_with_the_install_hint(monkeypatc
     assert err.count("\n") == 1 and "pip install 'tfgen[ray]'" in err
 
 
-@pytest.mark.parametrize("args, named", [(["--replicas", "2"], "--replicas"), (["--ray-address", "auto"], "--ray-address"),
-                                         (["--ray", "--replicas", "0"], "--replicas"),
-                                         (["--ray", "--replica-cpus", "-1"], "--replica-cpus")])
+@pytest.mark.parametrize("args, named", [
+    (["--replicas", "2"], "--replicas"), (["--ray-address", "auto"], "--ray-address"),
+    (["--ray", "--replicas", "0"], "--replicas"), (["--ray", "--replica-cpus", "-1"], "--replica-cpus"),
+])
 def test_bad_ray_flags_exit_2_naming_the_flag(args, named, capsys):
     assert cli.main(["serve", *args]) == 2
     err = capsys.readouterr().err
