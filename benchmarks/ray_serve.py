@@ -94,7 +94,8 @@ def ray_servers(args, settings):
 
     from tfgen.serving.ray import APP_NAME, application
 
-    ray.init(num_cpus=args.ray_cpus, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init("local", num_cpus=args.ray_cpus, object_store_memory=100 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     rows = []
     try:
         port = _free_port()

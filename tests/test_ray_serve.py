@@ -3,6 +3,8 @@
 server of the same export and against `generate_text`."""
 
 import json
+import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -32,6 +34,31 @@ def settings(litert_dir):
     return ServerSettings(model_name=litert_dir.resolve().name, max_batch=8, api_key=API_KEY)
 
 
+@pytest.mark.slow
+def test_cli_serves_on_ray_until_sigterm(litert_dir, settings, tiny_lm, tmp_path):
+    """`tfgen serve --ray` in a process of its own: the ready line, a completion through the proxy, exit 0 on
+    SIGTERM. (First in the module, before `ray_url` starts a cluster of its own.)"""
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tfgen", "serve", "--ray", "--ray-address", "local", "--replicas", "1",
+             "--replica-cpus", "0.5", "--model", str(litert_dir), "--port", str(port), "--api-key", API_KEY],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_SECONDS
+        while "replica(s) of" not in log_path.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        text = _client(f"http://127.0.0.1:{port}").completions.create(
+            model=settings.model_name, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+        assert text == tiny_lm.generate_text(PROMPTS[2], return_full_text=False, max_new_tokens=MAX_TOKENS)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=180)
+    assert returncode == 0, log_path.read_text(errors="replace")[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ray_url(litert_dir, settings):
     """Ray Serve's proxy in front of two replicas, on a local cluster of 2 CPUs (one a replica) that is shut down
@@ -41,7 +68,7 @@ def ray_url(litert_dir, settings):
 
     from tfgen.serving.ray import APP_NAME, application
 
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False)
+    ray.init("local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -396,8 +396,9 @@ def _add_serve(subparsers):
                      help="serve N replicas of the server, each with its own model, behind Ray Serve's HTTP proxy")
     ray.add_argument("--replicas", type=_positive_int, default=None, metavar="N", help="replicas (default 1)")
     ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                     help="join this Ray cluster (auto: the one `ray start` runs on this machine; default: start "
-                          "one on this machine)")
+                     help="the Ray cluster to join, as ray.init takes it (auto: the one `ray start` runs on this "
+                          "machine; local: always a new one; default: $RAY_ADDRESS, else the one `ray start` runs "
+                          "here, else a new one)")
     ray.add_argument("--replica-cpus", type=_non_negative_float, default=None, metavar="CPUS",
                      help="CPUs Ray reserves per replica (default 1)")
     ray.add_argument("--replica-gpus", type=_non_negative_float, default=None, metavar="GPUS",

@@ -113,9 +113,9 @@ def _wait_for_stop():
 
 
 def serve_on_ray(model, host, port, settings, replicas=1, ray_address=None, replica_cpus=1.0, replica_gpus=0.0):
-    """`tfgen serve --ray`: joins the Ray cluster at `ray_address` (None: starts one on this machine), runs `replicas`
-    replicas behind Ray Serve's proxy on host:port and returns once they are ready, then serves until SIGTERM or
-    Ctrl-C; then deletes the application and leaves the cluster (a cluster it started stops)."""
+    """`tfgen serve --ray`: joins the Ray cluster `ray.init(ray_address)` finds or starts, runs `replicas` replicas
+    behind Ray Serve's proxy on host:port, says so once they are ready, then serves until SIGTERM or Ctrl-C; then
+    deletes the application and leaves the cluster (a cluster it started stops)."""
     models.resolve(model, settings.max_batch)  # a missing model fails before Ray starts
     ray.init(address=ray_address)
     try:
