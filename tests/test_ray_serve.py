@@ -59,6 +59,22 @@ def test_cli_serves_on_ray_until_sigterm(litert_dir, settings, tiny_lm, tmp_path
     assert returncode == 0, log_path.read_text(errors="replace")[-3000:]
 
 
+@pytest.mark.slow
+def test_cli_exits_2_when_the_replicas_cannot_load_the_model(litert_dir, tmp_path):
+    """A model that passes the driver's checks but fails in the replicas (an export without its tokenizer): Ray
+    retries the replicas, then `tfgen serve --ray` exits 2 naming the cause."""
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    for name in ("litert.json", "model.tflite"):
+        (broken / name).symlink_to(litert_dir / name)
+    result = subprocess.run([sys.executable, "-m", "tfgen", "serve", "--ray", "--ray-address", "local",
+                             "--replica-cpus", "0.5", "--model", str(broken), "--port", str(_free_port())],
+                            capture_output=True, text=True, timeout=READY_SECONDS)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "tfgen: error: the replicas did not start" in result.stderr
+    assert "has no tokenizer files" in result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def ray_url(litert_dir, settings):
     """Ray Serve's proxy in front of two replicas, on a local cluster of 2 CPUs (one a replica) that is shut down

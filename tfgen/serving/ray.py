@@ -120,8 +120,12 @@ def serve_on_ray(model, host, port, settings, replicas=1, ray_address=None, repl
     ray.init(address=ray_address)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(application(model, settings, replicas, replica_cpus, replica_gpus), name=APP_NAME,
-                  route_prefix="/")
+        try:
+            serve.run(application(model, settings, replicas, replica_cpus, replica_gpus), name=APP_NAME,
+                      route_prefix="/")
+        except RuntimeError as error:  # Ray's "Deploying application ... failed", after retrying the replicas
+            raise ValueError(f"the replicas did not start (their log under /tmp/ray/session_latest/logs/serve/ "
+                             f"says why): {error}") from None
         print(f"tfgen: {replicas} replica(s) of {settings.model_name} ready on http://{host}:{port} (Ray Serve)",
               flush=True)
         _wait_for_stop()
