@@ -18,7 +18,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _harness import command_line, format_table, machine_info, print_machine, results_path, write_results
+from _harness import (
+    command_line,
+    format_table,
+    machine_info,
+    print_machine,
+    results_path,
+    write_results,
+)
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는", "오늘 날씨가", "옛날 옛적에",
            "인공지능은", "서울에서 부산까지"]
