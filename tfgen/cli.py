@@ -220,12 +220,30 @@ def _serve(args):
         from tfgen.serving.run import serve, served_model_name
     except ImportError as error:
         raise UsageError(f"tfgen serve needs the serve extra ({error}): pip install 'tfgen[serve]'") from None
+    ray_options = {name: getattr(args, name) for name in _RAY_ONLY if getattr(args, name) is not None}
+    if ray_options and not args.ray:
+        flag = "--" + next(iter(ray_options)).replace("_", "-")
+        raise UsageError(f"{flag} is for --ray; add --ray to serve on Ray Serve")
     settings = ServerSettings(
         model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
         prefix_cache_tokens=args.prefix_cache_tokens,
     )
-    serve(args.model, args.host, args.port, settings)
+    if args.ray:
+        _serve_on_ray(args, settings, ray_options)
+    else:
+        serve(args.model, args.host, args.port, settings)
+
+
+_RAY_ONLY = ("replicas", "ray_address", "replica_cpus", "replica_gpus")
+
+
+def _serve_on_ray(args, settings, ray_options):
+    try:
+        from tfgen.serving.ray import serve_on_ray
+    except ImportError as error:
+        raise UsageError(f"tfgen serve --ray needs Ray Serve ({error}): pip install 'tfgen[ray]'") from None
+    serve_on_ray(args.model, args.host, args.port, settings, **ray_options)  # its defaults for the options not given
 
 
 def _int_from(low, what):
@@ -360,11 +378,18 @@ def _add_export(subparsers):
     p.set_defaults(run=_export)
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _float_where(accepts, what):
+    def parse(text):
+        value = float(text)
+        if not accepts(value):  # NaN is refused too
+            raise argparse.ArgumentTypeError(f"must be a {what} number, got {text}")
+        return value
+    parse.__name__ = "float"  # argparse names the type in "invalid float value"
+    return parse
+
+
+_positive_float = _float_where(lambda value: value > 0, "positive")
+_non_negative_float = _float_where(lambda value: value >= 0, "non-negative")
 
 
 def _add_serve(subparsers):
@@ -384,6 +409,18 @@ def _add_serve(subparsers):
     p.add_argument("--prefix-cache-tokens", type=_non_negative_int, default=DEFAULT_TOKENS,
                    help="prompt prefixes whose keys and values are kept for requests that start alike, in tokens "
                         f"(blocks of {BLOCK_TOKENS}, least recently used dropped; 0: off; default {DEFAULT_TOKENS})")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'tfgen[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve N replicas of the server, each with its own model, behind Ray Serve's HTTP proxy")
+    ray.add_argument("--replicas", type=_positive_int, default=None, metavar="N", help="replicas (default 1)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="the Ray cluster to join, as ray.init takes it (auto: the one `ray start` runs on this "
+                          "machine; local: always a new one; default: $RAY_ADDRESS, else the one `ray start` runs "
+                          "here, else a new one)")
+    ray.add_argument("--replica-cpus", type=_non_negative_float, default=None, metavar="CPUS",
+                     help="CPUs Ray reserves per replica (default 1)")
+    ray.add_argument("--replica-gpus", type=_non_negative_float, default=None, metavar="GPUS",
+                     help="GPUs Ray reserves per replica (default 0)")
     p.set_defaults(run=_serve)
 
 
