@@ -77,6 +77,18 @@ def _cache_base(environ):
     return Path(setting).expanduser() if setting else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
 
 
+def xnnpack_cache_file(model_file, environ=os.environ):
+    """Where XNNPACK keeps the packed weights of a LiteRT model file (see tfgen.litert), named by the file's path, size
+    and time and by the CPU (packing depends on its instruction set); None when the cache is off."""
+    base = _cache_base(environ)
+    if base is None:
+        return None
+    model_file = Path(model_file).resolve()
+    stat = model_file.stat()
+    key = f"{model_file}\n{stat.st_size}\n{stat.st_mtime_ns}\n{_cpu_digest()}"
+    return base / "xnnpack" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.xnnpack"
+
+
 def program_store_directory(environ=os.environ):
     """Where traced decode programs are kept (tfgen.generation.program_store); None when the cache is off."""
     base = _cache_base(environ)

@@ -12,6 +12,7 @@ them into the lowest free slots as rows finish, as the server's scheduler
 does; text goes in and out through `tfgen.Tokenizer`.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfgen import scoring
-from tfgen._env import native_stderr_without
+from tfgen._env import native_stderr_without, xnnpack_cache_file
 from tfgen.generation.options import resolve_options
 from tfgen.litert_host import aligned_zeros, host_buffer
 from tfgen.litert_rows import Chain, LiteRTRows, extend_chunks
@@ -67,7 +68,7 @@ class LiteRTLM:
 
     def __init__(self, path, num_threads=None):
         try:
-            from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
+            import ai_edge_litert.compiled_model  # noqa: F401
         except ImportError as error:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
         path = Path(path)
@@ -79,11 +80,10 @@ class LiteRTLM:
         warn_if_vocabulary_differs(self.tokenizer, self.config["vocab_size"], path)
         self.capacity = self.config["capacity"]
         threads = len(os.sched_getaffinity(0)) if num_threads is None else num_threads
-        cpu = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads))
         parts = []
         with native_stderr_without(_ACCELERATOR_NOISE):
             for part in self.config["parts"]:
-                parts.append(BoundSignatures(CompiledModel.from_file(str(path / part["file"]), options=cpu)))
+                parts.append(BoundSignatures(_compiled(path / part["file"], threads)))
         self._chain = Chain(parts, [tuple(part["layers"]) for part in self.config["parts"]])
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
         self._scratch = None  # a one-row cache's `extend` call, for scoring
@@ -261,6 +261,23 @@ class LiteRTLM:
         finally:  # a caller that stops early (a stream closed) leaves no row behind
             for slot in row_of:
                 rows.free_row(slot)
+
+
+def _compiled(model_file, threads):
+    """A CompiledModel of `model_file` on XNNPACK with `threads` threads. Its packed weights are kept in a file
+    (`tfgen._env.xnnpack_cache_file`, off with TFGEN_COMPILE_CACHE=off) that later loads map instead of packing the
+    weights again: faster, and the packed weights are file pages the kernel can drop, not process memory."""
+    from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
+
+    cache = xnnpack_cache_file(model_file)
+    cpu = CpuOptions(num_threads=threads, xnnpack_weight_cache_path="" if cache is None else str(cache))
+    options = Options(HardwareAccelerator.CPU, cpu_options=cpu)
+    if cache is None:
+        return CompiledModel.from_file(str(model_file), options=options)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process writes a cache file, the others wait and map it
+        return CompiledModel.from_file(str(model_file), options=options)
 
 
 class BoundSignatures:
