@@ -7,7 +7,8 @@
 Writes a sharded fp16 safetensors checkpoint of random weights (benchmarks/big_checkpoint.py's), then for each
 engine, each step in a fresh process: the conversion (tfgen's LiteRT export, read from the checkpoint part by
 part; CTranslate2's converter), with its time and its peak RSS minus the RSS before it (imports done) over the
-checkpoint's bytes (the issue's bound: 1.5x); then the load time, the first token's latency (a 16-token prompt, one
+checkpoint's bytes (the issue's bound: 1.5x); for LiteRT a first load (XNNPACK packs the weights into its weight
+cache, which starts empty); then the load time (LiteRT: from the weight cache), the first token's latency (a 16-token prompt, one
 new token), greedy tokens/s at batch 1 and batch 8 and the peak RSS while decoding. Also the machine's memory read
 bandwidth (numpy, all cores) and, per engine, the fraction of it a batch-1 token reaches: bytes of the artifact
 (its weights) per token over the bandwidth. Results: benchmarks/results/litert_big-SHAPE.json.
@@ -92,6 +93,13 @@ def convert_child(args):
                       "peak_rss_mib": peak_rss_mib()}))
 
 
+def load_child(args):
+    """A first load of a LiteRT export, which packs its weights into the XNNPACK weight cache."""
+    start = time.perf_counter()
+    LOADERS[args.engine](Path(args.artifact))
+    print(json.dumps({"cold_load_s": time.perf_counter() - start}))
+
+
 def measure_child(args):
     config = json.loads((Path(args.child) / "config.json").read_text())
     rng = np.random.default_rng(0)
@@ -124,7 +132,7 @@ def run_child(args, *flags):
 
 COLUMNS = [("engine", "engine", "{}"), ("convert s", "convert_s", "{:.0f}"),
            ("convert peak / ckpt", "convert_peak_over_checkpoint", "{:.2f}"), ("size GB", "size_gb", "{:.2f}"),
-           ("load s", "load_s", "{:.1f}"), ("first token s", "first_token_s", "{:.2f}"),
+           ("first load s", "cold_load_s", "{:.1f}"), ("load s", "load_s", "{:.1f}"), ("first token s", "first_token_s", "{:.2f}"),
            ("b1 tok/s", "b1_tokens_per_s", "{:.2f}"), ("b8 tok/s", "b8_tokens_per_s", "{:.2f}"),
            ("decode peak RSS MiB", "peak_rss_decode_mib", "{:.0f}"),
            ("b1 bandwidth use", "bandwidth_fraction", "{:.2f}")]
@@ -142,13 +150,15 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)
     parser.add_argument("--convert", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return convert_child(args) if args.convert else measure_child(args)
+        return (convert_child if args.convert else load_child if args.load_only else measure_child)(args)
     info, command = machine_info(), command_line()
     bandwidth = read_bandwidth_gb_s()
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfgen-litert-big-") as scratch:
+        os.environ["TFGEN_COMPILE_CACHE"] = str(Path(scratch) / "cache")  # XNNPACK's weight cache starts empty
         checkpoint_dir = Path(scratch) / "checkpoint"
         checkpoint_dir.mkdir()
         checkpoint_bytes = write_checkpoint(checkpoint_dir, "gptj", SHAPES[args.shape]["gptj"])
@@ -162,6 +172,9 @@ def main():
                 row.update(convert_s=converted["convert_s"], convert_peak_rss_mib=converted["peak_rss_mib"],
                            convert_peak_over_checkpoint=(converted["peak_rss_mib"] - converted["rss_before_mib"])
                            * 2**20 / checkpoint_bytes)
+            if engine.startswith("litert"):
+                row.update(run_child(args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact",
+                                     str(artifact), "--load-only"))
             size = artifact_bytes(artifact) if engine in CONVERTERS else checkpoint_bytes
             row.update(size_gb=size / 1e9)
             row.update(run_child(args, "--engine", engine, "--child", str(checkpoint_dir),
