@@ -42,7 +42,7 @@ from _harness import (command_line, format_table, gpt2_config, machine_info, pri
                       seconds, write_results)
 from tfgen import GPT2LM, export_litert  # noqa: E402
 from tfgen.export.litert import DEFAULT_CAPACITY, QUANTIZATIONS  # noqa: E402
-from tfgen.litert import MODEL_FILE, LiteRTLM  # noqa: E402
+from tfgen.litert import LiteRTLM, read_config  # noqa: E402
 
 QUANTIZED = ("int8", "int4")  # each against fp32 in the quality part
 AGREEMENT_PROMPTS = 10  # per source
@@ -60,6 +60,11 @@ def int8_bytes_per_token(lm):
         size = weight.shape.num_elements()
         total += size if len([d for d in weight.shape if d > 1]) == 2 else 4 * size
     return total
+
+
+def export_bytes(path):
+    """Bytes of an export's model files (its parts)."""
+    return sum((path / part["file"]).stat().st_size for part in read_config(path)["parts"])
 
 
 def timed_generate(generate, prompts, settings):
@@ -96,18 +101,18 @@ def step_breakdown(runtime, prompts, settings):
     """Milliseconds per decode step (a token of every row) in the decode and next_token invokes, in writing the new
     cache columns, and the rest (Python), over one warm generate call."""
     totals = {}
-    runners = runtime._run
-    runtime._run = {name: Timed(run, name.rsplit("_", 1)[0], totals) for name, run in runners.items()}
     runtime._rows = None
-    runtime.generate(prompts, eos_token_id=None, max_new_tokens=1)  # builds the timed rows
+    runtime.generate(prompts, eos_token_id=None, max_new_tokens=1)  # builds the rows
     rows = runtime._rows
     rows._decoders = {tier: Timed(decoder, "decode", totals) for tier, decoder in rows._decoders.items()}
+    rows._choosers = {tier: Timed(chooser, "next_token", totals) for tier, chooser in rows._choosers.items()}
+    rows._prefill = Timed(rows._prefill, "prefill", totals)
     rows._decode = Timed(rows._decode, "decode_method", totals)
     totals.clear()
     start = time.perf_counter()
     runtime.generate(prompts, eos_token_id=None, **settings)
     total = time.perf_counter() - start
-    runtime._run, runtime._rows = runners, None
+    runtime._rows = None
     steps = settings["max_new_tokens"]
     invokes = totals["decode"] + totals["next_token"] + totals["prefill"]
     return {"decode_invoke_ms": 1000 * totals["decode"] / steps, "next_token_invoke_ms": 1000 * totals["next_token"] / steps,
@@ -139,7 +144,7 @@ def speed(args, work):
         def generate(ids, s):
             return runtime.generate(ids, eos_token_id=None, **s)
 
-        row = {"name": f"LiteRT {quantize}, capacity {export_capacity}", "size_mb": (path / MODEL_FILE).stat().st_size / 1e6,
+        row = {"name": f"LiteRT {quantize}, capacity {export_capacity}", "size_mb": export_bytes(path) / 1e6,
                "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
                **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, settings)}
         row["token_ms"] = 1000 / row["tokens_per_s"]
@@ -169,7 +174,7 @@ def batch_speed(args, work):
     for rows in (1, args.batch):
         path = work / f"batch-int8-{rows}"
         convert[rows] = seconds(lambda: export_litert(lm, path, quantize="int8", capacity=capacity, rows=rows))
-        sizes[rows] = (path / MODEL_FILE).stat().st_size / 1e6
+        sizes[rows] = export_bytes(path) / 1e6
     runtime = LiteRTLM(path)
     greedy = {"max_new_tokens": n, "min_new_tokens": n}
     sampled = {**greedy, "do_sample": True, "top_k": 50, "top_p": 0.95, "seed": 0}
@@ -202,7 +207,8 @@ def window_nats(runtime, ids, context):
     total = 0.0
     for start in range(0, len(ids) - 1, context - 1):
         piece = ids[start:start + context]
-        total -= float(runtime._run["score"](input_ids=piece[None].astype(np.int32))["token_logprobs"].sum())
+        logprobs = runtime.next_token_logprobs(piece.tolist(), 0)
+        total -= float(logprobs[np.arange(len(piece) - 1), piece[1:]].sum())
     return total
 
 

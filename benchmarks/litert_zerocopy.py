@@ -48,7 +48,7 @@ def main():
     rng = np.random.default_rng(0)
     for rows in args.rows:
         name = f"decode_{rows}"
-        inputs = runtime._decode.input_details(name)
+        inputs = runtime._chain.parts[0].input_details(name)
         layers = sum(key.startswith("key_cache_") for key in inputs)
         shape = inputs["key_cache_0"]["shape"]  # [rows, heads, capacity, head_dim]
         keys, values = (aligned_zeros([layers, *shape]) for _ in range(2))
@@ -57,9 +57,9 @@ def main():
                  for kind, array in (("key", keys), ("value", values))}
         token, positions = aligned_zeros([rows, 1], np.int32), aligned_zeros([rows], np.int32)
         token[:], positions[:] = rng.integers(0, 1000, [rows, 1]), rng.integers(0, shape[2], [rows])
-        bound = runtime._decode.bind(name, {"token": token, "positions": positions, **cache},
+        bound = runtime._chain.parts[0].bind(name, {"token": token, "positions": positions, **cache},
                                      {key: aligned_zeros(details["shape"], details["dtype"])
-                                      for key, details in runtime._decode.output_details(name).items()})
+                                      for key, details in runtime._chain.parts[0].output_details(name).items()})
         runner = interpreter.get_signature_runner(name)
         reference = runner(token=token, positions=positions, **cache)
         difference = max(float(np.abs(reference[key] - out).max()) for key, out in bound().items())
