@@ -105,6 +105,28 @@ def test_block_extraction_honours_no_run():
     assert cli_commands("pip install tfgen\ntfgen generate x\n") is None
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#+\s+(.+?)\s*$", re.M)
+
+
+def test_readme_links_resolve():
+    """README.md is not part of the site, so mkdocs does not check it: each relative link's file and anchor exist."""
+    from markdown.extensions.toc import slugify
+
+    for target in LINK.findall((REPO / "README.md").read_text()):
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        file = REPO / path if path else REPO / "README.md"
+        assert file.exists(), f"README.md links to {target}: no such file"
+        if anchor:
+            slugs = {slugify(heading, "-") for heading in HEADING.findall(file.read_text())}
+            assert anchor in slugs, f"README.md links to {target}: no such heading in {path}"
+
+
+def test_readme_is_a_front_page():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200, "README.md is a front page: move detail to docs/"
+
 def test_performance_page_is_current():
     assert report.PAGE.read_text() == report.page(), "docs/performance.md is out of date: python benchmarks/report.py"
 
