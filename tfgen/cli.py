@@ -218,7 +218,7 @@ def _serve(args):
         model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
         api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
     )
-    serve(args.model, args.host, args.port, settings)
+    serve(args.model, args.host, args.port, settings, chat_template=args.chat_template)
 
 
 def _int_from(low, what):
@@ -355,7 +355,7 @@ def _positive_float(text):
 
 
 def _add_serve(subparsers):
-    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions server with a playground page at /")
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions and chat server with a playground page at /")
     _add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -366,6 +366,9 @@ def _add_serve(subparsers):
                    help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
     p.add_argument("--request-timeout", type=_positive_float, default=120.0,
                    help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja2 chat template for /v1/chat/completions (default: the model's `chat_template` in "
+                        "tokenizer_config.json; an example: tfgen/serving/templates/interview.jinja)")
     p.set_defaults(run=_serve)
 
 

@@ -279,4 +279,5 @@ def _sampling(options, seed):
     """One row's `Sampling` from generate's resolved options."""
     return Sampling(max_tokens=options.max_new_tokens, do_sample=options.do_sample, temperature=options.temperature,
                     top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
-                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed)
+                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed,
+                    presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)

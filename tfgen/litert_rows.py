@@ -21,12 +21,13 @@ from typing import NamedTuple
 import numpy as np
 
 from tfgen.litert_host import aligned_zeros
-from tfgen.serving.protocol import row_settings
+from tfgen.serving.protocol import logit_bias_row, row_settings
 
 # The row settings the model takes ([rows] inputs of `next_token_R`), at their neutral values.
 SETTINGS = {"temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
             "repetition_penalty": (np.float32, 1.0), "no_repeat_ngram_size": (np.int32, 0),
-            "min_new_steps": (np.int32, 0)}
+            "min_new_steps": (np.int32, 0), "presence_penalty": (np.float32, 0.0),
+            "frequency_penalty": (np.float32, 0.0)}
 
 
 class RowTokens(NamedTuple):
@@ -94,6 +95,7 @@ class LiteRTRows:
         self._steps = np.zeros(rows, np.int32)  # new tokens so far
         self._limits = np.zeros(rows, np.int32)
         self._settings = {name: np.zeros(rows, dtype) for name, (dtype, _) in SETTINGS.items()}
+        self._logit_bias = np.zeros([rows, vocab], np.float32)  # the `logit_bias` input: a row's bias per token
         self._generators = {}  # slot -> its numpy Generator, for sampling rows
         self._started = set()  # until free_row
         self._running = set()  # started and not done
@@ -120,6 +122,7 @@ class LiteRTRows:
             settings = row_settings(sampling, seed)
             for name in SETTINGS:
                 self._settings[name][slot] = settings[name]
+            self._logit_bias[slot] = logit_bias_row(sampling, self._logit_bias.shape[1])
             self._generators[slot] = np.random.default_rng(seed) if sampling.do_sample else None
             self._started.add(slot)
             if sampling.max_tokens > 0:
@@ -171,6 +174,7 @@ class LiteRTRows:
         stays among the best candidates, so it never makes next_token sort the vocabulary."""
         for name, (_, neutral) in SETTINGS.items():
             self._settings[name][slot] = neutral
+        self._logit_bias[slot] = 0.0
         self._logits[slot] = 0.0
         self._logits[slot, 0] = 1.0
 
@@ -190,7 +194,7 @@ class LiteRTRows:
         """Each of the first `tier` rows' next token and its log-probability, from the row's logits and settings."""
         out = self._runners[f"next_token_{tier}"](
             logits=self._logits[:tier], sequence=self._sequence[:tier], lengths=self._lengths[:tier],
-            steps=self._steps[:tier], uniform=uniform, eos_ids=self._eos_array,
+            steps=self._steps[:tier], uniform=uniform, eos_ids=self._eos_array, logit_bias=self._logit_bias[:tier],
             **{name: value[:tier] for name, value in self._settings.items()})
         return out["token"], out["logprob"]
 

@@ -20,8 +20,8 @@ converter stores the weights once for all signatures:
   head_dim]) and to itself; its keys and values, which the runtime writes at
   that column.
 - `next_token_R(logits, sequence [R, capacity], lengths, steps, temperature,
-  top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_steps
-  (each [R]), uniform [R, 1], eos_ids [e])` -> `token` [R], `logprob` [R]:
+  top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_steps,
+  presence_penalty, frequency_penalty (each [R]), logit_bias [R, vocab], uniform [R, 1], eos_ids [e])` -> `token` [R], `logprob` [R]:
   the logits processors of `tfgen.generation.processors` over each row's
   history, then `decode.choose_at`: the argmax where a row's temperature is 0,
   else a top-k / top-p draw at its uniform number (the runtime draws it from
@@ -166,7 +166,8 @@ class StepModule(tf.Module):
                   ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
                   ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
                   ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
-                  ("uniform", tf.float32, [1])]
+                  ("presence_penalty", tf.float32, []), ("frequency_penalty", tf.float32, []),
+                  ("logit_bias", tf.float32, [config.vocab_size]), ("uniform", tf.float32, [1])]
         self._signatures = {
             "prefill": tf.function(self._prefill, input_signature=[
                 tf.TensorSpec([None, None], tf.int32, name="input_ids"), tf.TensorSpec([None], tf.int32, name="lengths")]),
@@ -202,10 +203,12 @@ class StepModule(tf.Module):
         return self._forward(token, positions[:, None], list(zip(cache[::2], cache[1::2])), tf.zeros_like(positions))
 
     def _next_token(self, logits, sequence, lengths, steps, temperature, top_k, top_p, repetition_penalty,
-                    no_repeat_ngram_size, min_new_steps, uniform, eos_ids):
+                    no_repeat_ngram_size, min_new_steps, presence_penalty, frequency_penalty, logit_bias, uniform,
+                    eos_ids):
         settings = {
             "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-            "eos_ids": eos_ids, "min_new_steps": min_new_steps,
+            "eos_ids": eos_ids, "min_new_steps": min_new_steps, "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias,
             "bad_words": tf.zeros([0, 1], tf.int32), "bad_word_lengths": tf.zeros([0], tf.int32),
         }
         scores = processors.process(logits, sequence, lengths, steps, settings)
