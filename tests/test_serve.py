@@ -302,6 +302,7 @@ def test_penalties_and_logit_bias_equal_openai_formula(client, model_name, tiny_
 def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name, tiny_lm, tiny_lm_dir, tmp_path):
     """lm-evaluation-harness's `local-completions` model, as it scores a task's answers: echo, max_tokens 1,
     logprobs 1, token-id prompts in batches; its log-likelihoods are the sums of `score`'s token log-probabilities."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 

@@ -88,7 +88,11 @@ class LiteRTRows:
                        **views},
                 {output: aligned_zeros(details["shape"], details["dtype"])
                  for output, details in decode.output_details(name).items()})
-        vocab = runners[f"next_token_{rows}"].get_input_details()["logits"]["shape"][1]
+        choice_inputs = runners[f"next_token_{rows}"].get_input_details()
+        if "logit_bias" not in choice_inputs:
+            raise ValueError("this LiteRT export predates OpenAI's penalties and logit_bias (its next_token has no "
+                             "logit_bias input); export it again with this tfgen")
+        vocab = choice_inputs["logits"]["shape"][1]
         self._logits = np.zeros([rows, vocab], np.float32)
         self._sequence = np.full([rows, capacity], pad_id, np.int32)
         self._lengths = np.zeros(rows, np.int32)  # tokens in each row's history: its next token's column
