@@ -299,7 +299,8 @@ def test_penalties_and_logit_bias_equal_openai_formula(client, model_name, tiny_
         assert response.choices[0].text == tokenizer.completion(prompt_ids, expected, ()).new_text
 
 
-def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name, tiny_lm, tiny_lm_dir, tmp_path):
+def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name, tiny_lm, tiny_lm_dir, tmp_path,
+                                                              monkeypatch):
     """lm-evaluation-harness's `local-completions` model, as it scores a task's answers: echo, max_tokens 1,
     logprobs 1, token-id prompts in batches; its log-likelihoods are the sums of `score`'s token log-probabilities."""
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
@@ -307,26 +308,27 @@ def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     tokenizer_dir = hf_tokenizer_dir(tiny_lm_dir, tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # what its requests send as `Authorization: Bearer`
     lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=model_name, tokenizer_backend="huggingface",
                              tokenizer=str(tokenizer_dir), tokenized_requests=True, batch_size=2, max_retries=1,
-                             use_fast_tokenizer=False, auth_token=API_KEY)
+                             use_fast_tokenizer=False, add_bos_token=True)  # the tiny tokenizer adds BOS
     pairs = [("대한민국의 수도는", " 서울이다."), ("오늘 날씨는", " 정말 좋다."), ("그는 집에", " 갔다.")]
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
     results = lm.loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (logprob, _) in zip(pairs, results):
-        context_tokens = len(tiny_lm.tokenizer.encode(context))
+        context_tokens = len(tiny_lm.tokenizer.encode(context))  # BOS and the context's tokens
         expected = sum(tiny_lm.score(context + continuation)["token_logprobs"][context_tokens - 1:])
         assert logprob == pytest.approx(expected, abs=1e-4)
 
 
 def hf_tokenizer_dir(model_dir, tmp_path):
-    """The model's SentencePiece tokenizer as transformers loads it (`LlamaTokenizer`, no special tokens added), for
+    """The model's SentencePiece tokenizer as transformers loads it (`LlamaTokenizer`, BOS first as tfgen's), for
     lm-eval's huggingface tokenizer backend."""
     directory = tmp_path / "hf-tokenizer"
     directory.mkdir()
     (directory / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
     (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": True}))
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}))
     return directory
 
 
