@@ -507,6 +507,7 @@ def test_playground_streams_korean_in_chromium(server, tmp_path):
         assert HANGUL.search(driver.find_element(By.ID, "completion").text)
         # Chat mode: two turns through /v1/chat/completions, the conversation in the messages list.
         driver.find_element(By.ID, "chat_mode").click()
+        driver.find_element(By.ID, "prompt").clear()
         for turn, message in enumerate(["GPT님, 요즘 바쁘시죠?", "무엇을 하세요?"]):
             driver.find_element(By.ID, "prompt").send_keys(message)
             driver.find_element(By.ID, "generate").click()
