@@ -508,12 +508,14 @@ def test_playground_streams_korean_in_chromium(server, tmp_path):
         # Chat mode: two turns through /v1/chat/completions, the conversation in the messages list.
         driver.find_element(By.ID, "chat_mode").click()
         driver.find_element(By.ID, "prompt").clear()
+        max_tokens.clear()
+        max_tokens.send_keys("12")  # two turns within the tiny model's context of 128 tokens
         for turn, message in enumerate(["GPT님, 요즘 바쁘시죠?", "무엇을 하세요?"]):
             driver.find_element(By.ID, "prompt").send_keys(message)
             driver.find_element(By.ID, "generate").click()
-            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages li")) == 2 * turn + 2)
-            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("끝")
-                       and not d.find_element(By.ID, "generate").get_attribute("disabled"))
+            wait.until(lambda d, count=2 * turn + 2: len(d.find_elements(By.CSS_SELECTOR, "#messages li")) == count)
+            wait.until(lambda d: not d.find_element(By.ID, "generate").get_attribute("disabled"))
+            assert driver.find_element(By.ID, "status").text.startswith("끝"), driver.find_element(By.ID, "status").text
         items = driver.find_elements(By.CSS_SELECTOR, "#messages li")
         assert [item.get_attribute("class") for item in items] == ["user", "assistant"] * 2
         assert items[0].text == "GPT님, 요즘 바쁘시죠?" and HANGUL.search(items[3].text)

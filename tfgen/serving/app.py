@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI's completions and chat completions APIs, models, health, metrics and the playground page (Starlette)."""
+"""The ASGI app: OpenAI's completions and chat completions APIs, models, health, metrics, the playground page."""
 
 import asyncio
 import contextlib
