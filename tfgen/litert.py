@@ -56,7 +56,7 @@ class LiteRTLM:
     """A GPT-2 LiteRT export: `generate`, `generate_text`, `stream_text` and `score` with GPT2LM's arguments.
 
     Greedy decoding, sampling (temperature, top_k, top_p, seed), repetition
-    penalty, no-repeat n-grams and min_new_tokens / min_length; no beam search
+    penalty, OpenAI's presence and frequency penalties, no-repeat n-grams and min_new_tokens / min_length; no beam search
     and no bad_words_ids (GPT2LM and the SavedModel export have them).
     `num_threads`: the Interpreter's and the CompiledModel's threads (default: the usable cores).
     """
