@@ -16,7 +16,8 @@ TEXTS = ["대한민국의 수도는 서울이다", "영화가 정말 재미있�
 STRIDES = [None, 40]  # for a text of three contexts, in windows of the export's capacity
 CAPACITY = 64
 GREEDY = [dict(max_new_tokens=20), dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2,
-                                        min_new_tokens=5)]
+                                        min_new_tokens=5),
+          dict(max_new_tokens=20, presence_penalty=0.8, frequency_penalty=1.5)]
 SAMPLING = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=16)
 ROWS = 4  # the export's row tiers: 1, 2, 4
 # Rows of one batch, each with its own settings (serving.protocol.Sampling fields).

@@ -22,7 +22,8 @@ from transformers import GPT2Config
 from test_litert import BLOCK_TENSORFLOW
 from tiny_model import text_of_tokens
 from tfgen import GPT2LM, cli, export_litert
-from tfgen.serving import protocol
+from test_penalties import reference_greedy
+from tfgen.serving import chat, protocol
 from tfgen.serving.scheduler import find_stop, settled_text
 
 API_KEY = "test-key"
@@ -30,6 +31,9 @@ ENGINES = ["xla", "litert"]  # `tfgen serve` on a checkpoint (XLA), and on a Lit
 SERVE_WITHOUT_TENSORFLOW = BLOCK_TENSORFLOW + "from tfgen.cli import main; sys.exit(main(sys.argv[1:]))"
 STARTUP_SECONDS = 600
 HANGUL = re.compile("[가-힣]")
+INTERVIEW = chat.TEMPLATES_DIR / "interview.jinja"
+CHAT = [{"role": "system", "content": "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!"},
+        {"role": "user", "content": "GPT님, 요즘 바쁘시죠?"}]
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
 
 
@@ -111,7 +115,7 @@ def model_dir(engine, tiny_lm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(engine, model_dir, tmp_path_factory):
     process = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16",
-                            "--api-key", API_KEY, without_tensorflow=engine == "litert")
+                            "--api-key", API_KEY, "--chat-template", str(INTERVIEW), without_tensorflow=engine == "litert")
     yield process
     process.stop()
 
@@ -208,6 +212,127 @@ def test_extras_are_applied(client, model_name, tiny_lm):
     assert response.usage.completion_tokens == 30
 
 
+def test_chat_completion_equals_generate_text_on_the_rendered_prompt(client, model_name, tiny_lm, tiny_lm_dir):
+    prompt = chat.load(tiny_lm_dir, INTERVIEW).render(CHAT)
+    assert prompt.endswith("Q : GPT님, 요즘 바쁘시죠?\nA : ")
+    expected = tiny_lm.generate_text(prompt, return_full_text=False, max_new_tokens=24)
+    response = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0)
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == len(tiny_lm.tokenizer.encode(prompt))
+    chunks = list(client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == response.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == response.usage.model_dump()
+
+
+def test_chat_messages_are_checked(client, model_name):
+    for messages in ([], [{"role": "user"}], [{"role": "tool", "content": "x"}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model=model_name, messages=messages, max_tokens=2)
+        assert raised.value.body["param"] == "messages"
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "GPT님, "}, {"type": "text", "text": "안녕"}]}]
+    assert client.chat.completions.create(model=model_name, messages=text_parts, max_tokens=2).choices
+
+
+def test_completion_stream_include_usage(client, model_name):
+    chunks = list(client.completions.create(model=model_name, prompt=PROMPTS[:2], max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    final = _greedy(client, model_name, PROMPTS[:2], max_tokens=6)
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == final.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, model_name, tiny_lm):
+    text = "나는 오늘 학교에 갔다."
+    scored = tiny_lm.score(text)
+    for prompt in (text, tiny_lm.tokenizer.encode(text)):
+        response = client.completions.create(model=model_name, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                                             temperature=0)
+        choice = response.choices[0]
+        assert choice.text == tiny_lm.tokenizer.decode(tiny_lm.tokenizer.encode(text))
+        assert response.usage.completion_tokens == 0 and choice.finish_reason == "length"
+        logprobs = choice.logprobs
+        assert logprobs.tokens == scored["tokens"]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.token_logprobs[1:] == pytest.approx(scored["token_logprobs"], abs=1e-4)
+        assert all(len(top) <= 2 for top in logprobs.top_logprobs[1:])
+        assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+
+
+def test_echo_with_new_tokens_puts_the_prompt_first(client, model_name, tiny_lm):
+    plain = _greedy(client, model_name, PROMPTS[1], max_tokens=8, logprobs=1)
+    echoed = _greedy(client, model_name, PROMPTS[1], max_tokens=8, logprobs=1, echo=True)
+    prompt_tokens = echoed.usage.prompt_tokens
+    assert echoed.choices[0].text == tiny_lm.tokenizer.decode(tiny_lm.tokenizer.encode(PROMPTS[1])) + plain.choices[0].text
+    assert echoed.choices[0].logprobs.token_logprobs[prompt_tokens:] == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    assert len(echoed.choices[0].logprobs.tokens) == prompt_tokens + plain.usage.completion_tokens
+    streamed = client.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                         echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
+
+
+def test_token_id_prompts_equal_text_prompts(client, model_name, tiny_lm):
+    ids = [tiny_lm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    by_text = _greedy(client, model_name, PROMPTS[:2], max_tokens=10)
+    assert [c.text for c in _greedy(client, model_name, ids, max_tokens=10).choices] == [c.text for c in by_text.choices]
+    assert _greedy(client, model_name, ids[0], max_tokens=10).choices[0].text == by_text.choices[0].text
+
+
+def test_penalties_and_logit_bias_equal_openai_formula(client, model_name, tiny_lm):
+    tokenizer = tiny_lm.tokenizer
+    prompt_ids = tokenizer.encode(PROMPTS[0])
+    plain = reference_greedy(tiny_lm, prompt_ids, 24)
+    cases = [{"presence_penalty": 0.8, "frequency_penalty": 1.5},
+             {"logit_bias": {str(plain[0]): -100, str(plain[3]): 5.0}},
+             {"frequency_penalty": 2.0, "logit_bias": {str(plain[1]): 3.0}}]
+    for case in cases:
+        expected = reference_greedy(tiny_lm, prompt_ids, 24, **case)
+        assert expected != plain  # big enough to change the text
+        response = _greedy(client, model_name, PROMPTS[0], **case)
+        assert response.usage.completion_tokens == len(expected)
+        assert response.choices[0].text == tokenizer.completion(prompt_ids, expected, ()).new_text
+
+
+def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name, tiny_lm, tiny_lm_dir, tmp_path,
+                                                              monkeypatch):
+    """lm-evaluation-harness's `local-completions` model, as it scores a task's answers: echo, max_tokens 1,
+    logprobs 1, token-id prompts in batches; its log-likelihoods are the sums of `score`'s token log-probabilities."""
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    tokenizer_dir = hf_tokenizer_dir(tiny_lm_dir, tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # what its requests send as `Authorization: Bearer`
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=model_name, tokenizer_backend="huggingface",
+                             tokenizer=str(tokenizer_dir), tokenized_requests=True, batch_size=2, max_retries=1,
+                             use_fast_tokenizer=False, add_bos_token=True)  # the tiny tokenizer adds BOS
+    pairs = [("대한민국의 수도는", " 서울이다."), ("오늘 날씨는", " 정말 좋다."), ("그는 집에", " 갔다.")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, continuation), (logprob, _) in zip(pairs, results):
+        context_tokens = len(tiny_lm.tokenizer.encode(context))  # BOS and the context's tokens
+        expected = sum(tiny_lm.score(context + continuation)["token_logprobs"][context_tokens - 1:])
+        assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def hf_tokenizer_dir(model_dir, tmp_path):
+    """The model's SentencePiece tokenizer as transformers loads it (`LlamaTokenizer`, BOS first as tfgen's), for
+    lm-eval's huggingface tokenizer backend."""
+    directory = tmp_path / "hf-tokenizer"
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}))
+    return directory
+
+
 def test_wrong_or_missing_key_is_401(server, model_name):
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong-key").completions.create(model=model_name, prompt="안녕", max_tokens=2)
@@ -222,11 +347,15 @@ def test_wrong_or_missing_key_is_401(server, model_name):
 
 @pytest.mark.parametrize("bad", [
     {"max_tokens": 0}, {"max_tokens": "many"}, {"temperature": 2.5}, {"top_p": 0}, {"n": 0},
-    {"logprobs": 9}, {"stop": ["a", "b", "c", "d", "e"]}, {"prompt": ""}, {"prompt": [1, 2, 3]},
+    {"logprobs": 9}, {"stop": ["a", "b", "c", "d", "e"]}, {"prompt": ""}, {"prompt": [1, "a"]},
+    {"prompt": [10**7]}, {"prompt": [[1], []]}, {"prompt": [-1]},
     {"prompt": "긴 문장 " * 200}, {"max_tokens": 500}, {"extra_body": {"top_k": "x"}},
     {"extra_body": {"no_repeat_ngram_size": 99}}, {"extra_body": {"min_tokens": 50}},
-    {"extra_body": {"unknown_field": 1}}, {"extra_body": {"echo": True}},
-    {"stream": True, "logprobs": 1},
+    {"extra_body": {"unknown_field": 1}}, {"extra_body": {"best_of": 2}},
+    {"stream": True, "logprobs": 1}, {"presence_penalty": 2.5}, {"frequency_penalty": -2.01},
+    {"presence_penalty": "1"}, {"logit_bias": {"abc": 1}}, {"logit_bias": {"5": 101}},
+    {"logit_bias": {"100000": 1}}, {"logit_bias": [1]}, {"stream_options": {"include_usage": True}},
+    {"stream": True, "stream_options": {"include_usage": 1}},
 ])
 def test_bad_request_is_400_and_the_server_keeps_serving(client, model_name, bad):
     kwargs = {"model": model_name, "prompt": "안녕하세요", "max_tokens": 4, **bad}
@@ -389,8 +518,34 @@ def test_playground_streams_korean_in_chromium(server, tmp_path):
         wait.until(lambda d: HANGUL.search(d.find_element(By.ID, "completion").text))
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("끝"))
         assert HANGUL.search(driver.find_element(By.ID, "completion").text)
+        # Chat mode: two turns through /v1/chat/completions, the conversation in the messages list.
+        driver.find_element(By.ID, "chat_mode").click()
+        driver.find_element(By.ID, "prompt").clear()
+        max_tokens.clear()
+        max_tokens.send_keys("12")  # two turns within the tiny model's context of 128 tokens
+        for turn, message in enumerate(["GPT님, 요즘 바쁘시죠?", "무엇을 하세요?"]):
+            driver.find_element(By.ID, "prompt").send_keys(message)
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d, count=2 * turn + 2: len(d.find_elements(By.CSS_SELECTOR, "#messages li")) == count)
+            wait.until(lambda d: not d.find_element(By.ID, "generate").get_attribute("disabled"))
+            assert driver.find_element(By.ID, "status").text.startswith("끝"), driver.find_element(By.ID, "status").text
+        items = driver.find_elements(By.CSS_SELECTOR, "#messages li")
+        assert [item.get_attribute("class") for item in items] == ["user", "assistant"] * 2
+        assert items[0].text == "GPT님, 요즘 바쁘시죠?" and HANGUL.search(items[3].text)
     finally:
         driver.quit()
+
+
+def test_chat_without_a_template_is_400_naming_the_flag(tiny_lm_dir):
+    from starlette.testclient import TestClient
+
+    from tfgen.serving.app import ServerSettings, create_app
+
+    assert chat.load(tiny_lm_dir) is None  # the tiny model has no chat_template
+    app = create_app(lambda: None, ServerSettings(model_name="tiny", chat_template=chat.load(tiny_lm_dir)))
+    response = TestClient(app).post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT})
+    assert response.status_code == 400
+    assert "--chat-template" in response.json()["error"]["message"]
 
 
 def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
@@ -400,6 +555,11 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
     assert result.stderr.count("\n") == 1 and "no model directory" in result.stderr
     for args in (["--max-batch", "0"], ["--max-queue", "-1"], ["--request-timeout", "0"]):
         assert cli.main(["serve", *args]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    for template in (broken, tmp_path / "missing.jinja"):
+        assert cli.main(["serve", "--model", "ko-mini", "--chat-template", str(template)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
 
 

@@ -132,12 +132,14 @@ def test_rows_of_one_batch_each_decode_with_their_own_settings(tiny_lm, prompt_i
                       dict(repetition_penalty=1.4, no_repeat_ngram_size=2)),
         "min_tokens": (sampling(24, no_repeat_ngram_size=3, min_tokens=24), dict(no_repeat_ngram_size=3,
                                                                               min_new_tokens=24)),
+        "openai_penalties": (sampling(20, presence_penalty=0.8, frequency_penalty=1.5),
+                             dict(presence_penalty=0.8, frequency_penalty=1.5)),
     }
     sampled = {"top_k": sampling(20, do_sample=True, temperature=0.8, top_k=5, seed=1),
                "top_p": sampling(20, do_sample=True, temperature=1.5, top_p=0.6, seed=2)}
     joins = [(name, slot, prompt_ids[slot], row) for slot, (name, (row, _)) in enumerate(settings.items())]
-    joins += [(name, 3 + i, prompt_ids[i], row) for i, (name, row) in enumerate(sampled.items())]
-    out = run(StateRows(tiny_lm, 5), [joins[:2], joins[2:]])
+    joins += [(name, len(settings) + i, prompt_ids[i], row) for i, (name, row) in enumerate(sampled.items())]
+    out = run(StateRows(tiny_lm, len(joins)), [joins[:2], joins[2:]])
     for slot, (name, (row, kwargs)) in enumerate(settings.items()):
         assert out[name] == alone(tiny_lm, prompt_ids[slot], row.max_tokens, **kwargs), name
     for i, (name, row) in enumerate(sampled.items()):

@@ -232,7 +232,7 @@ def _serve(args):
     if args.ray:
         _serve_on_ray(args, settings, ray_options)
     else:
-        serve(args.model, args.host, args.port, settings)
+        serve(args.model, args.host, args.port, settings, chat_template=args.chat_template)
 
 
 _RAY_ONLY = ("replicas", "ray_address", "replica_cpus", "replica_gpus")
@@ -243,7 +243,8 @@ def _serve_on_ray(args, settings, ray_options):
         from tfgen.serving.ray import serve_on_ray
     except ImportError as error:
         raise UsageError(f"tfgen serve --ray needs Ray Serve ({error}): pip install 'tfgen[ray]'") from None
-    serve_on_ray(args.model, args.host, args.port, settings, **ray_options)  # its defaults for the options not given
+    serve_on_ray(args.model, args.host, args.port, settings, chat_template=args.chat_template,
+                 **ray_options)  # its defaults for the options not given
 
 
 def _int_from(low, what):
@@ -395,7 +396,7 @@ _non_negative_float = _float_where(lambda value: value >= 0, "non-negative")
 def _add_serve(subparsers):
     from tfgen.serving.prefix_cache import BLOCK_TOKENS, DEFAULT_TOKENS
 
-    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions server with a playground page at /")
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions and chat server with a playground page at /")
     _add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -406,6 +407,9 @@ def _add_serve(subparsers):
                    help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
     p.add_argument("--request-timeout", type=_positive_float, default=120.0,
                    help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja2 chat template for /v1/chat/completions (default: the model's `chat_template` in "
+                        "tokenizer_config.json; an example: tfgen/serving/templates/interview.jinja)")
     p.add_argument("--prefix-cache-tokens", type=_non_negative_int, default=DEFAULT_TOKENS,
                    help="prompt prefixes whose keys and values are kept for requests that start alike, in tokens "
                         f"(blocks of {BLOCK_TOKENS}, least recently used dropped; 0: off; default {DEFAULT_TOKENS})")

@@ -61,7 +61,7 @@ class LiteRTLM:
     """A GPT-2 or GPT-J LiteRT export: `generate`, `generate_text`, `stream_text` and `score` with GPT2LM's arguments.
 
     Greedy decoding, sampling (temperature, top_k, top_p, seed), repetition
-    penalty, no-repeat n-grams and min_new_tokens / min_length; no beam search
+    penalty, OpenAI's presence and frequency penalties, no-repeat n-grams and min_new_tokens / min_length; no beam search
     and no bad_words_ids (GPT2LM and the SavedModel export have them).
     `num_threads`: the CompiledModels' threads (default: the usable cores).
     """
@@ -316,4 +316,5 @@ def _sampling(options, seed):
     """One row's `Sampling` from generate's resolved options."""
     return Sampling(max_tokens=options.max_new_tokens, do_sample=options.do_sample, temperature=options.temperature,
                     top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
-                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed)
+                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed,
+                    presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)

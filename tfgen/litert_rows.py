@@ -27,13 +27,14 @@ import numpy as np
 
 from tfgen.litert_host import aligned_zeros
 from tfgen.serving.prefix_cache import PrefixCache
-from tfgen.serving.protocol import row_settings
+from tfgen.serving.protocol import logit_bias_row, row_settings
 
 MAX_EOS_IDS = 8  # the length of next_token's eos_ids input (padded with -1)
 # The row settings the model takes ([rows] inputs of `next_token_R`), at their neutral values.
 SETTINGS = {"temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
             "repetition_penalty": (np.float32, 1.0), "no_repeat_ngram_size": (np.int32, 0),
-            "min_new_steps": (np.int32, 0)}
+            "min_new_steps": (np.int32, 0), "presence_penalty": (np.float32, 0.0),
+            "frequency_penalty": (np.float32, 0.0)}
 
 
 class RowTokens(NamedTuple):
@@ -144,6 +145,7 @@ class LiteRTRows:
         self._steps = aligned_zeros([rows], np.int32)  # new tokens so far
         self._limits = np.zeros(rows, np.int32)
         self._settings = {name: aligned_zeros([rows], dtype) for name, (dtype, _) in SETTINGS.items()}
+        self._logit_bias = aligned_zeros([rows, vocab])  # the `logit_bias` input: a row's bias per token
         eos = aligned_zeros([MAX_EOS_IDS], np.int32)
         eos[:] = -1
         eos[:len(self.eos_ids)] = self.eos_ids
@@ -158,6 +160,7 @@ class LiteRTRows:
                 f"next_token_{tier}",
                 {"logits": self._logits[:tier], "sequence": self._sequence[:tier], "lengths": self._lengths[:tier],
                  "steps": self._steps[:tier], "uniform": aligned_zeros([tier, 1]), "eos_ids": eos,
+                 "logit_bias": self._logit_bias[:tier],
                  **{name: value[:tier] for name, value in self._settings.items()}},
                 {"token": aligned_zeros([tier], np.int32), "logprob": aligned_zeros([tier])})
         self._extenders = {}  # slot -> its `extend` call, bound on first use
@@ -192,6 +195,7 @@ class LiteRTRows:
             settings = row_settings(sampling, seed)
             for name in SETTINGS:
                 self._settings[name][slot] = settings[name]
+            self._logit_bias[slot] = logit_bias_row(sampling, self._logit_bias.shape[1])
             self._generators[slot] = np.random.default_rng(seed) if sampling.do_sample else None
             self._started.add(slot)
             if sampling.max_tokens > 0:
@@ -245,6 +249,7 @@ class LiteRTRows:
         stays among the best candidates, so it never makes next_token sort the vocabulary."""
         for name, (_, neutral) in SETTINGS.items():
             self._settings[name][slot] = neutral
+        self._logit_bias[slot] = 0.0
         self._logits[slot] = 0.0
         self._logits[slot, 0] = 1.0
 

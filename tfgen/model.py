@@ -372,7 +372,9 @@ class CausalLM(tf.keras.Model):
         temperature, top_k, top_p, num_return_sequences, eos_token_id (one id
         or a list), pad_token_id, num_beams, early_stopping, length_penalty,
         repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens)
-        plus `seed` for reproducible sampling.
+        plus `seed` for reproducible sampling, and OpenAI's `presence_penalty` and `frequency_penalty` (from -2
+        to 2: each new token's score less frequency_penalty times its count among the tokens generated so far,
+        less presence_penalty if that count is positive).
 
         streamer: an object with transformers' streamer protocol (e.g. its
         `TextStreamer` or `TextIteratorStreamer` given this model's tokenizer):

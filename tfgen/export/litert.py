@@ -24,14 +24,14 @@ before it, and gives hidden states, or the logits (the last part):
   2, 4, ... up to `rows`: the runtime runs the smallest tier that holds its
   busy rows).
 - `next_token_R(logits, sequence [R, capacity], lengths, steps, temperature,
-  top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_steps
-  (each [R]), uniform [R, 1], eos_ids [MAX_EOS_IDS])` -> `token` [R],
-  `logprob` [R], in the last part: the logits processors of
-  `tfgen.generation.processors` over each row's history, then
-  `decode.choose_at`: the argmax where a row's temperature is 0, else a
-  top-k / top-p draw at its uniform number (the runtime draws it from the
-  row's seeded numpy generator; LiteRT has no stateless RNG). `eos_ids` is
-  padded with -1.
+  top_k, top_p, repetition_penalty, no_repeat_ngram_size, min_new_steps,
+  presence_penalty, frequency_penalty (each [R]), logit_bias [R, vocab],
+  uniform [R, 1], eos_ids [MAX_EOS_IDS])` -> `token` [R], `logprob` [R], in
+  the last part: the logits processors of `tfgen.generation.processors` over
+  each row's history, then `decode.choose_at`: the argmax where a row's
+  temperature is 0, else a top-k / top-p draw at its uniform number (the
+  runtime draws it from the row's seeded numpy generator; LiteRT has no
+  stateless RNG). `eos_ids` is padded with -1.
 
 Caches are [1 or R, heads, capacity, head_dim] per layer of the part. The KV
 cache belongs to the runtime (numpy arrays it passes in place): the model only
@@ -229,7 +229,8 @@ class PartModule(tf.Module):
                       ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
                       ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
                       ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
-                      ("uniform", tf.float32, [1])]
+                      ("presence_penalty", tf.float32, []), ("frequency_penalty", tf.float32, []),
+                      ("logit_bias", tf.float32, [config.vocab_size]), ("uniform", tf.float32, [1])]
             for rows in tiers:
                 self._signatures[f"next_token_{rows}"] = tf.function(self._next_token, input_signature=[
                     *_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")])
@@ -253,10 +254,12 @@ class PartModule(tf.Module):
         return out
 
     def _next_token(self, logits, sequence, lengths, steps, temperature, top_k, top_p, repetition_penalty,
-                    no_repeat_ngram_size, min_new_steps, uniform, eos_ids):
+                    no_repeat_ngram_size, min_new_steps, presence_penalty, frequency_penalty, logit_bias, uniform,
+                    eos_ids):
         settings = {
             "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-            "eos_ids": eos_ids, "min_new_steps": min_new_steps,
+            "eos_ids": eos_ids, "min_new_steps": min_new_steps, "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias,
             "bad_words": tf.zeros([0, 1], tf.int32), "bad_word_lengths": tf.zeros([0], tf.int32),
         }
         scores = processors.process(logits, sequence, lengths, steps, settings)

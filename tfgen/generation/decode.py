@@ -41,7 +41,7 @@ EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 # its step's draws a sampling row takes, see sampling.row_draws) is given only per row, and defaults to the row's index.
 ROW_SETTINGS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "seed": np.int64,
                 "draw_index": np.int32, "repetition_penalty": np.float32, "no_repeat_ngram_size": np.int32,
-                "min_new_steps": np.int32}
+                "min_new_steps": np.int32, "presence_penalty": np.float32, "frequency_penalty": np.float32}
 
 
 def round_up(n, multiple=BUCKET):
@@ -60,7 +60,7 @@ def settings_tensors(options):
 
     A field of `options` may already be a tensor (the exported model's request inputs). Each setting is a
     scalar, for every row alike; the row settings (ROW_SETTINGS) may instead be given [rows], one per row,
-    as a server's rows are (`tfgen.serving.rows.StateRows`). The processors and the choice broadcast a
+    as a server's rows are (`tfgen.serving.rows.StateRows`), and `logit_bias` [rows, vocab]. The processors and the choice broadcast a
     scalar, so both run the same code.
     """
     return {
@@ -74,6 +74,9 @@ def settings_tensors(options):
         "repetition_penalty": tf.cast(options.repetition_penalty, tf.float32),
         "no_repeat_ngram_size": tf.cast(options.no_repeat_ngram_size, tf.int32),
         "min_new_steps": tf.cast(options.min_new_steps, tf.int32),
+        "presence_penalty": tf.cast(options.presence_penalty, tf.float32),
+        "frequency_penalty": tf.cast(options.frequency_penalty, tf.float32),
+        "logit_bias": tf.zeros([], tf.float32),  # none; a server's rows give theirs, [rows, vocab]
         "length_penalty": tf.cast(options.length_penalty, tf.float32),
         "early_stopping": tf.constant(EARLY_STOPPING_CODES[options.early_stopping], tf.int32),
         **bad_word_tensors(options.bad_words_ids),

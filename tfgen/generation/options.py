@@ -8,6 +8,7 @@ import numpy as np
 DEFAULT_MAX_LENGTH = 20  # transformers' GenerationConfig default
 # no_repeat_ngram_size is a runtime tensor of the decode programs (tfgen.generation.processors); it may be at most this.
 MAX_NGRAM_SIZE = 8
+MAX_OPENAI_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
 
 # What the request-time settings must be, in the words of resolve_options and of the exported
 # model's request checks (tfgen.export); {} is the value given.
@@ -18,6 +19,8 @@ RULES = {
     "top_k": "top_k must be a non-negative integer, got {}; 0 switches top-k filtering off",
     "repetition_penalty": "repetition_penalty must be > 0, got {}; 1 switches it off",
     "no_repeat_ngram_size": f"no_repeat_ngram_size must be an integer from 0 (off) to {MAX_NGRAM_SIZE}, got {{}}",
+    "presence_penalty": "presence_penalty must be a number from -2 to 2, got {}; 0 switches it off",
+    "frequency_penalty": "frequency_penalty must be a number from -2 to 2, got {}; 0 switches it off",
 }
 
 
@@ -39,6 +42,8 @@ class GenerationOptions:
     no_repeat_ngram_size: int
     min_new_steps: int  # EOS is banned before this many new tokens (min_length and min_new_tokens)
     bad_words_ids: tuple  # of token-id tuples
+    presence_penalty: float = 0.0  # OpenAI's additive penalties (tfgen.generation.processors)
+    frequency_penalty: float = 0.0
 
 
 def _is_int(value):
@@ -85,6 +90,8 @@ def resolve_options(
     min_length=0,
     min_new_tokens=0,
     bad_words_ids=None,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
 ):
     """Checks generate()'s arguments for prompts `prompt_length` tokens wide; raises ValueError naming the fix."""
     if max_new_tokens is None:
@@ -127,6 +134,10 @@ def resolve_options(
     no_repeat_ngram_size = no_repeat_ngram_size or 0
     if not _is_int(no_repeat_ngram_size) or not 0 <= no_repeat_ngram_size <= MAX_NGRAM_SIZE:
         raise ValueError(RULES["no_repeat_ngram_size"].format(repr(no_repeat_ngram_size)))
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                or not -MAX_OPENAI_PENALTY <= value <= MAX_OPENAI_PENALTY:
+            raise ValueError(RULES[name].format(repr(value)))
     for name, value in (("min_length", min_length), ("min_new_tokens", min_new_tokens)):
         if not _is_int(value or 0) or (value or 0) < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -153,4 +164,6 @@ def resolve_options(
         no_repeat_ngram_size=int(no_repeat_ngram_size),
         min_new_steps=max(int(min_new_tokens or 0), int(min_length or 0) - prompt_length),
         bad_words_ids=bad_words_ids,
+        presence_penalty=float(presence_penalty),
+        frequency_penalty=float(frequency_penalty),
     )

@@ -7,7 +7,7 @@ scalar for every row) hold its prompt's tokens, then the new ones; the
 columns after are not read.
 Every setting is a runtime tensor (the bad-word list's shape aside), one value for every row (a scalar) or
 one per row ([batch]: the rows of a server's batch each have their own), and each processor is a no-op at its
-neutral value (penalty 1, n-gram size 0, no bad words, minimum 0), so the decode program
+neutral value (penalty 1, n-gram size 0, no bad words, minimum 0, OpenAI's penalties and logit bias 0), so the decode program
 applies them all unconditionally.
 """
 
@@ -27,15 +27,38 @@ def _history_mask(sequence, length):
     return tf.range(dims(sequence)[1])[None, :] < _row_lengths(sequence, length)[:, None]
 
 
-def _mark(vocab, tokens, hit):
-    """A [batch, vocab] bool: True for each token that stands in `tokens` [batch, width] where `hit` holds."""
+def _counts(vocab, tokens, hit):
+    """A [batch, vocab] int32: how often each token stands in `tokens` [batch, width] where `hit` holds."""
     batch, width = dims(tokens)
     rows = tf.broadcast_to(tf.range(batch)[:, None], [batch, width])
     indices = tf.stack([tf.reshape(rows, [-1]), tf.reshape(tokens, [-1])], axis=1)
     hit = tf.broadcast_to(hit, tf.shape(tokens))
-    # A sum of hits, not a max: scatter_nd is also a LiteRT builtin (the decode step of tfgen.export.litert).
-    counts = tf.scatter_nd(indices, tf.reshape(tf.cast(hit, tf.int32), [-1]), [batch, vocab])
-    return counts > 0
+    # scatter_nd sums duplicates, and is a LiteRT builtin (the decode step of tfgen.export.litert).
+    return tf.scatter_nd(indices, tf.reshape(tf.cast(hit, tf.int32), [-1]), [batch, vocab])
+
+
+def _mark(vocab, tokens, hit):
+    """A [batch, vocab] bool: True for each token that stands in `tokens` [batch, width] where `hit` holds."""
+    return _counts(vocab, tokens, hit) > 0
+
+
+def logit_bias(scores, bias):
+    """OpenAI's `logit_bias`: `bias` added to the scores, [batch, vocab] (a row per row) or a scalar (0: off)."""
+    return scores + tf.cast(bias, scores.dtype)
+
+
+def presence_frequency_penalty(scores, sequence, length, generated, presence_penalty, frequency_penalty):
+    """OpenAI's additive penalties: subtracts frequency_penalty * count + presence_penalty * (count > 0) from each
+    token's score, `count` being how often the token stands among the row's `generated` newest tokens."""
+    batch, width = dims(sequence)
+    length = _row_lengths(sequence, length)
+    first_new = length - per_row(generated, batch, tf.int32)
+    columns = tf.range(width)[None, :]
+    is_new = tf.logical_and(columns >= first_new[:, None], columns < length[:, None])
+    counts = tf.cast(_counts(scores.shape[-1], sequence, is_new), scores.dtype)
+    presence = per_row(presence_penalty, batch, scores.dtype)[:, None]
+    frequency = per_row(frequency_penalty, batch, scores.dtype)[:, None]
+    return scores - frequency * counts - presence * tf.cast(counts > 0, scores.dtype)
 
 
 def repetition_penalty(scores, sequence, length, penalty):
@@ -100,7 +123,11 @@ def process(scores, sequence, length, generated, settings):
     """All processors, in transformers' order; each is a no-op at its neutral setting.
 
     `length` [batch]: each row's history (prompt and new tokens); `generated` [batch]: its new tokens.
+    OpenAI's logit bias and additive penalties come first, on the model's own logits.
     """
+    scores = logit_bias(scores, settings["logit_bias"])
+    scores = presence_frequency_penalty(scores, sequence, length, generated, settings["presence_penalty"],
+                                        settings["frequency_penalty"])
     scores = repetition_penalty(scores, sequence, length, settings["repetition_penalty"])
     scores = no_repeat_ngram(scores, sequence, length, settings["no_repeat_ngram_size"])
     scores = bad_words(scores, sequence, length, settings["bad_words"], settings["bad_word_lengths"])

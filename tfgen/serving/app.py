@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI's completions API, models, health, metrics and the playground page (Starlette)."""
+"""The ASGI app: OpenAI's completions and chat completions APIs, models, health, metrics, the playground page."""
 
 import asyncio
 import contextlib
@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tfgen.serving import protocol
+from tfgen.serving.chat import ChatTemplate, ChatTemplateError
 from tfgen.serving.engine import Engine
 from tfgen.serving.metrics import Metrics
 from tfgen.serving.prefix_cache import DEFAULT_TOKENS
@@ -38,6 +39,7 @@ class ServerSettings:
     api_key: str = None  # None: no authentication
     request_timeout: float = 120.0  # seconds from arrival; a row past it ends with finish_reason "length"
     retry_after: int = 1  # seconds, in a 429's Retry-After
+    chat_template: ChatTemplate = None  # None: /v1/chat/completions answers 400
 
 
 def _error_response(error):
@@ -75,9 +77,16 @@ class Server:
         tokenizer = self.engine.model.tokenizer
         context = self.engine.scheduler.rows.capacity
         deadline = time.monotonic() + self.settings.request_timeout
+        unknown = [token for token, _ in request.sampling.logit_bias if not tokenizer.knows(token)]
+        if unknown:
+            raise APIError(f"`logit_bias` names token {unknown[0]}, outside the vocabulary of "
+                           f"{tokenizer.vocab_size} tokens", param="logit_bias")
         jobs = []
         for prompt in request.prompts:
-            prompt_ids = tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not all(tokenizer.knows(token) for token in prompt_ids):
+                raise APIError(f"`prompt` has token ids outside the vocabulary of {tokenizer.vocab_size} tokens",
+                               param="prompt")
             if len(prompt_ids) + request.sampling.max_tokens > context:
                 raise APIError(
                     f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds "
@@ -89,12 +98,23 @@ class Server:
                 sampling = dataclasses.replace(request.sampling, seed=protocol.choice_seed(request.sampling.seed, choice))
                 jobs.append(Job(prompt_ids, prompt_text, sampling, request.stop, deadline,
                                 emit=lambda kind, value, index=index: emit(index, kind, value),
-                                top_logprobs=request.logprobs))
+                                top_logprobs=request.logprobs, echo=request.echo))
         most = self.settings.max_queue + self.settings.max_batch
         if len(jobs) > most:
             raise APIError(f"this request needs {len(jobs)} rows (prompts x n); the server holds at most {most}; "
                            "send fewer prompts or a smaller n", param="n")
         return jobs
+
+    def render_chat(self, messages):
+        """The prompt of a chat: its messages rendered by the served chat template."""
+        if self.settings.chat_template is None:
+            raise APIError("this model has no chat template (no `chat_template` in its tokenizer_config.json); "
+                           "start the server with `tfgen serve --chat-template FILE` (a Jinja2 template, e.g. "
+                           "tfgen/serving/templates/interview.jinja), or use /v1/completions", param="messages")
+        try:
+            return self.settings.chat_template.render(messages)
+        except ChatTemplateError as error:
+            raise APIError(str(error), param="messages") from None
 
 
 async def _body(request):
@@ -109,6 +129,20 @@ async def completions(request):
     server.check_key(request)
     server.check_ready()
     parsed = protocol.parse_completion_request(await _body(request), server.settings.model_name)
+    return await _answer(server, request, parsed, protocol.COMPLETIONS)
+
+
+async def chat_completions(request):
+    server = request.app.state.server
+    server.check_key(request)
+    body = await _body(request)
+    parsed = protocol.parse_chat_request(body, server.settings.model_name, server.render_chat)
+    server.check_ready()
+    return await _answer(server, request, parsed, protocol.CHAT)
+
+
+async def _answer(server, request, parsed, api):
+    """Queues a parsed request's jobs and answers it in `api`'s objects (protocol.COMPLETIONS or CHAT)."""
     loop = asyncio.get_running_loop()
     events = asyncio.Queue()
 
@@ -124,14 +158,33 @@ async def completions(request):
                        error_type="rate_limit_exceeded", code="queue_full",
                        headers={"Retry-After": str(server.settings.retry_after)}) from None
     server.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in jobs))
-    request_id, created = protocol.completion_id(), int(time.time())
+    answer = _Answer(server, api, parsed, jobs)
     if parsed.stream:
         return EventSourceResponse(
-            _stream(server, jobs, events, request_id, created),
+            _stream(answer, events),
             # SIGTERM: let streams in flight finish (uvicorn stops taking new connections meanwhile).
             shutdown_event=anyio.Event(), shutdown_grace_period=server.settings.request_timeout,
         )
-    return await _collect(server, request, jobs, parsed.n, events, request_id, created)
+    return await _collect(answer, request, events)
+
+
+class _Answer:
+    """A request's jobs and how its response objects are written."""
+
+    def __init__(self, server, api, parsed, jobs):
+        self.server, self.api, self.parsed, self.jobs = server, api, parsed, jobs
+        self.id, self.created = protocol.response_id(api), int(time.time())
+
+    def body(self, choices, usage=None, chunk=False):
+        return protocol.response(self.api, self.id, self.server.settings.model_name, choices, usage, self.created,
+                                 chunk)
+
+    def usage(self):
+        prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs[::self.parsed.n])  # n jobs per prompt
+        return protocol.usage(prompt_tokens, sum(len(job.new_ids) for job in self.jobs))
+
+    def text(self, job):
+        return (job.prompt_text if self.parsed.echo else "") + job.text
 
 
 def _cancel_unfinished(server, jobs):
@@ -140,8 +193,9 @@ def _cancel_unfinished(server, jobs):
             server.engine.scheduler.cancel(job)
 
 
-async def _collect(server, request, jobs, n, events, request_id, created):
+async def _collect(answer, request, events):
     """Waits for every job of a non-streamed request; a client that goes away cancels them."""
+    server, jobs = answer.server, answer.jobs
     done = 0
     try:
         while done < len(jobs):
@@ -157,29 +211,37 @@ async def _collect(server, request, jobs, n, events, request_id, created):
     if any(job.finish_reason == "error" for job in jobs):
         raise _ENGINE_FAILED
     server.metrics.requests.labels("200").inc()
-    choices = [protocol.choice(i, job.text, job.finish_reason, job.logprobs) for i, job in enumerate(jobs)]
-    prompt_tokens = sum(len(job.prompt_ids) for job in jobs[::n])  # n jobs per prompt
-    return JSONResponse(protocol.completion(request_id, server.settings.model_name, choices, prompt_tokens,
-                                            sum(len(job.new_ids) for job in jobs), created))
+    choices = [answer.api.choice(i, answer.text(job), job.finish_reason, job.logprobs) for i, job in enumerate(jobs)]
+    return JSONResponse(answer.body(choices, answer.usage()))
 
 
-async def _stream(server, jobs, events, request_id, created):
-    """Server-sent events: a chunk per new piece of text, one with each choice's finish_reason, then [DONE].
-    The generator is cancelled when the client goes away; its jobs are cancelled with it."""
+def _chunk(answer, choice):
+    return json.dumps(answer.body([choice], chunk=True), ensure_ascii=False)
+
+
+async def _stream(answer, events):
+    """Server-sent events: a chunk per new piece of text, one with each choice's finish_reason, then [DONE] (after a
+    chunk with the usage, for `stream_options.include_usage`). The generator is cancelled when the client goes
+    away; its jobs are cancelled with it."""
+    server, jobs, api = answer.server, answer.jobs, answer.api
     done = 0
     try:
+        for index, job in enumerate(jobs):  # the chat's assistant role, the echoed prompt
+            opening = api.opening_chunk(index, job.prompt_text if answer.parsed.echo else "")
+            if opening is not None:
+                yield _chunk(answer, opening)
         while done < len(jobs):
             index, kind, value = await events.get()
             if kind == "done" and value == "error":
                 yield json.dumps(_ENGINE_FAILED.body())
                 return
             if kind == "text":
-                chunk = protocol.choice(index, value, None)
+                yield _chunk(answer, api.chunk(index, value, None))
             else:
                 done += 1
-                chunk = protocol.choice(index, "", value)
-            yield json.dumps(protocol.completion(request_id, server.settings.model_name, [chunk], None, None, created),
-                             ensure_ascii=False)
+                yield _chunk(answer, api.chunk(index, "", value))
+        if answer.parsed.include_usage:
+            yield json.dumps(answer.body([], answer.usage(), chunk=True))
         server.metrics.requests.labels("200").inc()
         yield "[DONE]"
     finally:
@@ -245,6 +307,7 @@ def create_app(load, settings):
             Route("/metrics", metrics),
             Route("/v1/models", models),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,

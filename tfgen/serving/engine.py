@@ -19,24 +19,28 @@ WARMUP_PROMPT = "안녕하세요"
 log = logging.getLogger("uvicorn.error")  # the server's log
 
 
-def token_logprobs(model, prompt_ids, new_ids, top):
-    """OpenAI's `logprobs` object for new_ids after prompt_ids: the model's own log-probabilities
-    (before temperature and the logits processors, as `score` reports them)."""
+def token_logprobs(model, prompt_ids, new_ids, top, echo=False):
+    """OpenAI's `logprobs` object for new_ids after prompt_ids (with `echo`, for the prompt's tokens first; the
+    first token, which nothing precedes, has null for its log-probability and alternatives): the model's own
+    log-probabilities (before temperature and the logits processors, as `score` reports them)."""
     tokenizer = model.tokenizer
-    if not new_ids:
+    ids = prompt_ids + new_ids
+    first = 0 if echo else len(prompt_ids)  # the first token reported
+    if first == len(ids):
         return protocol.logprobs_object([], [], [], [])
-    logprobs = model.next_token_logprobs(prompt_ids + new_ids, len(prompt_ids) - 1)
+    logprobs = model.next_token_logprobs(ids, max(first - 1, 0))  # a row per token from max(first, 1) on
+    unscored = [None] * (first == 0)
     # As OpenAI's: where each token's text starts in prompt + completion; a token inside a character
     # spelled by byte pieces starts where the character does.
-    offsets = [len(tokenizer.decode(prompt_ids + new_ids[:i]).rstrip(INCOMPLETE)) for i in range(len(new_ids))]
+    offsets = [len(tokenizer.decode(ids[:i]).rstrip(INCOMPLETE)) for i in range(first, len(ids))]
     top_logprobs = []
     for row in logprobs:
         best = np.argsort(-row)[:top]
         top_logprobs.append({tokenizer.token_text(int(t)): float(row[t]) for t in best})
     return protocol.logprobs_object(
-        tokens=[tokenizer.token_text(t) for t in new_ids],
-        token_logprobs=[float(row[t]) for row, t in zip(logprobs, new_ids)],
-        top_logprobs=top_logprobs,
+        tokens=[tokenizer.token_text(t) for t in ids[first:]],
+        token_logprobs=unscored + [float(row[t]) for row, t in zip(logprobs, ids[max(first, 1):])],
+        top_logprobs=unscored + top_logprobs,
         text_offset=offsets,
     )
 
@@ -73,7 +77,8 @@ class Engine:
             self.model = self._load()
             rows = self.model.decode_rows(self.max_batch, prefix_cache=PrefixCache(self.prefix_cache_tokens))
             self.scheduler = Scheduler(rows, self.model.tokenizer, self.max_queue, self.metrics,
-                                       logprobs=lambda p, n, top: token_logprobs(self.model, p, n, top))
+                                       logprobs=lambda job: token_logprobs(self.model, job.prompt_ids, job.new_ids,
+                                                                              job.top_logprobs, job.echo))
             self._warm_up(rows)
         except Exception as error:  # reported by /health and the completions endpoint
             log.exception("the model failed to load")

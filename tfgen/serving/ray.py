@@ -16,7 +16,7 @@ import threading
 import ray
 from ray import serve
 
-from tfgen.serving import models
+from tfgen.serving import chat, models
 from tfgen.serving.app import ServerSettings, create_app
 from tfgen.serving.run import served_model_name
 
@@ -89,9 +89,11 @@ _APPLICATION_ARGS = {"replicas": int, "replica_cpus": float, "replica_gpus": flo
 
 def app_builder(args):
     """For `serve run tfgen.serving.ray:app_builder model=M replicas=N [max_batch=16 max_queue=64 api_key=KEY
-    request_timeout=120 replica_cpus=1 replica_gpus=0]` (Ray passes the key=value pairs as strings)."""
+    request_timeout=120 chat_template=FILE replica_cpus=1 replica_gpus=0]` (Ray passes the key=value pairs as
+    strings)."""
     args = dict(args)
     model = args.pop("model", "ko-mini")
+    template_file = args.pop("chat_template", None)  # a file, as `tfgen serve --chat-template` takes it
     known = _SETTINGS_FIELDS.keys() | _APPLICATION_ARGS.keys()
     unknown = sorted(args.keys() - known)
     if unknown:
@@ -99,7 +101,8 @@ def app_builder(args):
                          f"{', '.join(sorted(known))}")
     settings = ServerSettings(**{"model_name": served_model_name(model),
                                  **{k: _SETTINGS_FIELDS[k](v) for k, v in args.items() if k in _SETTINGS_FIELDS}})
-    models.resolve(model, settings.max_batch)  # a missing model fails here, before any replica starts
+    directory = models.resolve(model, settings.max_batch)  # a missing model fails here, before any replica starts
+    settings = dataclasses.replace(settings, chat_template=chat.load(directory, template_file))
     return application(model, settings, **{k: _APPLICATION_ARGS[k](v) for k, v in args.items()
                                            if k in _APPLICATION_ARGS})
 
@@ -112,11 +115,14 @@ def _wait_for_stop():
     stop.wait()
 
 
-def serve_on_ray(model, host, port, settings, replicas=1, ray_address=None, replica_cpus=1.0, replica_gpus=0.0):
+def serve_on_ray(model, host, port, settings, chat_template=None, replicas=1, ray_address=None, replica_cpus=1.0,
+                 replica_gpus=0.0):
     """`tfgen serve --ray`: joins the Ray cluster `ray.init(ray_address)` finds or starts, runs `replicas` replicas
     behind Ray Serve's proxy on host:port, says so once they are ready, then serves until SIGTERM or Ctrl-C; then
-    deletes the application and leaves the cluster (a cluster it started stops)."""
-    models.resolve(model, settings.max_batch)  # a missing model fails before Ray starts
+    deletes the application and leaves the cluster (a cluster it started stops). Chats are rendered by the template
+    file `chat_template`, else by the model's own, if it has one (read here, sent to the replicas)."""
+    directory = models.resolve(model, settings.max_batch)  # a missing model fails before Ray starts
+    settings = dataclasses.replace(settings, chat_template=chat.load(directory, chat_template))
     ray.init(address=ray_address)
     try:
         serve.start(http_options={"host": host, "port": port})

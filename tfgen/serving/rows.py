@@ -25,7 +25,7 @@ from tfgen.generation import decode
 from tfgen.generation.decode import ROW_SETTINGS, capacity_tier, settings_tensors
 from tfgen.generation.options import resolve_options
 from tfgen.serving.prefix_cache import PrefixCache
-from tfgen.serving.protocol import row_settings
+from tfgen.serving.protocol import logit_bias_row, row_settings
 
 
 class StateRows:
@@ -51,6 +51,7 @@ class StateRows:
         self._eos_ids = set(options.eos_token_ids)
         self._shared = settings_tensors(options)  # EOS, pad and the (empty) bad words: the same for every row
         self._settings = {name: np.zeros(slots, dtype) for name, dtype in ROW_SETTINGS.items()}
+        self._settings["logit_bias"] = np.zeros([slots, config.vocab_size], np.float32)
         self._sent = {}  # slot -> the row's tokens (prompt and new) handed to the scheduler so far
         self._limits = {}  # slot -> the row's length when it stops (prompt + max_tokens)
 
@@ -88,6 +89,7 @@ class StateRows:
             seed = random.randrange(2**31) if sampling.seed is None else sampling.seed
             for name, value in row_settings(sampling, seed).items():
                 self._settings[name][slot] = value
+            self._settings["logit_bias"][slot] = logit_bias_row(sampling, self._settings["logit_bias"].shape[1])
             self._sent[slot], self._limits[slot] = length, limit
             self._cache_prefix(slot, prompt_ids)
         return reused

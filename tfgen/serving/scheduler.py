@@ -50,6 +50,7 @@ class Job:
     deadline: float  # time.monotonic() after which the row ends with finish_reason "length"
     emit: object
     top_logprobs: int = None  # a `logprobs` object with this many alternatives per token is wanted
+    echo: bool = False  # the `logprobs` object covers the prompt's tokens too
     logprobs: dict = None
     new_ids: list = dataclasses.field(default_factory=list)
     text: str = ""
@@ -78,7 +79,7 @@ def find_stop(text, stops):
 
 class Scheduler:
     def __init__(self, rows, tokenizer, max_queue, metrics, logprobs=None):
-        """`logprobs(prompt_ids, new_ids, top)`: the `logprobs` object of a finished job that asks for it."""
+        """`logprobs(job)`: the `logprobs` object of a finished job that asks for it."""
         self.rows = rows
         self.logprobs = logprobs
         self.tokenizer = tokenizer
@@ -150,6 +151,9 @@ class Scheduler:
             job = self.waiting.popleft()
             if job.cancelled:
                 self._finish(job, "cancelled")
+                continue
+            if job.sampling.max_tokens == 0:  # an echo of the prompt alone: no row to decode
+                self._finish(job, "length")
                 continue
             slot = free.pop(0)
             starts.append((slot, job.prompt_ids, job.sampling))
@@ -235,6 +239,6 @@ class Scheduler:
                 job.emit("text", job.text[job.sent:])
                 job.sent = len(job.text)
             if job.top_logprobs is not None:
-                job.logprobs = self.logprobs(job.prompt_ids, job.new_ids, job.top_logprobs)
+                job.logprobs = self.logprobs(job)
             self.metrics.latency.observe(time.monotonic() - job.submitted)
         job.emit("done", finish_reason)
