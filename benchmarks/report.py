@@ -209,10 +209,42 @@ def precision_quality(record):
     return [("precision_quality", "", "ko-mini's quality by precision", markdown_table(rows, columns))]
 
 
+def litert_big(record):
+    columns = [col("engine", "engine", "{}"), col("convert s", "convert_s", "{:,.0f}"),
+               col("convert peak / checkpoint", "convert_peak_over_checkpoint", "{:.2f}"),
+               col("size GB", "size_gb", "{:.2f}"), col("first load s", "cold_load_s"), col("load s", "load_s"),
+               col("first token s", "first_token_s", "{:.2f}"), col("batch 1 tokens/s", "b1_tokens_per_s", "{:.2f}"),
+               col("batch 8 tokens/s", "b8_tokens_per_s", "{:.2f}"),
+               col("decode peak RSS MiB", "peak_rss_decode_mib", "{:,.0f}"),
+               col("batch 1 bandwidth use", "bandwidth_fraction", "{:.0%}")]
+    shape = record["shape"]
+    title = (f"Big GPT-J through LiteRT: {shape['n_layer']} x {shape['n_embd']}, vocabulary {shape['vocab_size']} "
+             f"({record['checkpoint_bytes'] / 2**30:.1f} GiB fp16 checkpoint; memory read bandwidth "
+             f"{record['bandwidth_gb_s']:.1f} GB/s)")
+    return [("litert_big", f"{shape['n_layer']}x{shape['n_embd']}", title, markdown_table(record["rows"], columns))]
+
+
+def prefix_cache(record):
+    columns = [col("model", "model", "{}"), col("reused tokens", "reused_tokens", "{}"),
+               col("without ms", "without_ms", "{:,.0f}"), col("with the cache ms", "with_ms", "{:,.0f}"),
+               col("ratio", "ratio", "{:.2f}")]
+    title = (f"Prefix caching: the first token after a cached {record['prefix_tokens']}-token prefix "
+             f"(+{record['suffix_tokens']} tokens)")
+    return [("prefix_cache", "", title, markdown_table(record["results"], columns))]
+
+
+def ray_serve(record):
+    columns = [col("server", "server", "{}"), col("clients", "clients", "{}"), col("wall s", "wall_s", "{:.2f}"),
+               col("tokens/s", "tokens_per_s", "{:,.0f}")]
+    title = f"Ray Serve replicas: {record['model']}, {record['max_tokens']} tokens per request"
+    return [("ray_serve", "", title, markdown_table(record["results"], columns))]
+
+
 PARTS = {
     "generate_speed": generate_speed, "serve_speed": serve_speed, "litert_speed": litert_speed, "peers": peers,
-    "train_speed": train_speed, "export_speed": export_speed, "checkpoint_load": checkpoint_load,
-    "big_checkpoint": big_checkpoint, "decode_state": decode_state, "precision_quality": precision_quality,
+    "litert_big": litert_big, "train_speed": train_speed, "export_speed": export_speed,
+    "checkpoint_load": checkpoint_load, "big_checkpoint": big_checkpoint, "decode_state": decode_state,
+    "precision_quality": precision_quality, "prefix_cache": prefix_cache, "ray_serve": ray_serve,
 }
 
 
