@@ -40,7 +40,7 @@ def convert_litert(quantize):
     def convert(model_dir, path, args):
         from tfgen import export_litert
 
-        export_litert(model_dir, path, quantize=quantize, capacity=args.capacity, rows=8)
+        export_litert(model_dir, path, quantize=quantize, capacity=args.capacity, rows=args.rows)
 
     return convert
 
@@ -125,7 +125,8 @@ def measure_child(args):
 
 
 def run_child(args, *flags):
-    command = [sys.executable, __file__, "--capacity", str(args.capacity), "--new-tokens", str(args.new_tokens),
+    command = [sys.executable, __file__, "--capacity", str(args.capacity), "--rows", *map(str, args.rows),
+               "--new-tokens", str(args.new_tokens),
                "--new-tokens-b8", str(args.new_tokens_b8), *flags]
     return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
 
@@ -143,8 +144,11 @@ def main():
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES)
     parser.add_argument("--capacity", type=int, default=128, help="the LiteRT export's capacity")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="the LiteRT export's row tiers (one tier, 8, converts a big model faster)")
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens of the batch-1 run")
     parser.add_argument("--new-tokens-b8", type=int, default=16, help="new tokens of the batch-8 run")
+    parser.add_argument("--checkpoint", type=Path, help="reuse this checkpoint directory (one this script wrote)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -159,9 +163,12 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfgen-litert-big-") as scratch:
         os.environ["TFGEN_COMPILE_CACHE"] = str(Path(scratch) / "cache")  # XNNPACK's weight cache starts empty
-        checkpoint_dir = Path(scratch) / "checkpoint"
-        checkpoint_dir.mkdir()
-        checkpoint_bytes = write_checkpoint(checkpoint_dir, "gptj", SHAPES[args.shape]["gptj"])
+        checkpoint_dir = args.checkpoint or Path(scratch) / "checkpoint"
+        if args.checkpoint:
+            checkpoint_bytes = sum(file.stat().st_size for file in checkpoint_dir.iterdir())
+        else:
+            checkpoint_dir.mkdir()
+            checkpoint_bytes = write_checkpoint(checkpoint_dir, "gptj", SHAPES[args.shape]["gptj"])
         print(f"checkpoint: {checkpoint_bytes / 2**30:.2f} GiB of fp16 shards", file=sys.stderr, flush=True)
         for engine in args.engines:
             row = {"engine": engine}

@@ -26,11 +26,11 @@ def gptj(gptj_dir):
 def exports(gptj_dir, tmp_path_factory):
     """The tiny GPT-J's checkpoint directory exported whole (fp32) and in parts (fp32, int8, int4)."""
     root = tmp_path_factory.mktemp("litert-gptj")
-    cases = {"whole": ("none", None), "none": ("none", ONE_BLOCK), "int8": ("int8", ONE_BLOCK),
-             "int4": ("int4", ONE_BLOCK)}
-    return {name: export_litert(gptj_dir, root / name, quantize=quantize, capacity=CAPACITY, rows=4, chunk=8,
+    cases = {"whole": ("none", None, 4), "none": ("none", ONE_BLOCK, 4), "int8": ("int8", ONE_BLOCK, [4]),
+             "int4": ("int4", ONE_BLOCK, 4)}
+    return {name: export_litert(gptj_dir, root / name, quantize=quantize, capacity=CAPACITY, rows=rows, chunk=8,
                                 part_bytes=part_bytes)
-            for name, (quantize, part_bytes) in cases.items()}
+            for name, (quantize, part_bytes, rows) in cases.items()}
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ class Chain:
 
     def __init__(self, parts, layers):
         self.parts, self.layers = parts, layers
-        cache = next(part.input_details("decode_1") for part, (start, stop) in zip(parts, layers) if stop > start)
+        cache = next(part.input_details("extend") for part, (start, stop) in zip(parts, layers) if stop > start)
         self.cache_shape = [layers[-1][1], *cache["key_cache_0"]["shape"][1:]]  # [layers, heads, capacity, head_dim]
         self.chunk = next(details["shape"][1] for name, details in parts[0].input_details("extend").items()
                           if name == "token")
