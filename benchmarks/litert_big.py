@@ -160,6 +160,8 @@ def main():
         return (convert_child if args.convert else load_child if args.load_only else measure_child)(args)
     info, command = machine_info(), command_line()
     bandwidth = read_bandwidth_gb_s()
+    small = args.shape == "small"
+    path = results_path("litert_big" if small else f"litert_big-{args.shape}", small, args.json)  # after each engine
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfgen-litert-big-") as scratch:
         os.environ["TFGEN_COMPILE_CACHE"] = str(Path(scratch) / "cache")  # XNNPACK's weight cache starts empty
@@ -190,16 +192,14 @@ def main():
             rows.append(row)
             print(format_table([row], COLUMNS), file=sys.stderr, flush=True)
             subprocess.run(["rm", "-rf", str(artifact)], check=True)
+            write_results(path, {"machine": info, "command": command, "shape": SHAPES[args.shape]["gptj"],
+                                 "checkpoint_bytes": checkpoint_bytes, "bandwidth_gb_s": bandwidth,
+                                 "capacity": args.capacity, "row_tiers": args.rows, "prompt_length": PROMPT_LENGTH,
+                                 "new_tokens": args.new_tokens, "new_tokens_b8": args.new_tokens_b8, "rows": rows})
     print_machine(info, command)
     print(f"GPT-J shape {args.shape}: random fp16 checkpoint of {checkpoint_bytes / 2**30:.2f} GiB; prompts of "
           f"{PROMPT_LENGTH} tokens, greedy; memory read bandwidth {bandwidth:.1f} GB/s (numpy, all cores)")
     print(format_table(rows, COLUMNS))
-    small = args.shape == "small"
-    write_results(results_path("litert_big" if small else f"litert_big-{args.shape}", small, args.json),
-                  {"machine": info, "command": command, "shape": SHAPES[args.shape]["gptj"],
-                   "checkpoint_bytes": checkpoint_bytes, "bandwidth_gb_s": bandwidth, "capacity": args.capacity,
-                   "prompt_length": PROMPT_LENGTH, "new_tokens": args.new_tokens,
-                   "new_tokens_b8": args.new_tokens_b8, "rows": rows})
 
 
 if __name__ == "__main__":
