@@ -24,9 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import (GPT2_1B_SHAPE, GPTJ_1B_SHAPE, GPTJ_SMALL_SHAPE, KOGPT_6B_SHAPE, SMALL_SHAPE, command_line,
-                      format_table, machine_info, model_config, peak_rss_mib, print_machine, results_path,
-                      write_results)
+from _harness import (
+    GPT2_1B_SHAPE,
+    GPTJ_1B_SHAPE,
+    GPTJ_SMALL_SHAPE,
+    KOGPT_6B_SHAPE,
+    SMALL_SHAPE,
+    command_line,
+    format_table,
+    machine_info,
+    model_config,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    write_results,
+)
 
 SHAPES = {  # shape -> family -> config fields
     "kogpt-6b": {"gptj": KOGPT_6B_SHAPE},
@@ -99,6 +111,8 @@ def rss_mib():
 def load_and_generate(directory, dtype, new_tokens):
     """(In the child process) loads, generates, prints the figures as JSON."""
     import tfgen.model
+
+    # isort: split
     from transformers import TFGPT2LMHeadModel, TFGPTJForCausalLM  # noqa: F401  (their import is not loading)
 
     before = rss_mib()

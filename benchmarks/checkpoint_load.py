@@ -24,8 +24,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import (command_line, format_table, gpt2_shape, machine_info, peak_rss_mib, print_machine,
-                      results_path, seconds, write_results)
+from _harness import (
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 CASES = ["tfgen", "tfgen-stream", "torch", "torch-mmap"]
 

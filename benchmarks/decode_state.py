@@ -31,8 +31,7 @@ os.environ["TFGEN_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="decode_state-parent
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine,  # noqa: E402
-                      results_path, write_results)
+from _harness import command_line, format_table, gpt2_config, machine_info, print_machine, results_path, write_results  # noqa: E402
 from generate_speed import build_checkpoint, make_prompts  # noqa: E402
 
 PROMPT_LENGTH = 16
@@ -112,6 +111,7 @@ def measure_no_compile(lm, vocab_size):
 def measure_tiers(lm, vocab_size, batches):
     """Seconds per step of the greedy advance program at each tier, from a PROMPT_LENGTH prompt."""
     import tensorflow as tf
+
     from tfgen.generation.decode import TIERS, settings_tensors
     from tfgen.generation.options import resolve_options
 

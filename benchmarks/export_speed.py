@@ -22,6 +22,7 @@ is tested in tests/test_export.py.)
 """
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -33,8 +34,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, peak_rss_mib,  # noqa: E402
-                      print_machine, results_path, seconds, write_results)
+from _harness import (  # noqa: E402
+    command_line,
+    format_table,
+    gpt2_config,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 NUM_BEAMS = 4
 SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95, "seed": 0}
@@ -61,6 +71,7 @@ def make_prompts(batch, length, vocab_size):
 def load_model(args):
     """--model, or a seeded random-weight GPT-2 without EOS (every call makes exactly the tokens asked for)."""
     import tensorflow as tf
+
     from tfgen import GPT2LM
 
     if args.model:
@@ -122,7 +133,7 @@ def measure(sides, case, inputs, new_tokens, args):
     times = {side: [] for side in sides}
     for repeat in range(args.repeats):
         for side in list(sides)[:: 1 if repeat % 2 == 0 else -1]:
-            times[side].append(seconds(lambda: sides[side](case, inputs, new_tokens)))
+            times[side].append(seconds(functools.partial(sides[side], case, inputs, new_tokens)))
     for side in sides:
         row[f"{side}_s"] = statistics.median(times[side])
         row[f"{side}_runs_s"] = times[side]
@@ -146,6 +157,7 @@ COLUMNS = [  # (heading, row key, format)
 def run_benchmark(args):
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (the SentencePiece ops of the text signatures)
+
     from tfgen import export_saved_model
 
     command = command_line()

@@ -32,9 +32,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (GPTJ_1B_SHAPE, GPTJ_SMALL_SHAPE, SHAPE_KEYS, command_line, format_table,  # noqa: E402
-                      gpt2_shape, machine_info, model_config, peak_rss_mib, print_machine, results_path, seconds,
-                      write_results)
+from _harness import (  # noqa: E402
+    GPTJ_1B_SHAPE,
+    GPTJ_SMALL_SHAPE,
+    SHAPE_KEYS,
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    model_config,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 IMPLEMENTATIONS = ["tfgen", "tfgen-bf16", "tf-xla", "torch", "torch-bf16"]
 FRAMEWORK_ENV = {
@@ -78,6 +90,7 @@ def model_shape(family, small):
 def build_checkpoint(family, small, model_dir):
     """Builds a seeded random-weight model with tfgen and saves it; returns its shape, parameter count and bytes."""
     import tensorflow as tf
+
     from tfgen import GPT2LM, GPTJLM
 
     tf.keras.utils.set_random_seed(0)

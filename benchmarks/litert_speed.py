@@ -22,6 +22,7 @@ from validation documents.
 """
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -34,12 +35,22 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 from ko_mini import SOURCES, _validation_documents, token_stream  # noqa: E402  (imports tfgen first)
 
+# isort: split
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from generate_speed import make_prompts, measure_bandwidth  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine, results_path,  # noqa: E402
-                      seconds, write_results)
+from _harness import (  # noqa: E402
+    command_line,
+    format_table,
+    gpt2_config,
+    machine_info,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
+from generate_speed import make_prompts, measure_bandwidth  # noqa: E402
 from tfgen import GPT2LM, export_litert  # noqa: E402
 from tfgen.export.litert import DEFAULT_CAPACITY, QUANTIZATIONS  # noqa: E402
 from tfgen.litert import LiteRTLM, read_config  # noqa: E402
@@ -120,6 +131,24 @@ def step_breakdown(runtime, prompts, settings):
             "python_ms": 1000 * (total - invokes - (totals["decode_method"] - totals["decode"])) / steps}
 
 
+def litert_row(lm, path, quantize, capacity, prompts, settings, repeats):
+    """Exports `lm` to `path`, loads it and measures it: the row of one export in speed()'s table."""
+    convert_s = seconds(lambda: export_litert(lm, path, quantize=quantize, capacity=capacity))
+    start = time.perf_counter()
+    runtime = LiteRTLM(path)
+    load_s = time.perf_counter() - start
+    first_s = seconds(lambda: runtime.generate(prompts, max_new_tokens=1))
+
+    def generate(ids, s):
+        return runtime.generate(ids, eos_token_id=None, **s)
+
+    row = {"name": f"LiteRT {quantize}, capacity {capacity}", "size_mb": export_bytes(path) / 1e6,
+           "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
+           **warm_speed(generate, prompts, settings, repeats), **step_breakdown(runtime, prompts, settings)}
+    row["token_ms"] = 1000 / row["tokens_per_s"]
+    return row
+
+
 def speed(args, work):
     config = gpt2_config(args.small)
     tf.keras.utils.set_random_seed(0)
@@ -135,21 +164,7 @@ def speed(args, work):
     exports = [(quantize, capacity) for quantize in args.quantize] + [("int8", DEFAULT_CAPACITY)] * args.default_capacity
     for quantize, export_capacity in exports:
         path = work / f"base-{quantize}-{export_capacity}"
-        convert_s = seconds(lambda: export_litert(lm, path, quantize=quantize, capacity=export_capacity))
-        start = time.perf_counter()
-        runtime = LiteRTLM(path)
-        load_s = time.perf_counter() - start
-        first_s = seconds(lambda: runtime.generate(prompts, max_new_tokens=1))
-
-        def generate(ids, s):
-            return runtime.generate(ids, eos_token_id=None, **s)
-
-        row = {"name": f"LiteRT {quantize}, capacity {export_capacity}", "size_mb": export_bytes(path) / 1e6,
-               "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
-               **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, settings)}
-        row["token_ms"] = 1000 / row["tokens_per_s"]
-        rows.append(row)
-        del runtime
+        rows.append(litert_row(lm, path, quantize, export_capacity, prompts, settings, args.repeats))
     reference = rows[0]["sequences"]
     for row in rows:
         row["vs_tfgen"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
@@ -173,7 +188,7 @@ def batch_speed(args, work):
     sizes, convert = {}, {}
     for rows in (1, args.batch):
         path = work / f"batch-int8-{rows}"
-        convert[rows] = seconds(lambda: export_litert(lm, path, quantize="int8", capacity=capacity, rows=rows))
+        convert[rows] = seconds(functools.partial(export_litert, lm, path, quantize="int8", capacity=capacity, rows=rows))
         sizes[rows] = export_bytes(path) / 1e6
     runtime = LiteRTLM(path)
     greedy = {"max_new_tokens": n, "min_new_tokens": n}

@@ -45,10 +45,18 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import (command_line, format_table, machine_info, peak_rss_mib, print_machine, results_path,
-                      seconds, usable_cores, write_results)
-from generate_speed import (FRAMEWORK_ENV, GREEDY, SAMPLING, build_checkpoint, load_tfgen, load_torch,
-                            make_prompts)
+from _harness import (
+    command_line,
+    format_table,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    usable_cores,
+    write_results,
+)
+from generate_speed import FRAMEWORK_ENV, GREEDY, SAMPLING, build_checkpoint, load_tfgen, load_torch, make_prompts
 
 CASES = {"greedy-b1": (1, GREEDY), "sample-b8": (8, SAMPLING)}
 REFERENCE = "torch-fp32"

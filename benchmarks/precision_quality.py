@@ -15,9 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
-from ko_mini import SOURCES, model_figures  # noqa: E402  (imports tfgen first)
-
 from _harness import command_line, machine_info, print_machine, results_path, write_results  # noqa: E402
+from ko_mini import SOURCES, model_figures  # noqa: E402  (imports tfgen first)
 from tfgen import GPT2LM  # noqa: E402
 
 

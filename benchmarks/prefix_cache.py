@@ -21,8 +21,7 @@ os.environ["TFGEN_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="prefix_cache-cache-
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine,  # noqa: E402
-                      results_path, write_results)
+from _harness import command_line, format_table, gpt2_config, machine_info, print_machine, results_path, write_results  # noqa: E402
 
 PREFIX_TOKENS = 200
 SUFFIX_TOKENS = 8

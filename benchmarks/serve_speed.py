@@ -33,8 +33,17 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from _harness import (SMALL_SHAPE, SPECIAL_TOKENS, command_line, format_table, gpt2_shape,  # noqa: E402
-                      machine_info, print_machine, results_path, write_results)
+from _harness import (  # noqa: E402
+    SMALL_SHAPE,
+    SPECIAL_TOKENS,
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    print_machine,
+    results_path,
+    write_results,
+)
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는", "오늘 날씨가", "옛날 옛적에",
            "인공지능은", "서울에서 부산까지"]
@@ -45,9 +54,9 @@ def word_level_checkpoint(directory, shape):
     """A random-weight GPT-2 of `shape` with a word-level tokenizer.json of vocab_size words ("w4", "w5", ...)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
+    from transformers import GPT2Config
 
     from tfgen import GPT2LM, Tokenizer
-    from transformers import GPT2Config
 
     names = ["<s>", "</s>", "<unk>", "<pad>"] + [f"w{i}" for i in range(4, shape["vocab_size"])]
     hf = HFTokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))

@@ -39,8 +39,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (SHAPE_KEYS, command_line, format_table, gpt2_config, gpt2_shape, machine_info,  # noqa: E402
-                      peak_rss_mib, print_machine, results_path, usable_cores, write_results)
+from _harness import (  # noqa: E402
+    SHAPE_KEYS,
+    command_line,
+    format_table,
+    gpt2_config,
+    gpt2_shape,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    usable_cores,
+    write_results,
+)
 
 # case -> how it trains: framework, XLA (tfgen's compile(jit_compile=...)), Keras dtype policy.
 CASES = {
@@ -82,7 +93,10 @@ def step_summary(times, tokens_per_step):
 def train_tfgen(case, config, args, batches):
     """Keras fit on the tfgen model; a callback times each batch (its loss is read, so the step has finished)."""
     import tfgen  # noqa: F401  (before TensorFlow: tfgen sets the Keras 2 environment)
+
+    # isort: split
     import tensorflow as tf
+
     from tfgen import GPT2LM, training
 
     settings = CASES[case]

@@ -68,6 +68,8 @@ from pathlib import Path
 
 from tfgen import GPT2LM, checkpoint, finetune, training  # first: tfgen sets TensorFlow's environment before it loads
 
+# isort: split
+
 import numpy as np
 import tensorflow as tf
 from transformers import GPT2Config

@@ -7,8 +7,8 @@ review, a Bible chapter, a question and its answer, a sentence.
 import csv
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 VALID_EVERY = 50  # every 50th document of each source is held out
 

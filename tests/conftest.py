@@ -89,7 +89,8 @@ def hf_tokenizer_dir(ko_lines, tmp_path_factory):
     (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return directory
 
-# The trained tiny GPT-2 that model, generation and CLI tests share.
-from tiny_model import h5_only_dir, long_text, safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401
 # The tiny GPT-J (PyTorch-trained, fp16 shards, kogpt-style tokenizer) that the GPT-J tests share.
 from tiny_gptj import gptj_bin_dir, gptj_dir, kogpt_tokenizer_dir, tiny_gptj_model  # noqa: E402,F401
+
+# The trained tiny GPT-2 that model, generation and CLI tests share.
+from tiny_model import h5_only_dir, long_text, safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401

@@ -25,6 +25,8 @@ import time
 import traceback
 
 import tfgen  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: split
 import tensorflow as tf
 
 from tfgen import GPT2LM

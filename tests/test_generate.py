@@ -7,7 +7,6 @@ import torch
 from transformers import GPT2LMHeadModel, TFGPT2LMHeadModel
 
 from test_sampling import transformers_filter
-
 from tfgen import GPT2LM
 from tfgen.generation.options import resolve_options
 

@@ -9,11 +9,10 @@ import torch
 from transformers import GPTJForCausalLM
 
 from test_sampling import transformers_filter
+from tfgen import GPT2LM, GPTJLM, CausalLM, checkpoint
+from tfgen.data import lm_batches
 from tiny_gptj import pt_reference
 from tiny_model import load_recording_assigns
-
-from tfgen import CausalLM, GPT2LM, GPTJLM, checkpoint
-from tfgen.data import lm_batches
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 SEED_PROMPT = "야! 너는 AI지? 정말로 말을 알아듣니?"
@@ -139,13 +138,17 @@ def test_a_low_precision_one_row_projection_runs_as_two_rows_with_the_same_value
     for dtype in ("bfloat16", "float32"):
         net = CausalLM.from_pretrained(gptj_dir, dtype=dtype).net
         for layer in (net.model.transformer.h[0].mlp, net.model.lm_head):
-            x = tf.cast(tf.random.stateless_normal([1, 1, net.config.n_embd], seed=[1, 2]), dtype)
-            projected = tf.function(lambda x: net.project(layer, x), jit_compile=True)(x)
-            alone = tf.function(lambda x: layer(x), jit_compile=True)(x)
-            assert projected.shape == alone.shape and projected.dtype == alone.dtype
-            # The two-row product may sum in another order than the one-row one: bfloat16 rounding apart.
-            np.testing.assert_allclose(tf.cast(projected, tf.float32).numpy(), tf.cast(alone, tf.float32).numpy(),
-                                       rtol=0.02, atol=0.02 * float(tf.reduce_max(tf.abs(tf.cast(alone, tf.float32)))))
+            _assert_projects_as_the_layer(net, layer, dtype)
+
+
+def _assert_projects_as_the_layer(net, layer, dtype):
+    x = tf.cast(tf.random.stateless_normal([1, 1, net.config.n_embd], seed=[1, 2]), dtype)
+    projected = tf.function(lambda x: net.project(layer, x), jit_compile=True)(x)
+    alone = tf.function(lambda x: layer(x), jit_compile=True)(x)
+    assert projected.shape == alone.shape and projected.dtype == alone.dtype
+    # The two-row product may sum in another order than the one-row one: bfloat16 rounding apart.
+    np.testing.assert_allclose(tf.cast(projected, tf.float32).numpy(), tf.cast(alone, tf.float32).numpy(),
+                               rtol=0.02, atol=0.02 * float(tf.reduce_max(tf.abs(tf.cast(alone, tf.float32)))))
 
 
 def test_h5_and_tensors_read_in_many_blocks_load_the_same_weights(gptj, gptj_dir, gptj_bin_dir, tmp_path,

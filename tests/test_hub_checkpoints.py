@@ -25,9 +25,9 @@ from tokenizers.implementations import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import tfgen.model
+from test_torch_pickle import malicious_checkpoints
 from tfgen import GPT2LM, Tokenizer, checkpoint, cli
 from tfgen.torch_pickle import UnsafePickleError
-from test_torch_pickle import malicious_checkpoints
 
 KOGPT2 = "skt/kogpt2-base-v2"
 GPT2_XL = "gpt2-xl"

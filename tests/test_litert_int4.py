@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from test_litert import BLOCK_TENSORFLOW, CAPACITY, PROMPTS, TEXTS
 
+from test_litert import BLOCK_TENSORFLOW, CAPACITY, PROMPTS, TEXTS
 from tfgen import cli, export_litert
 from tfgen.litert import CONFIG_FILE, MODEL_FILE
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJForCausalLM
 
-from tfgen import CausalLM, GPT2LM, cli, finetune, lora, training
+from tfgen import GPT2LM, CausalLM, cli, finetune, lora, training
 from tfgen.data import lm_batches
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]

@@ -3,12 +3,12 @@ decoding what they decode without it."""
 
 import numpy as np
 import pytest
-from tiny_model import text_of_tokens
 from transformers import GPT2Config
 
 from tfgen import GPT2LM
 from tfgen.serving.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
 from tfgen.serving.protocol import Sampling
+from tiny_model import text_of_tokens
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 PREFIX_TOKENS = 200

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from starlette.testclient import TestClient
-from test_serve import API_KEY, PROMPTS, _free_port, served_dir
 
+from test_serve import API_KEY, PROMPTS, _free_port, served_dir
 from tfgen import cli
 from tfgen.serving import models
 from tfgen.serving.app import ServerSettings, create_app

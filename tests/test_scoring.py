@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from tiny_model import text_of_tokens
-
 from tfgen import GPT2LM, Tokenizer, scoring
+from tiny_model import text_of_tokens
 
 SHORT_CONTEXT = 32  # the context of a cut copy of the tiny GPT-2, for texts of a few contexts
 TEXTS = ["안녕하세요", "가", "근육이 커지기 위해서는 무엇보다 규칙적인 생활습관이 중요하다.", "이때 그는"]

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,15 +15,14 @@ import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from transformers import GPT2Config
 
 from test_litert import BLOCK_TENSORFLOW
-from tiny_model import text_of_tokens
-from tfgen import GPT2LM, cli, export_litert
 from test_penalties import reference_greedy
+from tfgen import GPT2LM, cli, export_litert
 from tfgen.serving import chat, protocol
 from tfgen.serving.scheduler import find_stop, settled_text
+from tiny_model import text_of_tokens
 
 API_KEY = "test-key"
 ENGINES = ["xla", "litert"]  # `tfgen serve` on a checkpoint (XLA), and on a LiteRT export without TensorFlow

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgen.serving.protocol import Sampling
 from tfgen.generation import decode
+from tfgen.serving.protocol import Sampling
 from tfgen.serving.rows import StateRows
 
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에 한 마을에", "오늘 날씨는", "그는 집에"]

@@ -15,8 +15,7 @@ import tensorflow as tf
 from tfgen import checkpoint, families, lora
 from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import (  # noqa: F401  (Completion: complete()'s result type)
-    Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs)
+from tfgen.tokenizer import Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs  # noqa: F401  (Completion: complete()'s result type)
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.

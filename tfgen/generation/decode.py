@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfgen import _env
-from tfgen.generation import beam_search, program_store, sampling, state as decode_state
+from tfgen.generation import beam_search, program_store, sampling
+from tfgen.generation import state as decode_state
 from tfgen.generation.shapes import dims, per_row
 
 BUCKET = 32

@@ -31,7 +31,7 @@ from tfgen import _env
 _HEADER_BYTES = 4  # an entry: the header's length, the header (JSON), the FunctionDefLibrary
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _environment_digest():
     """tfgen's source and the versions of the libraries whose code a trace runs."""
     digest = hashlib.sha256()

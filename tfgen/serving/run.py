@@ -6,7 +6,7 @@ from pathlib import Path
 import uvicorn
 
 from tfgen.serving import chat, models
-from tfgen.serving.app import ServerSettings, create_app
+from tfgen.serving.app import create_app
 
 
 def served_model_name(name_or_path):
