@@ -12,13 +12,18 @@ them into the lowest free slots as rows finish, as the server's scheduler
 does; text goes in and out through `tfgen.Tokenizer`.
 """
 
+from __future__ import annotations
+
 import fcntl
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from tfgen import scoring
 from tfgen._env import native_stderr_without, xnnpack_cache_file
@@ -26,7 +31,7 @@ from tfgen.generation.options import resolve_options
 from tfgen.litert_host import aligned_zeros, host_buffer
 from tfgen.litert_rows import Chain, LiteRTRows, extend_chunks
 from tfgen.serving.protocol import Sampling, choice_seed
-from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
+from tfgen.tokenizer import Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
@@ -66,13 +71,14 @@ class LiteRTLM:
     `num_threads`: the CompiledModels' threads (default: the usable cores).
     """
 
-    def __init__(self, path, num_threads=None):
+    def __init__(self, path: str | os.PathLike[str], num_threads: int | None = None) -> None:
         try:
             import ai_edge_litert.compiled_model  # noqa: F401
         except ImportError as error:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
         path = Path(path)
         self.config = read_config(path)
+        self.tokenizer: Tokenizer | None
         try:
             self.tokenizer = Tokenizer.from_pretrained(path)
         except FileNotFoundError:
@@ -88,7 +94,14 @@ class LiteRTLM:
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
         self._scratch = None  # a one-row cache's `extend` call, for scoring
 
-    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
+    def generate(
+        self,
+        input_ids: Any,  # array-like [batch, len] or [len]
+        attention_mask: npt.ArrayLike | None = None,
+        return_dict_in_generate: bool = False,
+        output_scores: bool = False,
+        **kwargs: Any,
+    ) -> Any:  # an int32 array; with return_dict_in_generate, a dict of arrays
         """Token ids [batch * num_return_sequences, len + new], as GPT2LM.generate returns them (a numpy array).
 
         Prompts of different lengths come padded with an attention_mask (either
@@ -101,7 +114,7 @@ class LiteRTLM:
         input_ids, prompts = self._prompts(input_ids, attention_mask)
         options = self._options(input_ids.shape[1], max(len(ids) for ids in prompts), kwargs)
         rows = [prompt for prompt in prompts for _ in range(options.num_return_sequences)]
-        results = [([], []) for _ in rows]
+        results: list[tuple[list[int], list[float]]] = [([], []) for _ in rows]
         for row, tokens in self._decode_rows(rows, options, BLOCK):
             results[row][0].extend(tokens.ids)
             results[row][1].extend(tokens.logprobs)
@@ -116,22 +129,25 @@ class LiteRTLM:
             return sequences
         return {"sequences": sequences, "token_logprobs": logprobs if output_scores else None}
 
-    def complete(self, prompts, **kwargs):
+    def complete(self, prompts: Iterable[str], **kwargs: Any) -> list[list[Completion]]:
         """For each prompt, a list of num_return_sequences `tfgen.tokenizer.Completion`s (all decoded together)."""
-        self._need_tokenizer()
-        prompt_ids = [self.tokenizer.encode(prompt) for prompt in prompts]
+        tokenizer = self._need_tokenizer()
+        prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
         eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config["eos_token_id"]) or []).tolist())
         sequences = self.generate(prompt_ids, **kwargs)
         width, returned = max(len(ids) for ids in prompt_ids), len(sequences) // len(prompt_ids)
-        return [[self.tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned:(i + 1) * returned]]
+        return [[tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned:(i + 1) * returned]]
                 for i, ids in enumerate(prompt_ids)]
 
-    def generate_text(self, prompts, return_full_text=True, **kwargs):
+    def generate_text(
+        self, prompts: str | Sequence[str], return_full_text: bool = True, **kwargs: Any
+    ) -> str | list[str] | list[list[str]]:
         """As GPT2LM.generate_text: a string per prompt (a list of them when num_return_sequences > 1)."""
         single = isinstance(prompts, str)
-        return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
+        return completion_texts(self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs),
+                                return_full_text, single)
 
-    def stream_text(self, prompt, **kwargs):
+    def stream_text(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Yields the new text of one prompt piece by piece, as each token is decoded (no EOS text).
 
         A piece that ends inside a character spelled in several byte tokens
@@ -139,27 +155,27 @@ class LiteRTLM:
         """
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
-        self._need_tokenizer()
-        prompt_ids = self.tokenizer.encode(prompt)
+        tokenizer = self._need_tokenizer()
+        prompt_ids = tokenizer.encode(prompt)
         options = self._options(len(prompt_ids), len(prompt_ids), kwargs)
         pieces = (tokens.ids for _, tokens in self._decode_rows([prompt_ids], options, 1))
-        yield from self.tokenizer.text_pieces(prompt_ids, pieces, options.eos_token_ids)
+        yield from tokenizer.text_pieces(prompt_ids, pieces, options.eos_token_ids)
 
-    def score(self, texts, stride=None):
+    def score(self, texts: str | Iterable[str], stride: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict).
 
         A text longer than the export's capacity (or the model's context, if less) is scored in windows of it
         (`scoring.windows`; stride default: half the window).
         """
         if isinstance(texts, str):
-            return self.score([texts], stride)[0]
-        self._need_tokenizer()
+            return cast("list[dict[str, Any]]", self.score([texts], stride))[0]
+        tokenizer = self._need_tokenizer()
         texts = list(texts)
-        rows = [self.tokenizer.encode(text) for text in texts]
+        rows = [tokenizer.encode(text) for text in texts]
         scoring.check_lengths(texts, map(len, rows))
         window, name = min((self.config["context"], "the model's context"), (self.capacity, "the export's capacity"))
         spans = [scoring.windows(len(ids), window, stride, name) for ids in rows]
-        return [scoring.summarize([self.tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
+        return [scoring.summarize([tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
                 for ids, row_spans in zip(rows, spans)]
 
     def _token_logprobs(self, ids, spans):
@@ -171,9 +187,10 @@ class LiteRTLM:
             scores.append(logprobs[np.arange(len(window) - 1), window[1:]][-scored:])
         return np.concatenate(scores)
 
-    def _need_tokenizer(self):
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer; pass token ids to generate() instead")
+        return self.tokenizer
 
     def _options(self, prompt_width, longest_prompt, kwargs):
         kwargs = dict(kwargs)

@@ -5,11 +5,15 @@ skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
 interface. This module does not import TensorFlow.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import io
 import itertools
 import json
+import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +174,18 @@ class Tokenizer:
     nothing). The two attributes are None when the post-processor decides.
     """
 
+    # Set in __init__ for each of _SPECIAL_TOKEN_KEYS: the token and its id, None where the tokenizer has none.
+    bos_token: str | None
+    eos_token: str | None
+    unk_token: str | None
+    pad_token: str | None
+    mask_token: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    unk_token_id: int | None
+    pad_token_id: int | None
+    mask_token_id: int | None
+
     def __init__(self, backend, special_tokens, added_tokens=None):
         self._backend = backend
         self._vocab_size = backend.vocab_size  # read once: tokenizers' get_vocab_size builds the whole vocabulary
@@ -197,7 +213,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_file(cls, path, **special_tokens):
+    def from_file(cls, path: str | os.PathLike[str], **special_tokens: str) -> Tokenizer:
         """Load a SentencePiece ``.model``/``.spiece`` file or a ``tokenizer.json``.
 
         Special tokens come from ``special_tokens`` (``bos_token="</s>"``,
@@ -219,6 +235,7 @@ class Tokenizer:
                 f"no tokenizer file at {path} (expected a SentencePiece *.model/*.spiece "
                 "file or a tokenizer.json)"
             )
+        backend: _SentencePiece | _HuggingFace
         if path.suffix in _SP_SUFFIXES:
             backend = _SentencePiece(path)
         elif path.suffix == ".json":
@@ -238,7 +255,7 @@ class Tokenizer:
         return cls(backend, {**tokens, **special_tokens}, added_tokens)
 
     @classmethod
-    def from_pretrained(cls, directory, **special_tokens):
+    def from_pretrained(cls, directory: str | os.PathLike[str], **special_tokens: str) -> Tokenizer:
         """Load the tokenizer saved in ``directory``.
 
         A SentencePiece model is preferred over ``tokenizer.json``:
@@ -266,7 +283,7 @@ class Tokenizer:
             "(expected tokenizer.model, *.model, *.spiece or tokenizer.json)"
         )
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the tokenizer file, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
         A SentencePiece model is written as ``tokenizer.model``, a Hugging Face
@@ -286,7 +303,7 @@ class Tokenizer:
         _write_json(directory / "special_tokens_map.json", special_map)
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         return self._vocab_size
 
     def sentencepiece_model(self):
@@ -298,7 +315,7 @@ class Tokenizer:
         """The id that pads batches: the pad token's, else the EOS token's, else 0."""
         return next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
 
-    def encode(self, text, add_special_tokens=True):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens``, the BOS/EOS the files say (see the class)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -331,7 +348,7 @@ class Tokenizer:
         """Whether ``token_id`` is in the vocabulary (a model's embedding may have more rows than it)."""
         return 0 <= token_id < self._vocab_size
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``.
 
         Ids the vocabulary lacks spell nothing, as in transformers' fast tokenizers.
@@ -376,7 +393,7 @@ class Tokenizer:
         if final != sent:
             yield final[len(sent):]
 
-    def decode_batch(self, rows, skip_special_tokens=True):
+    def decode_batch(self, rows: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         """:meth:`decode` for each row of ``rows``."""
         return [self.decode(row, skip_special_tokens) for row in rows]
 

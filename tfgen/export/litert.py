@@ -45,12 +45,15 @@ weights by ai-edge-quantizer, see tfgen.export.quantize), "fp16" (float16
 weights, float computation) or "none" (float32).
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
@@ -64,14 +67,24 @@ from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
 from tfgen.litert_rows import MAX_EOS_IDS
 from tfgen.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from tfgen.model import CausalLM
+
 QUANTIZATIONS = ("int8", "int4", "fp16", "none")
 DEFAULT_CAPACITY = 256
 DEFAULT_ROWS = 16  # as `tfgen serve --max-batch`'s default
 DEFAULT_CHUNK = 32  # prompt tokens per `extend` call
 
 
-def export_litert(model, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS, chunk=DEFAULT_CHUNK,
-                  part_bytes=model_parts.PART_BYTES):
+def export_litert(
+    model: CausalLM | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    quantize: str = "int8",
+    capacity: int | None = None,
+    rows: int = DEFAULT_ROWS,
+    chunk: int = DEFAULT_CHUNK,
+    part_bytes: int | None = model_parts.PART_BYTES,
+) -> str | os.PathLike[str]:
     """Writes a model as a LiteRT model directory at `path`, atomically; returns `path`.
 
     model: a `CausalLM` (GPT2LM or GPTJLM, with its tokenizer), or a checkpoint

@@ -18,14 +18,21 @@ attention_mask -> sequences) and `generate_beam` (beam search with
 optional keyword arguments.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import inspect
+import os
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from tfgen import checkpoint
 from tfgen.generation import decode
 from tfgen.generation.options import MAX_NGRAM_SIZE, RULES, resolve_options
+
+if TYPE_CHECKING:  # tfgen.model imports TensorFlow's Keras models; only the annotation needs it
+    from tfgen.model import CausalLM
 
 DEFAULT_NUM_BEAMS = 4
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -50,7 +57,9 @@ TEXT_INPUTS = {"prompts": tf.TensorSpec([None], tf.string)}
 ID_INPUTS = {"input_ids": tf.TensorSpec([None, None], tf.int32), "attention_mask": tf.TensorSpec([None, None], tf.int32)}
 
 
-def export_saved_model(lm, path, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
+def export_saved_model(
+    lm: CausalLM, path: str | os.PathLike[str], capacity: int | None = None, num_beams: int = DEFAULT_NUM_BEAMS
+) -> str | os.PathLike[str]:
     """Writes `lm` as a TF SavedModel at `path`, atomically; returns `path`.
 
     capacity: the most tokens a request may use, longest prompt plus

@@ -1,12 +1,16 @@
 """The ASGI app: OpenAI's completions and chat completions APIs, models, health, metrics, the playground page."""
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import dataclasses
 import hmac
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,10 +40,10 @@ class ServerSettings:
     max_batch: int = 16  # decode slots
     max_queue: int = 64  # rows waiting beyond the slots
     prefix_cache_tokens: int = DEFAULT_TOKENS  # prompt prefixes' keys and values kept for reuse, in tokens; 0: off
-    api_key: str = None  # None: no authentication
+    api_key: str | None = None  # None: no authentication
     request_timeout: float = 120.0  # seconds from arrival; a row past it ends with finish_reason "length"
     retry_after: int = 1  # seconds, in a 429's Retry-After
-    chat_template: ChatTemplate = None  # None: /v1/chat/completions answers 400
+    chat_template: ChatTemplate | None = None  # None: /v1/chat/completions answers 400
 
 
 def _error_response(error):
@@ -288,7 +292,7 @@ async def _internal_error(request, error):
                                     error_type="server_error"))
 
 
-def create_app(load, settings):
+def create_app(load: Callable[[], Any], settings: ServerSettings) -> Starlette:
     """The Starlette app; `load()` returns the model to serve, a serving.models model (called on the engine thread
     at startup)."""
     server = Server(load, settings)
