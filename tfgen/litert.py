@@ -57,8 +57,10 @@ def read_config(path):
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; export a model with `tfgen export --format litert`")
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} version {FORMAT_VERSION} config; "
-                         "re-export the model with this tfgen")
+        raise ValueError(
+            f"{path / CONFIG_FILE} is not a {FORMAT} version {FORMAT_VERSION} config; "
+            "re-export the model with this tfgen"
+        )
     return config
 
 
@@ -122,8 +124,8 @@ class LiteRTLM:
         new = np.full([len(rows), steps], options.pad_token_id, np.int32)
         logprobs = np.zeros([len(rows), steps], np.float32)
         for row, (tokens, row_logprobs) in enumerate(results):
-            new[row, :len(tokens)] = tokens
-            logprobs[row, :len(tokens)] = row_logprobs
+            new[row, : len(tokens)] = tokens
+            logprobs[row, : len(tokens)] = row_logprobs
         sequences = np.concatenate([np.repeat(input_ids, options.num_return_sequences, axis=0), new], axis=1)
         if not return_dict_in_generate:
             return sequences
@@ -136,16 +138,19 @@ class LiteRTLM:
         eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config["eos_token_id"]) or []).tolist())
         sequences = self.generate(prompt_ids, **kwargs)
         width, returned = max(len(ids) for ids in prompt_ids), len(sequences) // len(prompt_ids)
-        return [[tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned:(i + 1) * returned]]
-                for i, ids in enumerate(prompt_ids)]
+        return [
+            [tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned : (i + 1) * returned]]
+            for i, ids in enumerate(prompt_ids)
+        ]
 
     def generate_text(
         self, prompts: str | Sequence[str], return_full_text: bool = True, **kwargs: Any
     ) -> str | list[str] | list[list[str]]:
         """As GPT2LM.generate_text: a string per prompt (a list of them when num_return_sequences > 1)."""
         single = isinstance(prompts, str)
-        return completion_texts(self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs),
-                                return_full_text, single)
+        return completion_texts(
+            self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs), return_full_text, single
+        )
 
     def stream_text(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Yields the new text of one prompt piece by piece, as each token is decoded (no EOS text).
@@ -175,8 +180,10 @@ class LiteRTLM:
         scoring.check_lengths(texts, map(len, rows))
         window, name = min((self.config["context"], "the model's context"), (self.capacity, "the export's capacity"))
         spans = [scoring.windows(len(ids), window, stride, name) for ids in rows]
-        return [scoring.summarize([tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
-                for ids, row_spans in zip(rows, spans)]
+        return [
+            scoring.summarize([tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
+            for ids, row_spans in zip(rows, spans)
+        ]
 
     def _token_logprobs(self, ids, spans):
         """The log-probability of each token of `ids` after the first: each window's scored ones, in order."""
@@ -211,8 +218,12 @@ class LiteRTLM:
 
     def _prompts(self, input_ids, attention_mask):
         """input_ids as a [batch, width] array (a list of ragged lists padded on the right) and each row's real ids."""
-        if attention_mask is None and isinstance(input_ids, (list, tuple)) and input_ids \
-                and all(isinstance(ids, (list, tuple, np.ndarray)) for ids in input_ids):
+        if (
+            attention_mask is None
+            and isinstance(input_ids, (list, tuple))
+            and input_ids
+            and all(isinstance(ids, (list, tuple, np.ndarray)) for ids in input_ids)
+        ):
             width = max(len(ids) for ids in input_ids)
             attention_mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in input_ids]
             input_ids = [list(ids) + [self.config["pad_token_id"] or 0] * (width - len(ids)) for ids in input_ids]
@@ -221,7 +232,9 @@ class LiteRTLM:
             input_ids = input_ids[None]
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
+        mask = (
+            np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
+        )
         prompts = [ids[m > 0].tolist() for ids, m in zip(input_ids, mask)]
         if not all(prompts):
             raise ValueError("every prompt needs a token at least (an attention_mask row is all zeros)")
@@ -232,8 +245,16 @@ class LiteRTLM:
         `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS), taking prompt prefixes
         from `prefix_cache` (a `tfgen.serving.prefix_cache.PrefixCache`; None: none)."""
         eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
-        return LiteRTRows(self._chain, self._chain.parts[-1], self.capacity, tuple(self.config["row_tiers"]),
-                          eos_ids, self.config["pad_token_id"] or 0, slots, prefix_cache)
+        return LiteRTRows(
+            self._chain,
+            self._chain.parts[-1],
+            self.capacity,
+            tuple(self.config["row_tiers"]),
+            eos_ids,
+            self.config["pad_token_id"] or 0,
+            slots,
+            prefix_cache,
+        )
 
     def next_token_logprobs(self, ids, start):
         """log-softmax of the logits at positions start..len(ids)-2 of one text: a [len(ids) - 1 - start, vocab] array."""
@@ -246,8 +267,14 @@ class LiteRTLM:
         if self._scratch is None:
             layers, heads, capacity, head_dim = self._chain.cache_shape
             keys, values = (aligned_zeros([layers, 1, heads, capacity, head_dim]) for _ in range(2))
-            self._scratch = self._chain.bind("extend", aligned_zeros([1, self._chain.chunk], np.int32),
-                                             aligned_zeros([1], np.int32), keys, values, slice(0, 1))
+            self._scratch = self._chain.bind(
+                "extend",
+                aligned_zeros([1, self._chain.chunk], np.int32),
+                aligned_zeros([1], np.int32),
+                keys,
+                values,
+                slice(0, 1),
+            )
         logits = np.concatenate(list(extend_chunks(self._scratch, ids)))
         shifted = logits - logits.max(axis=-1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -264,7 +291,7 @@ class LiteRTLM:
         try:
             while queue or row_of:
                 starts = []
-                for slot in [slot for slot in range(rows.slots) if slot not in row_of][:len(queue)]:
+                for slot in [slot for slot in range(rows.slots) if slot not in row_of][: len(queue)]:
                     row, prompt = queue.pop()
                     row_of[slot] = row
                     starts.append((slot, prompt, _sampling(options, choice_seed(options.seed, row))))
@@ -331,7 +358,16 @@ class BoundSignature:
 
 def _sampling(options, seed):
     """One row's `Sampling` from generate's resolved options."""
-    return Sampling(max_tokens=options.max_new_tokens, do_sample=options.do_sample, temperature=options.temperature,
-                    top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
-                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed,
-                    presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
+    return Sampling(
+        max_tokens=options.max_new_tokens,
+        do_sample=options.do_sample,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        repetition_penalty=options.repetition_penalty,
+        no_repeat_ngram_size=options.no_repeat_ngram_size,
+        min_tokens=options.min_new_steps,
+        seed=seed,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+    )

@@ -24,8 +24,15 @@ from tfgen.tokenizer import Completion, Tokenizer, completion_texts, warn_if_voc
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.
-_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "*.model", "*.spiece"]
+_HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "*.model",
+    "*.spiece",
+]
 
 
 @dataclasses.dataclass
@@ -67,7 +74,9 @@ def resolve_model_dir(name_or_path: PathLike) -> Path:
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2")
+        raise FileNotFoundError(
+            f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2"
+        )
     try:
         return _hub_snapshot(str(name_or_path))
     except Exception as error:  # the hub client raises many types for "offline"
@@ -148,8 +157,9 @@ class CausalLM(tf.keras.Model):
         if type(self) is CausalLM:
             raise TypeError("CausalLM is the base class; use CausalLM.from_pretrained, GPT2LM or GPTJLM")
         family = self.family
-        model = (model_or_config if isinstance(model_or_config, family.transformers_class)
-                 else family.build(model_or_config))
+        model = (
+            model_or_config if isinstance(model_or_config, family.transformers_class) else family.build(model_or_config)
+        )
         setattr(self, self.model_attribute, model)
         self.net = family(model)
         self.tokenizer = tokenizer
@@ -243,8 +253,10 @@ class CausalLM(tf.keras.Model):
         if cls.family is None:
             cls = CausalLM._by_model_type[family.model_type]
         elif cls.family is not family:
-            raise ValueError(f"{directory} holds a {model_type} model, which {cls.__name__} cannot load; "
-                             f"use tfgen.CausalLM.from_pretrained, which picks the class from config.json")
+            raise ValueError(
+                f"{directory} holds a {model_type} model, which {cls.__name__} cannot load; "
+                f"use tfgen.CausalLM.from_pretrained, which picks the class from config.json"
+            )
         try:
             tokenizer = Tokenizer.from_pretrained(directory, **special_tokens)
         except FileNotFoundError:
@@ -261,8 +273,10 @@ class CausalLM(tf.keras.Model):
     def with_dtype(self, dtype: str) -> CausalLM:
         """A copy with its weights and computation in `dtype`, e.g. "bfloat16" (half the memory; logits stay float32)."""
         if self.lora is not None:
-            raise ValueError("with_dtype copies the base weights only, not LoRA adapters; save_pretrained the model "
-                             "(merged weights) and load that with CausalLM.from_pretrained(directory, dtype=...)")
+            raise ValueError(
+                "with_dtype copies the base weights only, not LoRA adapters; save_pretrained the model "
+                "(merged weights) and load that with CausalLM.from_pretrained(directory, dtype=...)"
+            )
         with _policy(dtype):
             copy = type(self)(self.family.config_class(**self.config.to_dict()), self.tokenizer)
         for target, source in zip(copy.net.weights, self.net.weights):
@@ -276,11 +290,15 @@ class CausalLM(tf.keras.Model):
         an error that names what to use instead.
         """
         if self.lora is not None:
-            raise NotImplementedError("a model with LoRA adapters is saved with save_pretrained (merged weights) or "
-                                      "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file")
+            raise NotImplementedError(
+                "a model with LoRA adapters is saved with save_pretrained (merged weights) or "
+                "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file"
+            )
         if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
-            raise NotImplementedError(f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
-                                      f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
+            raise NotImplementedError(
+                f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
+                f"not {str(filepath)!r}; {_SAVE_INSTEAD}"
+            )
         super().save(filepath, overwrite=overwrite, save_format=save_format, **kwargs)
 
     def save_assets(self, directory):
@@ -312,7 +330,9 @@ class CausalLM(tf.keras.Model):
     def write_checkpoint_files(self, directory: PathLike) -> None:
         """save_pretrained's files, written into an existing directory (not atomically)."""
         directory = Path(directory)
-        merged = self.lora.merged_into_base(self.net.lora_layers()) if self.lora is not None else contextlib.nullcontext()
+        merged = (
+            self.lora.merged_into_base(self.net.lora_layers()) if self.lora is not None else contextlib.nullcontext()
+        )
         with merged:
             self.net.model.save_pretrained(directory, safe_serialization=False)
             checkpoint.write_safetensors(self.net.model.weights, directory / checkpoint.SAFETENSORS_FILE)
@@ -336,11 +356,15 @@ class CausalLM(tf.keras.Model):
 
     def _check_lora_can_be_enabled(self):
         if self.lora is not None:
-            raise ValueError(f"LoRA is already enabled on this model (rank {self.lora.rank}); enable it once, or "
-                             "load the model again for other settings")
+            raise ValueError(
+                f"LoRA is already enabled on this model (rank {self.lora.rank}); enable it once, or "
+                "load the model again for other settings"
+            )
         if self._is_compiled:
-            raise ValueError("enable_lora must come before compile(): compile sets up the optimizer for the "
-                             "trainable weights; call lm.enable_lora(rank) and then lm.compile()")
+            raise ValueError(
+                "enable_lora must come before compile(): compile sets up the optimizer for the "
+                "trainable weights; call lm.enable_lora(rank) and then lm.compile()"
+            )
 
     def _use_adapters(self, adapters):
         self.net.model.trainable = False
@@ -428,16 +452,20 @@ class CausalLM(tf.keras.Model):
         """
         input_ids, attention_mask, options = self._checked(input_ids, attention_mask, kwargs)
         if streamer is not None and options.num_beams > 1:
-            raise ValueError("a streamer cannot be used with beam search (num_beams > 1); stream with greedy "
-                             "decoding or sampling, or drop the streamer")
+            raise ValueError(
+                "a streamer cannot be used with beam search (num_beams > 1); stream with greedy "
+                "decoding or sampling, or drop the streamer"
+            )
         repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
         input_ids, attention_mask = np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0)
         if streamer is None:
             out = self.decoder(input_ids, attention_mask, options)
         else:
             streamer.put(input_ids)
-            out = drain(self.decoder.stream(input_ids, attention_mask, options),
-                         lambda block: [streamer.put(column) for column in block.T])
+            out = drain(
+                self.decoder.stream(input_ids, attention_mask, options),
+                lambda block: [streamer.put(column) for column in block.T],
+            )
             streamer.end()
         if not return_dict_in_generate:
             return tf.constant(out["sequences"])
@@ -483,8 +511,12 @@ class CausalLM(tf.keras.Model):
         for i, mask in enumerate(attention_mask):
             prompt_ids = input_ids[i][mask == 1].tolist()
             prompt_text = tokenizer.decode(prompt_ids)
-            results.append([tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
-                            for row in sequences[i * repeats:(i + 1) * repeats]])
+            results.append(
+                [
+                    tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
+                    for row in sequences[i * repeats : (i + 1) * repeats]
+                ]
+            )
         return results
 
     def stream_text(self, prompt: str, return_full_text: bool = False, **kwargs: Any) -> Iterator[str]:
@@ -497,11 +529,15 @@ class CausalLM(tf.keras.Model):
         generate()'s settings, for one returned sequence and without beams.
         """
         if not isinstance(prompt, str):
-            raise ValueError(f"stream_text takes one prompt string, got {type(prompt).__name__}; "
-                             "use generate_text for several prompts")
+            raise ValueError(
+                f"stream_text takes one prompt string, got {type(prompt).__name__}; "
+                "use generate_text for several prompts"
+            )
         if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1:
-            raise ValueError("stream_text makes one sequence without beams; use generate_text for "
-                             "num_return_sequences > 1 or num_beams > 1")
+            raise ValueError(
+                "stream_text makes one sequence without beams; use generate_text for "
+                "num_return_sequences > 1 or num_beams > 1"
+            )
         tokenizer = self._text_tokenizer()
         prompt_ids = tokenizer.encode(prompt)
         prompt_text = tokenizer.decode(prompt_ids)
@@ -524,8 +560,9 @@ class CausalLM(tf.keras.Model):
         a single prompt gives a single result, a list gives a list.
         """
         single = isinstance(prompts, str)
-        return completion_texts(self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs),
-                                return_full_text, single)
+        return completion_texts(
+            self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs), return_full_text, single
+        )
 
     def score(self, texts: str | Iterable[str], stride: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).

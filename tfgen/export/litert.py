@@ -104,8 +104,9 @@ def export_litert(
     context = config.n_positions
     capacity = min(DEFAULT_CAPACITY, context) if capacity is None else capacity
     if not isinstance(capacity, int) or not 2 <= capacity <= context:
-        raise ValueError(f"capacity must be an integer from 2 to the model's context of {context} tokens, "
-                         f"got {capacity!r}")
+        raise ValueError(
+            f"capacity must be an integer from 2 to the model's context of {context} tokens, got {capacity!r}"
+        )
     if not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive integer, got {rows!r}")
     if not isinstance(chunk, int) or not 1 <= chunk <= capacity:
@@ -227,8 +228,11 @@ class PartModule(tf.Module):
         config = stage.net.config
         width = config.n_embd
         cache_shape = [config.n_head, capacity, width // config.n_head]
-        cache = [(f"{kind}_cache_{layer}", tf.float32, cache_shape)
-                 for layer in range(len(stage.blocks)) for kind in ("key", "value")]
+        cache = [
+            (f"{kind}_cache_{layer}", tf.float32, cache_shape)
+            for layer in range(len(stage.blocks))
+            for kind in ("key", "value")
+        ]
 
         def steps(rows, tokens):
             taken = ("token", tf.int32, [tokens]) if stage.part.first else ("hidden", tf.float32, [tokens, width])
@@ -238,15 +242,27 @@ class PartModule(tf.Module):
         for rows in tiers:
             self._signatures[f"decode_{rows}"] = tf.function(self._step, input_signature=steps(rows, 1))
         if stage.part.last:
-            choice = [("logits", tf.float32, [config.vocab_size]), ("sequence", tf.int32, [capacity]),
-                      ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
-                      ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
-                      ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
-                      ("presence_penalty", tf.float32, []), ("frequency_penalty", tf.float32, []),
-                      ("logit_bias", tf.float32, [config.vocab_size]), ("uniform", tf.float32, [1])]
+            choice = [
+                ("logits", tf.float32, [config.vocab_size]),
+                ("sequence", tf.int32, [capacity]),
+                ("lengths", tf.int32, []),
+                ("steps", tf.int32, []),
+                ("temperature", tf.float32, []),
+                ("top_k", tf.int32, []),
+                ("top_p", tf.float32, []),
+                ("repetition_penalty", tf.float32, []),
+                ("no_repeat_ngram_size", tf.int32, []),
+                ("min_new_steps", tf.int32, []),
+                ("presence_penalty", tf.float32, []),
+                ("frequency_penalty", tf.float32, []),
+                ("logit_bias", tf.float32, [config.vocab_size]),
+                ("uniform", tf.float32, [1]),
+            ]
             for rows in tiers:
-                self._signatures[f"next_token_{rows}"] = tf.function(self._next_token, input_signature=[
-                    *_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")])
+                self._signatures[f"next_token_{rows}"] = tf.function(
+                    self._next_token,
+                    input_signature=[*_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")],
+                )
 
     def signatures(self):
         return self._signatures
@@ -257,8 +273,9 @@ class PartModule(tf.Module):
         n = taken.shape[1]
         columns = positions[:, None] + tf.range(n)[None]
         hidden = net.embed(taken, columns) if part.first else taken
-        hidden, new = net.transform(hidden, columns, blocks, list(zip(cache[::2], cache[1::2])),
-                                    attend=attend_beside_cache)
+        hidden, new = net.transform(
+            hidden, columns, blocks, list(zip(cache[::2], cache[1::2])), attend=attend_beside_cache
+        )
         out = {"keys": tf.stack([k for k, _ in new]), "values": tf.stack([v for _, v in new])} if new else {}
         if part.last:  # [rows * n, vocab]: a decode step's [rows, vocab], an extend's [chunk, vocab]
             out["logits"] = net.head(tf.reshape(hidden, [-1, net.config.n_embd]))
@@ -266,14 +283,34 @@ class PartModule(tf.Module):
             out["hidden"] = hidden
         return out
 
-    def _next_token(self, logits, sequence, lengths, steps, temperature, top_k, top_p, repetition_penalty,
-                    no_repeat_ngram_size, min_new_steps, presence_penalty, frequency_penalty, logit_bias, uniform,
-                    eos_ids):
+    def _next_token(
+        self,
+        logits,
+        sequence,
+        lengths,
+        steps,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        min_new_steps,
+        presence_penalty,
+        frequency_penalty,
+        logit_bias,
+        uniform,
+        eos_ids,
+    ):
         settings = {
-            "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-            "eos_ids": eos_ids, "min_new_steps": min_new_steps, "presence_penalty": presence_penalty,
-            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias,
-            "bad_words": tf.zeros([0, 1], tf.int32), "bad_word_lengths": tf.zeros([0], tf.int32),
+            "repetition_penalty": repetition_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "eos_ids": eos_ids,
+            "min_new_steps": min_new_steps,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "logit_bias": logit_bias,
+            "bad_words": tf.zeros([0, 1], tf.int32),
+            "bad_word_lengths": tf.zeros([0], tf.int32),
         }
         scores = processors.process(logits, sequence, lengths, steps, settings)
         token, logprob = decode.choose_at(scores, temperature, top_k, top_p, uniform)

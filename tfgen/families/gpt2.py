@@ -27,8 +27,10 @@ class GPT2(Family):
         new_cache = []
         for block, (cache_k, cache_v) in zip(blocks, cache):
             with self.weights_after(block, h):
-                q, k, v = (kv_cache.split_heads(x, n_head)
-                           for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1))
+                q, k, v = (
+                    kv_cache.split_heads(x, n_head)
+                    for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1)
+                )
                 a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
                 h = h + self.project(block.attn.c_proj, a)
                 h = h + self.project(functools.partial(block.mlp, training=False), block.ln_2(h))

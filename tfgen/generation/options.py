@@ -70,7 +70,9 @@ def _bad_words(bad_words_ids, eos_token_ids):
         isinstance(word, (list, tuple)) and word and all(_is_int(t) and t >= 0 for t in word) for word in bad_words_ids
     ):
         raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
-    return tuple(tuple(int(t) for t in word) for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_token_ids))
+    return tuple(
+        tuple(int(t) for t in word) for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_token_ids)
+    )
 
 
 def resolve_options(
@@ -123,9 +125,7 @@ def resolve_options(
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; pick one")
     if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(
-            f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})"
-        )
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
     if num_return_sequences > 1 and num_beams == 1 and not do_sample:
         raise ValueError(
             "greedy decoding returns one sequence per prompt; num_return_sequences > 1 needs do_sample=True "
@@ -139,8 +139,11 @@ def resolve_options(
     if not _is_int(no_repeat_ngram_size) or not 0 <= no_repeat_ngram_size <= MAX_NGRAM_SIZE:
         raise ValueError(RULES["no_repeat_ngram_size"].format(repr(no_repeat_ngram_size)))
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                or not -MAX_OPENAI_PENALTY <= value <= MAX_OPENAI_PENALTY:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not -MAX_OPENAI_PENALTY <= value <= MAX_OPENAI_PENALTY
+        ):
             raise ValueError(RULES[name].format(repr(value)))
     for name, value in (("min_length", min_length), ("min_new_tokens", min_new_tokens)):
         if not _is_int(value or 0) or (value or 0) < 0:
