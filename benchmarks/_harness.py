@@ -24,8 +24,22 @@ SHAPE_KEYS = ["n_layer", "n_embd", "n_head", "vocab_size", "n_positions"]
 # Models of about 1 B parameters (KoGPT's vocabulary and context; GPT-2's head is tied to its embedding).
 GPT2_1B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 2048, "n_layer": 18, "n_head": 16}
 GPTJ_SMALL_SHAPE = {"vocab_size": 1000, "n_positions": 1024, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8}
-GPTJ_1B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 2048, "n_layer": 16, "n_head": 16, "rotary_dim": 64}
-KOGPT_6B_SHAPE = {"vocab_size": 64512, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64}
+GPTJ_1B_SHAPE = {
+    "vocab_size": 64512,
+    "n_positions": 2048,
+    "n_embd": 2048,
+    "n_layer": 16,
+    "n_head": 16,
+    "rotary_dim": 64,
+}
+KOGPT_6B_SHAPE = {
+    "vocab_size": 64512,
+    "n_positions": 2048,
+    "n_embd": 4096,
+    "n_layer": 28,
+    "n_head": 16,
+    "rotary_dim": 64,
+}
 
 
 def gpt2_shape(small):
@@ -62,17 +76,25 @@ def usable_cores():
 
 def machine_info():
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     versions = {}
     for package in VERSIONED_PACKAGES:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable_cores(),
-            "load_average": os.getloadavg(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "load_average": os.getloadavg(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def command_line():
@@ -82,8 +104,10 @@ def command_line():
 
 def print_machine(info, command):
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items() if version)
-    print(f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load average at start "
-          f"{' '.join(f'{load:.2f}' for load in info['load_average'])}; {info['date']}")
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), load average at start "
+        f"{' '.join(f'{load:.2f}' for load in info['load_average'])}; {info['date']}"
+    )
     print(f"versions: python {info['python']}, {versions}")
     print(f"command: {command}")
 
@@ -93,8 +117,12 @@ def format_table(rows, columns):
     cells = [[heading for heading, _, _ in columns]]
     cells += [["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
-                       for i, (cell, width) in enumerate(zip(line, widths))) for line in cells]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))
+        )
+        for line in cells
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

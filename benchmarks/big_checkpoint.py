@@ -24,9 +24,21 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import (GPT2_1B_SHAPE, GPTJ_1B_SHAPE, GPTJ_SMALL_SHAPE, KOGPT_6B_SHAPE, SMALL_SHAPE, command_line,
-                      format_table, machine_info, model_config, peak_rss_mib, print_machine, results_path,
-                      write_results)
+from _harness import (
+    GPT2_1B_SHAPE,
+    GPTJ_1B_SHAPE,
+    GPTJ_SMALL_SHAPE,
+    KOGPT_6B_SHAPE,
+    SMALL_SHAPE,
+    command_line,
+    format_table,
+    machine_info,
+    model_config,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    write_results,
+)
 
 SHAPES = {  # shape -> family -> config fields
     "kogpt-6b": {"gptj": KOGPT_6B_SHAPE},
@@ -48,12 +60,21 @@ def tensor_shapes(family, shape):
     for i in range(shape["n_layer"]):
         block = f"transformer.h.{i}."
         if family == "gptj":  # Linear weights are [out, in]
-            layer = [("ln_1", (d,), d), *((f"attn.{name}", (d, d), None) for name in ("q_proj", "k_proj", "v_proj",
-                                                                                    "out_proj")),
-                     ("mlp.fc_in", (inner, d), inner), ("mlp.fc_out", (d, inner), d)]
+            layer = [
+                ("ln_1", (d,), d),
+                *((f"attn.{name}", (d, d), None) for name in ("q_proj", "k_proj", "v_proj", "out_proj")),
+                ("mlp.fc_in", (inner, d), inner),
+                ("mlp.fc_out", (d, inner), d),
+            ]
         else:  # Conv1D weights are [in, out]
-            layer = [("ln_1", (d,), d), ("attn.c_attn", (d, 3 * d), 3 * d), ("attn.c_proj", (d, d), d),
-                     ("ln_2", (d,), d), ("mlp.c_fc", (d, inner), inner), ("mlp.c_proj", (inner, d), d)]
+            layer = [
+                ("ln_1", (d,), d),
+                ("attn.c_attn", (d, 3 * d), 3 * d),
+                ("attn.c_proj", (d, d), d),
+                ("ln_2", (d,), d),
+                ("mlp.c_fc", (d, inner), inner),
+                ("mlp.c_proj", (inner, d), d),
+            ]
         for name, weight_shape, bias_size in layer:
             yield block + name + ".weight", weight_shape
             if bias_size is not None:
@@ -99,6 +120,8 @@ def rss_mib():
 def load_and_generate(directory, dtype, new_tokens):
     """(In the child process) loads, generates, prints the figures as JSON."""
     import tfgen.model
+
+    # isort: split
     from transformers import TFGPT2LMHeadModel, TFGPTJForCausalLM  # noqa: F401  (their import is not loading)
 
     before = rss_mib()
@@ -115,25 +138,45 @@ def load_and_generate(directory, dtype, new_tokens):
     out = lm.generate(PROMPT, max_new_tokens=new_tokens, eos_token_id=None).numpy()
     generate_s = time.perf_counter() - start
     decode_peak = peak_rss_mib()
-    print(json.dumps({
-        "parameters": sum(v.shape.num_elements() for v in lm.net.weights), "dtype": dtype,
-        "weights_mib": weights_mib, "rss_before_load_mib": before, "rss_after_load_mib": after,
-        "peak_rss_load_mib": peak, "load_peak_over_weights": (peak - before) / weights_mib,
-        "kept_over_weights": (after - before) / weights_mib, "transient_over_weights": (peak - after) / weights_mib,
-        "load_s": load_s, "first_call_s": first_call_s, "new_tokens": new_tokens,
-        "tokens_per_s": new_tokens / generate_s, "peak_rss_generate_mib": decode_peak,
-        "decode_extra_over_weights": (decode_peak - after) / weights_mib,
-        "new_ids": out[0, len(PROMPT[0]):].tolist(),
-    }))
+    print(
+        json.dumps(
+            {
+                "parameters": sum(v.shape.num_elements() for v in lm.net.weights),
+                "dtype": dtype,
+                "weights_mib": weights_mib,
+                "rss_before_load_mib": before,
+                "rss_after_load_mib": after,
+                "peak_rss_load_mib": peak,
+                "load_peak_over_weights": (peak - before) / weights_mib,
+                "kept_over_weights": (after - before) / weights_mib,
+                "transient_over_weights": (peak - after) / weights_mib,
+                "load_s": load_s,
+                "first_call_s": first_call_s,
+                "new_tokens": new_tokens,
+                "tokens_per_s": new_tokens / generate_s,
+                "peak_rss_generate_mib": decode_peak,
+                "decode_extra_over_weights": (decode_peak - after) / weights_mib,
+                "new_ids": out[0, len(PROMPT[0]) :].tolist(),
+            }
+        )
+    )
 
 
-COLUMNS = [("family", "family", "{}"), ("dtype", "dtype", "{}"), ("parameters", "parameters", "{:,}"),
-           ("weights MiB", "weights_mib", "{:.0f}"), ("load s", "load_s", "{:.1f}"),
-           ("peak-before / weights", "load_peak_over_weights", "{:.3f}"), ("kept", "kept_over_weights", "{:.3f}"),
-           ("transient", "transient_over_weights", "{:.3f}"), ("within 1.5x", "within_bound", "{}"),
-           ("first call s", "first_call_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.2f}"),
-           ("peak RSS generating MiB", "peak_rss_generate_mib", "{:.0f}"),
-           ("decode extra / weights", "decode_extra_over_weights", "{:.3f}")]
+COLUMNS = [
+    ("family", "family", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("parameters", "parameters", "{:,}"),
+    ("weights MiB", "weights_mib", "{:.0f}"),
+    ("load s", "load_s", "{:.1f}"),
+    ("peak-before / weights", "load_peak_over_weights", "{:.3f}"),
+    ("kept", "kept_over_weights", "{:.3f}"),
+    ("transient", "transient_over_weights", "{:.3f}"),
+    ("within 1.5x", "within_bound", "{}"),
+    ("first call s", "first_call_s", "{:.1f}"),
+    ("tokens/s", "tokens_per_s", "{:.2f}"),
+    ("peak RSS generating MiB", "peak_rss_generate_mib", "{:.0f}"),
+    ("decode extra / weights", "decode_extra_over_weights", "{:.3f}"),
+]
 
 
 def main():
@@ -156,22 +199,46 @@ def main():
         with tempfile.TemporaryDirectory(prefix="tfgen-big-checkpoint-") as directory:
             start = time.perf_counter()
             file_bytes = write_checkpoint(Path(directory), family, SHAPES[args.shape][family])
-            print(f"wrote the {args.shape} {family} fp16 checkpoint ({file_bytes / 2**30:.2f} GiB) in "
-                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"wrote the {args.shape} {family} fp16 checkpoint ({file_bytes / 2**30:.2f} GiB) in "
+                f"{time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             for dtype in args.dtype:
-                out = subprocess.run([sys.executable, __file__, "--dtype", dtype, "--new-tokens", str(args.new_tokens),
-                                      "--child", directory], check=True, stdout=subprocess.PIPE, text=True).stdout
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--dtype",
+                        dtype,
+                        "--new-tokens",
+                        str(args.new_tokens),
+                        "--child",
+                        directory,
+                    ],
+                    check=True,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                ).stdout
                 row = {"family": family, "shape": args.shape, **json.loads(out.splitlines()[-1])}
                 rows.append({**row, "within_bound": row["load_peak_over_weights"] <= BOUND})
-                print(f"[{family} {dtype}: peak-before {row['load_peak_over_weights']:.3f}x the weights]",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{family} {dtype}: peak-before {row['load_peak_over_weights']:.3f}x the weights]",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print_machine(info, command)
-    print(f"shape {args.shape}: fp16 safetensors shards of {SHARD_BYTES / 2**30:.0f} GiB, random weights; "
-          f"bound: peak RSS while loading - RSS before <= {BOUND}x the weights' bytes in the target dtype")
+    print(
+        f"shape {args.shape}: fp16 safetensors shards of {SHARD_BYTES / 2**30:.0f} GiB, random weights; "
+        f"bound: peak RSS while loading - RSS before <= {BOUND}x the weights' bytes in the target dtype"
+    )
     print(format_table(rows, COLUMNS))
     small = args.shape == "small"
-    write_results(results_path("big_checkpoint" if small else f"big_checkpoint-{args.shape}", small, args.json),
-                  {"machine": info, "command": command, "bound": BOUND, "shard_bytes": SHARD_BYTES, "rows": rows})
+    write_results(
+        results_path("big_checkpoint" if small else f"big_checkpoint-{args.shape}", small, args.json),
+        {"machine": info, "command": command, "bound": BOUND, "shard_bytes": SHARD_BYTES, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _harness import (command_line, format_table, gpt2_shape, machine_info, peak_rss_mib, print_machine,
-                      results_path, seconds, write_results)
+from _harness import (
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 CASES = ["tfgen", "tfgen-stream", "torch", "torch-mmap"]
 
@@ -45,9 +54,16 @@ def write_checkpoint(path, shape):
         prefix = f"transformer.h.{i}."
         for name, dims in [("ln_1", (d,)), ("ln_2", (d,))]:
             state_dict[prefix + name + ".weight"], state_dict[prefix + name + ".bias"] = weight(*dims), weight(*dims)
-        for name, (rows, cols) in [("attn.c_attn", (d, 3 * d)), ("attn.c_proj", (d, d)), ("mlp.c_fc", (d, 4 * d)),
-                                   ("mlp.c_proj", (4 * d, d))]:
-            state_dict[prefix + name + ".weight"], state_dict[prefix + name + ".bias"] = weight(rows, cols), weight(cols)
+        for name, (rows, cols) in [
+            ("attn.c_attn", (d, 3 * d)),
+            ("attn.c_proj", (d, d)),
+            ("mlp.c_fc", (d, 4 * d)),
+            ("mlp.c_proj", (4 * d, d)),
+        ]:
+            state_dict[prefix + name + ".weight"], state_dict[prefix + name + ".bias"] = (
+                weight(rows, cols),
+                weight(cols),
+            )
         state_dict[prefix + "attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
         state_dict[prefix + "attn.masked_bias"] = torch.tensor(-1e4)
     state_dict["transformer.ln_f.weight"], state_dict["transformer.ln_f.bias"] = weight(d), weight(d)
@@ -77,10 +93,20 @@ def child(case, path):
                 for tensor in state_dict.values():
                     tensor.sum()
             load.nbytes = sum(tensor.nbytes for tensor in state_dict.values())
+
     imported = peak_rss_mib()
     elapsed = seconds(load)
-    print(json.dumps({"case": case, "seconds": elapsed, "mib_read": load.nbytes / 2**20,
-                      "peak_rss_mib": peak_rss_mib(), "rss_after_imports_mib": max(before, imported)}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "seconds": elapsed,
+                "mib_read": load.nbytes / 2**20,
+                "peak_rss_mib": peak_rss_mib(),
+                "rss_after_imports_mib": max(before, imported),
+            }
+        )
+    )
 
 
 def main():
@@ -103,20 +129,37 @@ def main():
         for case in args.cases:
             runs = []
             for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, __file__, "--child", case, str(path)], check=True,
-                                     capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", case, str(path)], check=True, capture_output=True, text=True
+                ).stdout
                 runs.append(json.loads(out.splitlines()[-1]))
             best = min(runs, key=lambda run: run["seconds"])
-            rows.append({**best, "median_seconds": sorted(run["seconds"] for run in runs)[len(runs) // 2],
-                         "added_rss_mib": best["peak_rss_mib"] - best["rss_after_imports_mib"]})
+            rows.append(
+                {
+                    **best,
+                    "median_seconds": sorted(run["seconds"] for run in runs)[len(runs) // 2],
+                    "added_rss_mib": best["peak_rss_mib"] - best["rss_after_imports_mib"],
+                }
+            )
     print_machine(info, command)
     print(f"file: {file_mib:.1f} MiB, shape {shape}")
-    print(format_table(rows, [("case", "case", "{}"), ("median s", "median_seconds", "{:.3f}"),
-                              ("best s", "seconds", "{:.3f}"), ("MiB read", "mib_read", "{:.1f}"),
-                              ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
-                              ("peak - after imports", "added_rss_mib", "{:.0f}")]))
-    write_results(results_path("checkpoint_load", args.small, args.json),
-                  {"machine": info, "command": command, "file_mib": file_mib, "shape": shape, "rows": rows})
+    print(
+        format_table(
+            rows,
+            [
+                ("case", "case", "{}"),
+                ("median s", "median_seconds", "{:.3f}"),
+                ("best s", "seconds", "{:.3f}"),
+                ("MiB read", "mib_read", "{:.1f}"),
+                ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+                ("peak - after imports", "added_rss_mib", "{:.0f}"),
+            ],
+        )
+    )
+    write_results(
+        results_path("checkpoint_load", args.small, args.json),
+        {"machine": info, "command": command, "file_mib": file_mib, "shape": shape, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ os.environ["TFGEN_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="decode_state-parent
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine,  # noqa: E402
-                      results_path, write_results)
+from _harness import command_line, format_table, gpt2_config, machine_info, print_machine, results_path, write_results  # noqa: E402
 from generate_speed import build_checkpoint, make_prompts  # noqa: E402
 
 PROMPT_LENGTH = 16
@@ -86,10 +85,15 @@ def measure_streaming(lm, prompts, new_tokens, repeats):
         stream_times.append(time.perf_counter() - start)
         first_token.append(clock.first_token_s)
     plain_s, stream_s = statistics.median(plain_times), statistics.median(stream_times)
-    return {"new_tokens": new_tokens, "plain_s": plain_s, "streamed_s": stream_s, "streamed_over_plain": stream_s / plain_s,
-            "first_token_s": statistics.median(first_token),
-            "first_token_share": statistics.median(first_token) / plain_s,
-            "same_tokens": bool(np.array_equal(plain, streamed))}
+    return {
+        "new_tokens": new_tokens,
+        "plain_s": plain_s,
+        "streamed_s": stream_s,
+        "streamed_over_plain": stream_s / plain_s,
+        "first_token_s": statistics.median(first_token),
+        "first_token_share": statistics.median(first_token) / plain_s,
+        "same_tokens": bool(np.array_equal(plain, streamed)),
+    }
 
 
 def measure_no_compile(lm, vocab_size):
@@ -104,14 +108,22 @@ def measure_no_compile(lm, vocab_size):
         added = lm.decoder.trace_count - traces
         start = time.perf_counter()
         lm.generate(prompts, max_new_tokens=new, eos_token_id=None)
-        rows.append({"prompt": length, "new_tokens": new, "traces": added, "first_s": first_s,
-                     "second_s": time.perf_counter() - start})
+        rows.append(
+            {
+                "prompt": length,
+                "new_tokens": new,
+                "traces": added,
+                "first_s": first_s,
+                "second_s": time.perf_counter() - start,
+            }
+        )
     return rows
 
 
 def measure_tiers(lm, vocab_size, batches):
     """Seconds per step of the greedy advance program at each tier, from a PROMPT_LENGTH prompt."""
     import tensorflow as tf
+
     from tfgen.generation.decode import TIERS, settings_tensors
     from tfgen.generation.options import resolve_options
 
@@ -142,11 +154,20 @@ def fresh_process(model_dir, cache, new_tokens):
     env.pop("TF_XLA_FLAGS", None)  # this process's tfgen import set it to its own cache, which would win
     before = cache_entries(cache)
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", FRESH, str(model_dir), str(new_tokens), str(PROMPT_LENGTH)],
-                         env=env, capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, str(model_dir), str(new_tokens), str(PROMPT_LENGTH)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall_s = time.perf_counter() - start
-    return {"wall_s": wall_s, **json.loads(run.stdout.strip().splitlines()[-1]),
-            "entries_before": before, "entries_after": cache_entries(cache)}
+    return {
+        "wall_s": wall_s,
+        **json.loads(run.stdout.strip().splitlines()[-1]),
+        "entries_before": before,
+        "entries_after": cache_entries(cache),
+    }
 
 
 def cache_entries(cache):
@@ -166,8 +187,10 @@ def measure_fresh_processes(model_dir, new_tokens, scratch, repeats):
 
 def fresh_ratio(rows):
     """The fastest warm-cache process's wall time over the fastest import + load process's."""
+
     def fastest(process):
         return min(row["wall_s"] for row in rows if row["process"] == process)
+
     return fastest("+ generate, warm cache") / fastest("import + load")
 
 
@@ -195,35 +218,71 @@ def run(args):
             if "tiers" in args.parts:
                 results["tiers"] = measure_tiers(lm, config.vocab_size, [1, 8])
     print_machine(info, command)
-    print(f"model: GPT-2 random weights, fp32, {model['n_layer']} layers x {model['n_embd']} wide, vocab "
-          f"{model['vocab_size']}; batch 1 greedy, prompt {PROMPT_LENGTH} tokens, EOS off")
+    print(
+        f"model: GPT-2 random weights, fp32, {model['n_layer']} layers x {model['n_embd']} wide, vocab "
+        f"{model['vocab_size']}; batch 1 greedy, prompt {PROMPT_LENGTH} tokens, EOS off"
+    )
     if "streaming" in results:
-        print("\n" + format_table([results["streaming"]], [
-            ("new tokens", "new_tokens", "{}"), ("not streamed s", "plain_s", "{:.3f}"),
-            ("streamed s", "streamed_s", "{:.3f}"), ("streamed/not", "streamed_over_plain", "{:.3f}"),
-            ("first token s", "first_token_s", "{:.3f}"), ("first token / not streamed", "first_token_share", "{:.3f}"),
-            ("same tokens", "same_tokens", "{}")]))
+        print(
+            "\n"
+            + format_table(
+                [results["streaming"]],
+                [
+                    ("new tokens", "new_tokens", "{}"),
+                    ("not streamed s", "plain_s", "{:.3f}"),
+                    ("streamed s", "streamed_s", "{:.3f}"),
+                    ("streamed/not", "streamed_over_plain", "{:.3f}"),
+                    ("first token s", "first_token_s", "{:.3f}"),
+                    ("first token / not streamed", "first_token_share", "{:.3f}"),
+                    ("same tokens", "same_tokens", "{}"),
+                ],
+            )
+        )
     if "no_compile" in results:
         print("\nafter one warm-up call (prompt 16, 8 new), unseen prompt lengths and max_new_tokens:")
-        print(format_table(results["no_compile"], [
-            ("prompt", "prompt", "{}"), ("new tokens", "new_tokens", "{}"), ("traces", "traces", "{}"),
-            ("first call s", "first_s", "{:.3f}"), ("second call s", "second_s", "{:.3f}")]))
+        print(
+            format_table(
+                results["no_compile"],
+                [
+                    ("prompt", "prompt", "{}"),
+                    ("new tokens", "new_tokens", "{}"),
+                    ("traces", "traces", "{}"),
+                    ("first call s", "first_s", "{:.3f}"),
+                    ("second call s", "second_s", "{:.3f}"),
+                ],
+            )
+        )
     if "tiers" in results:
         print(f"\ngreedy decode step by capacity tier ({TIER_STEPS} steps, best of 2 after the compiling call):")
-        print(format_table(results["tiers"], [("batch", "batch", "{}"), ("capacity", "capacity", "{}"),
-                                              ("ms/step", "step_ms", "{:.2f}")]))
+        print(
+            format_table(
+                results["tiers"],
+                [("batch", "batch", "{}"), ("capacity", "capacity", "{}"), ("ms/step", "step_ms", "{:.2f}")],
+            )
+        )
     if "fresh_processes" in results:
         fresh = results["fresh_processes"]
         print(f"\nfresh processes (wall time of the whole process; generate: {args.new_tokens} new tokens):")
-        print(format_table(fresh, [
-            ("process", "process", "{}"), ("wall s", "wall_s", "{:.2f}"), ("import s", "import_s", "{:.2f}"),
-            ("load s", "load_s", "{:.2f}"), ("generate s", "generate_s", "{:.2f}"),
-            ("cache entries before", "entries_before", "{}"), ("after", "entries_after", "{}")]))
+        print(
+            format_table(
+                fresh,
+                [
+                    ("process", "process", "{}"),
+                    ("wall s", "wall_s", "{:.2f}"),
+                    ("import s", "import_s", "{:.2f}"),
+                    ("load s", "load_s", "{:.2f}"),
+                    ("generate s", "generate_s", "{:.2f}"),
+                    ("cache entries before", "entries_before", "{}"),
+                    ("after", "entries_after", "{}"),
+                ],
+            )
+        )
         results["fresh_ratio"] = fresh_ratio(fresh)
         print(f"fastest warm-cache process / fastest import + load process: {results['fresh_ratio']:.2f}")
     name = "decode_state" if set(args.parts) == set(PARTS) else "decode_state-" + "-".join(args.parts)
-    write_results(results_path(name, args.small, args.json),
-                  {"machine": info, "command": command, "model": model, **results})
+    write_results(
+        results_path(name, args.small, args.json), {"machine": info, "command": command, "model": model, **results}
+    )
 
 
 def main():
@@ -231,8 +290,13 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000): a smoke run")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                        help="what to measure (default: all; a subset writes decode_state-PARTS.json)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure (default: all; a subset writes decode_state-PARTS.json)",
+    )
     parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/decode_state.json)")
     run(parser.parse_args())
 

@@ -22,6 +22,7 @@ is tested in tests/test_export.py.)
 """
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -33,8 +34,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, peak_rss_mib,  # noqa: E402
-                      print_machine, results_path, seconds, write_results)
+from _harness import (  # noqa: E402
+    command_line,
+    format_table,
+    gpt2_config,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 NUM_BEAMS = 4
 SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95, "seed": 0}
@@ -47,8 +57,16 @@ CASES = {
     "text-greedy-b8": (8, {}, "text"),
     "text-sample-b8": (8, SAMPLING, "text"),
 }
-TEXT_PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는", "오늘 날씨가",
-                "옛날 옛적에", "인공지능은", "서울에서 부산까지"]
+TEXT_PROMPTS = [
+    "안녕하세요",
+    "근육이 커지기 위해서는",
+    "이때",
+    "대한민국의 수도는",
+    "오늘 날씨가",
+    "옛날 옛적에",
+    "인공지능은",
+    "서울에서 부산까지",
+]
 PROMPT_SEED = 0
 SETTINGS = ["cases", "new_tokens", "prompt_length", "warmup", "repeats", "small", "model"]
 
@@ -61,6 +79,7 @@ def make_prompts(batch, length, vocab_size):
 def load_model(args):
     """--model, or a seeded random-weight GPT-2 without EOS (every call makes exactly the tokens asked for)."""
     import tensorflow as tf
+
     from tfgen import GPT2LM
 
     if args.model:
@@ -122,7 +141,7 @@ def measure(sides, case, inputs, new_tokens, args):
     times = {side: [] for side in sides}
     for repeat in range(args.repeats):
         for side in list(sides)[:: 1 if repeat % 2 == 0 else -1]:
-            times[side].append(seconds(lambda: sides[side](case, inputs, new_tokens)))
+            times[side].append(seconds(functools.partial(sides[side], case, inputs, new_tokens)))
     for side in sides:
         row[f"{side}_s"] = statistics.median(times[side])
         row[f"{side}_runs_s"] = times[side]
@@ -135,10 +154,15 @@ def measure(sides, case, inputs, new_tokens, args):
 
 
 COLUMNS = [  # (heading, row key, format)
-    ("case", "case", "{}"), ("batch", "batch", "{}"), ("new tokens", "new_tokens", "{}"),
-    ("in-process s", "in_process_s", "{:.3f}"), ("SavedModel s", "savedmodel_s", "{:.3f}"),
-    ("in-process tok/s", "in_process_tokens_per_s", "{:.1f}"), ("SavedModel tok/s", "savedmodel_tokens_per_s", "{:.1f}"),
-    ("SavedModel speed", "speed_ratio", "{:.3f}x"), ("same output", "same_output", "{}"),
+    ("case", "case", "{}"),
+    ("batch", "batch", "{}"),
+    ("new tokens", "new_tokens", "{}"),
+    ("in-process s", "in_process_s", "{:.3f}"),
+    ("SavedModel s", "savedmodel_s", "{:.3f}"),
+    ("in-process tok/s", "in_process_tokens_per_s", "{:.1f}"),
+    ("SavedModel tok/s", "savedmodel_tokens_per_s", "{:.1f}"),
+    ("SavedModel speed", "speed_ratio", "{:.3f}x"),
+    ("same output", "same_output", "{}"),
     ("first call s (in / SM)", "first_calls", "{}"),
 ]
 
@@ -146,6 +170,7 @@ COLUMNS = [  # (heading, row key, format)
 def run_benchmark(args):
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (the SentencePiece ops of the text signatures)
+
     from tfgen import export_saved_model
 
     command = command_line()
@@ -171,35 +196,58 @@ def run_benchmark(args):
     model = {key: getattr(lm.config, key) for key in ["n_layer", "n_embd", "n_head", "vocab_size", "n_positions"]}
     model["parameters"] = sum(v.shape.num_elements() for v in lm.gpt2.weights)
     print_machine(info, command)
-    print(f"model: {args.model or 'random weights, no EOS'}, {model['n_layer']} layers x {model['n_embd']} wide, "
-          f"vocab {model['vocab_size']}, {model['parameters'] / 1e6:.1f} M parameters, fp32; export {export_s:.1f} s, "
-          f"load {load_s:.1f} s, generate_beam with {NUM_BEAMS} beams; peak RSS {peak_rss_mib():.0f} MiB")
-    print(f"seconds: medians of {args.repeats} interleaved rounds; SavedModel speed: median over the rounds of "
-          "in-process time / SavedModel time (1.0x: as fast)\n")
+    print(
+        f"model: {args.model or 'random weights, no EOS'}, {model['n_layer']} layers x {model['n_embd']} wide, "
+        f"vocab {model['vocab_size']}, {model['parameters'] / 1e6:.1f} M parameters, fp32; export {export_s:.1f} s, "
+        f"load {load_s:.1f} s, generate_beam with {NUM_BEAMS} beams; peak RSS {peak_rss_mib():.0f} MiB"
+    )
+    print(
+        f"seconds: medians of {args.repeats} interleaved rounds; SavedModel speed: median over the rounds of "
+        "in-process time / SavedModel time (1.0x: as fast)\n"
+    )
     print(format_table(rows, COLUMNS))
     skipped = sorted(set(args.cases) - set(cases))
     if skipped:
-        print(f"\nskipped: {' '.join(skipped)} (text cases need a SentencePiece model, e.g. --model ko-mini; with one, "
-              "generate_beam takes prompts, so the ids beam case needs a model without one)")
+        print(
+            f"\nskipped: {' '.join(skipped)} (text cases need a SentencePiece model, e.g. --model ko-mini; with one, "
+            "generate_beam takes prompts, so the ids beam case needs a model without one)"
+        )
     settings = {key: getattr(args, key) for key in SETTINGS}
-    write_results(results_path("export_speed", args.small, args.json),
-                  {"machine": info, "command": command, "settings": settings, "model": model,
-                   "export_s": export_s, "load_s": load_s, "results": rows})
+    write_results(
+        results_path("export_speed", args.small, args.json),
+        {
+            "machine": info,
+            "command": command,
+            "settings": settings,
+            "model": model,
+            "export_s": export_s,
+            "load_s": load_s,
+            "results": rows,
+        },
+    )
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="greedy-b1, sample-b8 (top-k 50, top-p 0.95), beam4-b1: token ids in and out; "
-                             "text-greedy-b8, text-sample-b8: Korean prompts in, text out (need --model)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="greedy-b1, sample-b8 (top-k 50, top-p 0.95), beam4-b1: token ids in and out; "
+        "text-greedy-b8, text-sample-b8: Korean prompts in, text out (need --model)",
+    )
     parser.add_argument("--model", help="a checkpoint to export instead of the random-weight model")
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[32], help="tokens generated per call")
     parser.add_argument("--prompt-length", type=int, default=16, help="prompt tokens of the ids cases")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per side after the first (compiling) one")
     parser.add_argument("--repeats", type=int, default=8, help="interleaved timed rounds; medians are reported")
     parser.add_argument("--small", action="store_true", help="tiny random model (2 layers, 64 wide): a smoke run")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/export_speed.json, "
-                                                  "export_speed-small.json with --small)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (default: benchmarks/results/export_speed.json, export_speed-small.json with --small)",
+    )
     args = parser.parse_args()
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be at least 1")

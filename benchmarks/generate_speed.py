@@ -32,9 +32,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (GPTJ_1B_SHAPE, GPTJ_SMALL_SHAPE, SHAPE_KEYS, command_line, format_table,  # noqa: E402
-                      gpt2_shape, machine_info, model_config, peak_rss_mib, print_machine, results_path, seconds,
-                      write_results)
+from _harness import (  # noqa: E402
+    GPTJ_1B_SHAPE,
+    GPTJ_SMALL_SHAPE,
+    SHAPE_KEYS,
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    model_config,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
 
 IMPLEMENTATIONS = ["tfgen", "tfgen-bf16", "tf-xla", "torch", "torch-bf16"]
 FRAMEWORK_ENV = {
@@ -64,8 +76,17 @@ ALL_CASES = list(CASES) + ["bandwidth"]
 PROMPT_SEED = 0
 BANDWIDTH_BYTES = 2**30
 BANDWIDTH_REPEATS = 5
-SETTINGS = ["family", "impls", "cases", "new_tokens", "prompt_length", "new_prompt_length", "warmup", "repeats",
-            "small"]
+SETTINGS = [
+    "family",
+    "impls",
+    "cases",
+    "new_tokens",
+    "prompt_length",
+    "new_prompt_length",
+    "warmup",
+    "repeats",
+    "small",
+]
 
 
 def model_shape(family, small):
@@ -78,6 +99,7 @@ def model_shape(family, small):
 def build_checkpoint(family, small, model_dir):
     """Builds a seeded random-weight model with tfgen and saves it; returns its shape, parameter count and bytes."""
     import tensorflow as tf
+
     from tfgen import GPT2LM, GPTJLM
 
     tf.keras.utils.set_random_seed(0)
@@ -87,8 +109,12 @@ def build_checkpoint(family, small, model_dir):
     # One variable per tensor: GPT-2's LM head reuses the token embedding, so it counts once.
     parameters = sum(v.shape.num_elements() for v in lm.net.weights)
     weight_bytes = sum(v.shape.num_elements() * v.dtype.size for v in lm.net.weights)
-    return {"family": family, **{key: shape[key] for key in SHAPE_KEYS}, "parameters": parameters,
-            "bytes": weight_bytes}
+    return {
+        "family": family,
+        **{key: shape[key] for key in SHAPE_KEYS},
+        "parameters": parameters,
+        "bytes": weight_bytes,
+    }
 
 
 def measure_bandwidth():
@@ -101,8 +127,11 @@ def measure_bandwidth():
     copy_s = min(seconds(lambda: np.copyto(target, source)) for _ in range(BANDWIDTH_REPEATS))
     tensor = tf.constant(source)
     tf_read_s = min(seconds(lambda: tf.reduce_sum(tensor).numpy()) for _ in range(BANDWIDTH_REPEATS))
-    return {"read_gb_s": source.nbytes / read_s / 1e9, "copy_gb_s": 2 * source.nbytes / copy_s / 1e9,
-            "all_threads_read_gb_s": source.nbytes / tf_read_s / 1e9}
+    return {
+        "read_gb_s": source.nbytes / read_s / 1e9,
+        "copy_gb_s": 2 * source.nbytes / copy_s / 1e9,
+        "all_threads_read_gb_s": source.nbytes / tf_read_s / 1e9,
+    }
 
 
 # ---- the implementations: each loader returns generate(input_ids, attention_mask, settings) -> ids, and a trace count
@@ -147,15 +176,21 @@ def load_torch(model_dir, dtype="float32"):
     def generate(input_ids, attention_mask, settings):
         torch.manual_seed(0)
         with torch.no_grad():
-            ids = model.generate(torch.from_numpy(input_ids).long(),
-                                 attention_mask=torch.from_numpy(attention_mask).long(), **settings)
+            ids = model.generate(
+                torch.from_numpy(input_ids).long(), attention_mask=torch.from_numpy(attention_mask).long(), **settings
+            )
         return ids.numpy()
 
     return generate, lambda: None
 
 
-LOADERS = {"tfgen": load_tfgen, "tfgen-bf16": lambda model_dir: load_tfgen(model_dir, "bfloat16"),
-           "tf-xla": load_tf_xla, "torch": load_torch, "torch-bf16": lambda model_dir: load_torch(model_dir, "bfloat16")}
+LOADERS = {
+    "tfgen": load_tfgen,
+    "tfgen-bf16": lambda model_dir: load_tfgen(model_dir, "bfloat16"),
+    "tf-xla": load_tf_xla,
+    "torch": load_torch,
+    "torch-bf16": lambda model_dir: load_torch(model_dir, "bfloat16"),
+}
 
 
 # ---- measurements, run inside an implementation's process
@@ -202,8 +237,12 @@ def measure_warm(generate, case, new_tokens, args, config):
     for _ in range(args.warmup):
         timed_call(generate, prompts, settings)
     times = [timed_call(generate, prompts, settings)[0] for _ in range(args.repeats)]
-    return {"batch": batch, "first_call_s": first_s, "new_ids": output[0, args.prompt_length:].tolist(),
-            **summary(batch, new_tokens, times)}
+    return {
+        "batch": batch,
+        "first_call_s": first_s,
+        "new_ids": output[0, args.prompt_length :].tolist(),
+        **summary(batch, new_tokens, times),
+    }
 
 
 def measure_new_length(generate, case, new_tokens, args, config):
@@ -219,9 +258,14 @@ def measure_new_length(generate, case, new_tokens, args, config):
     return {"batch": batch, "first_call_s": first_s, "new_prompt_s": new_prompt_s, **summary(batch, new_tokens, times)}
 
 
-MEASURES = {"greedy-b1": measure_warm, "sample-b8": measure_warm, "sample-b8-blocking": measure_warm,
-            "beam4-b1": measure_warm, "first-call": measure_first_call,
-            "new-length": measure_new_length}
+MEASURES = {
+    "greedy-b1": measure_warm,
+    "sample-b8": measure_warm,
+    "sample-b8-blocking": measure_warm,
+    "beam4-b1": measure_warm,
+    "first-call": measure_first_call,
+    "new-length": measure_new_length,
+}
 
 
 def run_implementation(args):
@@ -239,8 +283,17 @@ def run_implementation(args):
             traces_before = trace_count()
             row = MEASURES[case](generate, case, new_tokens, args, config)
             traces = None if traces_before is None else trace_count() - traces_before
-            rows.append({"implementation": args.only, "case": case, "new_tokens": new_tokens, **row,
-                         "traces": traces, "load_s": load_s, "peak_rss_mib": peak_rss_mib()})
+            rows.append(
+                {
+                    "implementation": args.only,
+                    "case": case,
+                    "new_tokens": new_tokens,
+                    **row,
+                    "traces": traces,
+                    "load_s": load_s,
+                    "peak_rss_mib": peak_rss_mib(),
+                }
+            )
     Path(args.result_file).write_text(json.dumps(rows))
 
 
@@ -249,27 +302,62 @@ def run_implementation(args):
 
 def build_model(args, model_dir, result_file):
     """The checkpoint, built in a process of its own (so its memory is not held while the implementations run)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--build", "--family", args.family, "--model-dir",
-               str(model_dir), "--result-file", str(result_file), *(["--small"] if args.small else [])]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--build",
+        "--family",
+        args.family,
+        "--model-dir",
+        str(model_dir),
+        "--result-file",
+        str(result_file),
+        *(["--small"] if args.small else []),
+    ]
     subprocess.run(command, check=True)
     return json.loads(Path(result_file).read_text())
 
 
 def run_child(args, implementation, cases, model_dir, result_file):
-    command = [sys.executable, str(Path(__file__).resolve()), "--only", implementation, "--model-dir", str(model_dir),
-               "--result-file", str(result_file), "--cases", *cases, "--new-tokens", *map(str, args.new_tokens),
-               "--prompt-length", str(args.prompt_length), "--new-prompt-length", str(args.new_prompt_length),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--only",
+        implementation,
+        "--model-dir",
+        str(model_dir),
+        "--result-file",
+        str(result_file),
+        "--cases",
+        *cases,
+        "--new-tokens",
+        *map(str, args.new_tokens),
+        "--prompt-length",
+        str(args.prompt_length),
+        "--new-prompt-length",
+        str(args.new_prompt_length),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+    ]
     print(f"[{implementation}: {' '.join(cases)}]", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
     return json.loads(Path(result_file).read_text())
 
 
 COLUMNS = [  # (heading, row key, format)
-    ("implementation", "implementation", "{}"), ("case", "case", "{}"), ("batch", "batch", "{}"),
-    ("new tokens", "new_tokens", "{}"), ("median s", "median_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
-    ("first-call s", "first_call_s", "{:.2f}"), ("new-prompt s", "new_prompt_s", "{:.3f}"), ("traces", "traces", "{}"),
-    ("load s", "load_s", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+    ("implementation", "implementation", "{}"),
+    ("case", "case", "{}"),
+    ("batch", "batch", "{}"),
+    ("new tokens", "new_tokens", "{}"),
+    ("median s", "median_s", "{:.3f}"),
+    ("tokens/s", "tokens_per_s", "{:.1f}"),
+    ("first-call s", "first_call_s", "{:.2f}"),
+    ("new-prompt s", "new_prompt_s", "{:.3f}"),
+    ("traces", "traces", "{}"),
+    ("load s", "load_s", "{:.1f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
 ]
 
 
@@ -277,37 +365,56 @@ def greedy_agreement(rows):
     """Per new-token count: the index of the first greedy-b1 token where each implementation leaves the first one."""
     agreement = {}
     for new_tokens in sorted({row["new_tokens"] for row in rows if row["case"] == "greedy-b1"}):
-        outputs = {row["implementation"]: row["new_ids"] for row in rows
-                   if row["case"] == "greedy-b1" and row["new_tokens"] == new_tokens}
+        outputs = {
+            row["implementation"]: row["new_ids"]
+            for row in rows
+            if row["case"] == "greedy-b1" and row["new_tokens"] == new_tokens
+        }
         reference, reference_ids = next(iter(outputs.items()))
-        agreement[new_tokens] = {"reference": reference, "first_difference": {
-            name: next((i for i, (a, b) in enumerate(zip(ids, reference_ids)) if a != b), None)
-            for name, ids in outputs.items() if name != reference
-        }}
+        agreement[new_tokens] = {
+            "reference": reference,
+            "first_difference": {
+                name: next((i for i, (a, b) in enumerate(zip(ids, reference_ids)) if a != b), None)
+                for name, ids in outputs.items()
+                if name != reference
+            },
+        }
     return agreement
 
 
 def report(info, command, model, bandwidth, rows, agreement):
     print_machine(info, command)
-    print(f"model: {FAMILY_NAMES[model['family']]} random weights, fp32, {model['n_layer']} layers x {model['n_embd']} "
-          f"wide, vocab {model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters, "
-          f"{model['bytes'] / 1e6:.1f} MB{' (tied embedding counted once)' if model['family'] == 'gpt2' else ''}")
+    print(
+        f"model: {FAMILY_NAMES[model['family']]} random weights, fp32, {model['n_layer']} layers x {model['n_embd']} "
+        f"wide, vocab {model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters, "
+        f"{model['bytes'] / 1e6:.1f} MB{' (tied embedding counted once)' if model['family'] == 'gpt2' else ''}"
+    )
     print("each implementation runs in its own process; first-call rows: a further fresh process, model load, one call")
-    print("first-call s: the row's first call in its process (tracing/compiling included); new-prompt s: first call "
-          "at the unseen prompt length after warm-up; traces: tf.function traces during the row\n")
+    print(
+        "first-call s: the row's first call in its process (tracing/compiling included); new-prompt s: first call "
+        "at the unseen prompt length after warm-up; traces: tf.function traces during the row\n"
+    )
     print(format_table(rows, COLUMNS))
     if bandwidth:
         best = max(bandwidth["read_gb_s"], bandwidth["all_threads_read_gb_s"])
-        print(f"\nmemory bandwidth (1 GiB float32, best of {BANDWIDTH_REPEATS}): numpy on one thread: read (sum) "
-              f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s (read + write); "
-              f"TF reduce_sum on all threads: {bandwidth['all_threads_read_gb_s']:.1f} GB/s")
-        print(f"batch-1 decoding bound (fp32): {best:.1f} GB/s / {model['bytes'] / 1e6:.1f} MB of weights "
-              f"= {best * 1e9 / model['bytes']:.1f} tokens/s (bf16 weights: half the bytes, twice the bound)")
+        print(
+            f"\nmemory bandwidth (1 GiB float32, best of {BANDWIDTH_REPEATS}): numpy on one thread: read (sum) "
+            f"{bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s (read + write); "
+            f"TF reduce_sum on all threads: {bandwidth['all_threads_read_gb_s']:.1f} GB/s"
+        )
+        print(
+            f"batch-1 decoding bound (fp32): {best:.1f} GB/s / {model['bytes'] / 1e6:.1f} MB of weights "
+            f"= {best * 1e9 / model['bytes']:.1f} tokens/s (bf16 weights: half the bytes, twice the bound)"
+        )
     for new_tokens, result in agreement.items():
-        parts = [f"{name} identical" if i is None else f"{name} differs from new token {i}"
-                 for name, i in result["first_difference"].items()]
-        print(f"greedy-b1 tokens, {new_tokens} new, against {result['reference']}: "
-              f"{', '.join(parts) or 'nothing to compare'}")
+        parts = [
+            f"{name} identical" if i is None else f"{name} differs from new token {i}"
+            for name, i in result["first_difference"].items()
+        ]
+        print(
+            f"greedy-b1 tokens, {new_tokens} new, against {result['reference']}: "
+            f"{', '.join(parts) or 'nothing to compare'}"
+        )
 
 
 def run_benchmark(args):
@@ -328,21 +435,39 @@ def run_benchmark(args):
     report(info, command, model, bandwidth, rows, agreement)
     settings = {key: getattr(args, key) for key in SETTINGS}
     name = "generate_speed" if args.family == "gpt2" else f"generate_speed-{args.family}"
-    write_results(results_path(name, args.small, args.json),
-                  {"machine": info, "command": command, "settings": settings, "model": model,
-                   "bandwidth": bandwidth, "results": rows, "greedy_agreement": agreement})
+    write_results(
+        results_path(name, args.small, args.json),
+        {
+            "machine": info,
+            "command": command,
+            "settings": settings,
+            "model": model,
+            "bandwidth": bandwidth,
+            "results": rows,
+            "greedy_agreement": agreement,
+        },
+    )
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=ALL_CASES, default=ALL_CASES,
-                        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95; sample-b8-blocking: the "
-                             "same with repetition_penalty 1.2 and no_repeat_ngram_size 3 (not tf-xla); beam4-b1: "
-                             "batch 1, 4 beams; first-call: a fresh "
-                             "process's first call; new-length: a call at an unseen prompt length; bandwidth: the "
-                             "memory-bandwidth bound for batch-1 decoding (default: all)")
-    parser.add_argument("--family", choices=FAMILY_NAMES, default="gpt2",
-                        help="gpt2: KoGPT2-base size; gptj: 16 layers x 2048, vocab 64512 (~1.07 B parameters)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=ALL_CASES,
+        default=ALL_CASES,
+        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95; sample-b8-blocking: the "
+        "same with repetition_penalty 1.2 and no_repeat_ngram_size 3 (not tf-xla); beam4-b1: "
+        "batch 1, 4 beams; first-call: a fresh "
+        "process's first call; new-length: a call at an unseen prompt length; bandwidth: the "
+        "memory-bandwidth bound for batch-1 decoding (default: all)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=FAMILY_NAMES,
+        default="gpt2",
+        help="gpt2: KoGPT2-base size; gptj: 16 layers x 2048, vocab 64512 (~1.07 B parameters)",
+    )
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=IMPLEMENTATIONS)
     parser.add_argument("--new-tokens", nargs="+", type=int, default=[32, 256], help="tokens generated per call")
     parser.add_argument("--prompt-length", type=int, default=16)
@@ -350,9 +475,13 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000): a smoke run")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/generate_speed.json, "
-                                                  "generate_speed-gptj.json with --family gptj, -small before .json "
-                                                  "with --small)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (default: benchmarks/results/generate_speed.json, "
+        "generate_speed-gptj.json with --family gptj, -small before .json "
+        "with --small)",
+    )
     # Internal: set by the parent for the process that measures one implementation.
     parser.add_argument("--only", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

@@ -50,11 +50,15 @@ CONVERTERS = {"litert-int8": convert_litert("int8"), "litert-int4": convert_lite
 
 def load_torch_bf16(model_dir):
     generate, _ = load_torch(model_dir, "bfloat16")
-    return lambda ids, settings: generate(ids, np.ones_like(ids), settings)[:, ids.shape[1]:]
+    return lambda ids, settings: generate(ids, np.ones_like(ids), settings)[:, ids.shape[1] :]
 
 
-LOADERS = {"litert-int8": lambda path: load_litert(path)[0], "litert-int4": lambda path: load_litert(path)[0],
-           "ct2-int8": lambda path: load_ct2(path)[0], "torch-bf16": load_torch_bf16}
+LOADERS = {
+    "litert-int8": lambda path: load_litert(path)[0],
+    "litert-int4": lambda path: load_litert(path)[0],
+    "ct2-int8": lambda path: load_ct2(path)[0],
+    "torch-bf16": load_torch_bf16,
+}
 
 
 def artifact_bytes(path):
@@ -89,8 +93,9 @@ def convert_child(args):
     before = rss_mib()
     start = time.perf_counter()
     CONVERTERS[args.engine](args.child, Path(args.artifact), args)
-    print(json.dumps({"convert_s": time.perf_counter() - start, "rss_before_mib": before,
-                      "peak_rss_mib": peak_rss_mib()}))
+    print(
+        json.dumps({"convert_s": time.perf_counter() - start, "rss_before_mib": before, "peak_rss_mib": peak_rss_mib()})
+    )
 
 
 def load_child(args):
@@ -119,24 +124,50 @@ def measure_child(args):
     first_token_s = statistics.median(timed(1, 1)[0] for _ in range(3))
     b1_s, b1 = timed(1, args.new_tokens)
     b8_s, _ = timed(8, args.new_tokens_b8)
-    print(json.dumps({"load_s": load_s, "first_token_s": first_token_s,
-                      "b1_tokens_per_s": args.new_tokens / b1_s, "b8_tokens_per_s": 8 * args.new_tokens_b8 / b8_s,
-                      "peak_rss_decode_mib": peak_rss_mib(), "b1_ids": b1[0].tolist()}))
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "first_token_s": first_token_s,
+                "b1_tokens_per_s": args.new_tokens / b1_s,
+                "b8_tokens_per_s": 8 * args.new_tokens_b8 / b8_s,
+                "peak_rss_decode_mib": peak_rss_mib(),
+                "b1_ids": b1[0].tolist(),
+            }
+        )
+    )
 
 
 def run_child(args, *flags):
-    command = [sys.executable, __file__, "--capacity", str(args.capacity), "--rows", *map(str, args.rows),
-               "--new-tokens", str(args.new_tokens),
-               "--new-tokens-b8", str(args.new_tokens_b8), *flags]
+    command = [
+        sys.executable,
+        __file__,
+        "--capacity",
+        str(args.capacity),
+        "--rows",
+        *map(str, args.rows),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--new-tokens-b8",
+        str(args.new_tokens_b8),
+        *flags,
+    ]
     return json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
 
 
-COLUMNS = [("engine", "engine", "{}"), ("convert s", "convert_s", "{:.0f}"),
-           ("convert peak / ckpt", "convert_peak_over_checkpoint", "{:.2f}"), ("size GB", "size_gb", "{:.2f}"),
-           ("first load s", "cold_load_s", "{:.1f}"), ("load s", "load_s", "{:.1f}"), ("first token s", "first_token_s", "{:.2f}"),
-           ("b1 tok/s", "b1_tokens_per_s", "{:.2f}"), ("b8 tok/s", "b8_tokens_per_s", "{:.2f}"),
-           ("decode peak RSS MiB", "peak_rss_decode_mib", "{:.0f}"),
-           ("b1 bandwidth use", "bandwidth_fraction", "{:.2f}")]
+COLUMNS = [
+    ("engine", "engine", "{}"),
+    ("convert s", "convert_s", "{:.0f}"),
+    ("convert peak / ckpt", "convert_peak_over_checkpoint", "{:.2f}"),
+    ("size GB", "size_gb", "{:.2f}"),
+    ("first load s", "cold_load_s", "{:.1f}"),
+    ("load s", "load_s", "{:.1f}"),
+    ("first token s", "first_token_s", "{:.2f}"),
+    ("b1 tok/s", "b1_tokens_per_s", "{:.2f}"),
+    ("b8 tok/s", "b8_tokens_per_s", "{:.2f}"),
+    ("decode peak RSS MiB", "peak_rss_decode_mib", "{:.0f}"),
+    ("b1 bandwidth use", "bandwidth_fraction", "{:.2f}"),
+]
 
 
 def main():
@@ -144,8 +175,13 @@ def main():
     parser.add_argument("--shape", choices=SHAPES, default="1b")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES)
     parser.add_argument("--capacity", type=int, default=128, help="the LiteRT export's capacity")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8],
-                        help="the LiteRT export's row tiers (one tier, 8, converts a big model faster)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        help="the LiteRT export's row tiers (one tier, 8, converts a big model faster)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens of the batch-1 run")
     parser.add_argument("--new-tokens-b8", type=int, default=16, help="new tokens of the batch-8 run")
     parser.add_argument("--checkpoint", type=Path, help="reuse this checkpoint directory (one this script wrote)")
@@ -176,29 +212,66 @@ def main():
             row = {"engine": engine}
             artifact = Path(scratch) / engine
             if engine in CONVERTERS:
-                converted = run_child(args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact",
-                                      str(artifact), "--convert")
-                row.update(convert_s=converted["convert_s"], convert_peak_rss_mib=converted["peak_rss_mib"],
-                           convert_peak_over_checkpoint=(converted["peak_rss_mib"] - converted["rss_before_mib"])
-                           * 2**20 / checkpoint_bytes)
+                converted = run_child(
+                    args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact", str(artifact), "--convert"
+                )
+                row.update(
+                    convert_s=converted["convert_s"],
+                    convert_peak_rss_mib=converted["peak_rss_mib"],
+                    convert_peak_over_checkpoint=(converted["peak_rss_mib"] - converted["rss_before_mib"])
+                    * 2**20
+                    / checkpoint_bytes,
+                )
             if engine.startswith("litert"):
-                row.update(run_child(args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact",
-                                     str(artifact), "--load-only"))
+                row.update(
+                    run_child(
+                        args,
+                        "--engine",
+                        engine,
+                        "--child",
+                        str(checkpoint_dir),
+                        "--artifact",
+                        str(artifact),
+                        "--load-only",
+                    )
+                )
             size = artifact_bytes(artifact) if engine in CONVERTERS else checkpoint_bytes
             row.update(size_gb=size / 1e9)
-            row.update(run_child(args, "--engine", engine, "--child", str(checkpoint_dir),
-                                 *(["--artifact", str(artifact)] if engine in CONVERTERS else [])))
+            row.update(
+                run_child(
+                    args,
+                    "--engine",
+                    engine,
+                    "--child",
+                    str(checkpoint_dir),
+                    *(["--artifact", str(artifact)] if engine in CONVERTERS else []),
+                )
+            )
             row["bandwidth_fraction"] = size * row["b1_tokens_per_s"] / 1e9 / bandwidth
             rows.append(row)
             print(format_table([row], COLUMNS), file=sys.stderr, flush=True)
             subprocess.run(["rm", "-rf", str(artifact)], check=True)
-            write_results(path, {"machine": info, "command": command, "shape": SHAPES[args.shape]["gptj"],
-                                 "checkpoint_bytes": checkpoint_bytes, "bandwidth_gb_s": bandwidth,
-                                 "capacity": args.capacity, "row_tiers": args.rows, "prompt_length": PROMPT_LENGTH,
-                                 "new_tokens": args.new_tokens, "new_tokens_b8": args.new_tokens_b8, "rows": rows})
+            write_results(
+                path,
+                {
+                    "machine": info,
+                    "command": command,
+                    "shape": SHAPES[args.shape]["gptj"],
+                    "checkpoint_bytes": checkpoint_bytes,
+                    "bandwidth_gb_s": bandwidth,
+                    "capacity": args.capacity,
+                    "row_tiers": args.rows,
+                    "prompt_length": PROMPT_LENGTH,
+                    "new_tokens": args.new_tokens,
+                    "new_tokens_b8": args.new_tokens_b8,
+                    "rows": rows,
+                },
+            )
     print_machine(info, command)
-    print(f"GPT-J shape {args.shape}: random fp16 checkpoint of {checkpoint_bytes / 2**30:.2f} GiB; prompts of "
-          f"{PROMPT_LENGTH} tokens, greedy; memory read bandwidth {bandwidth:.1f} GB/s (numpy, all cores)")
+    print(
+        f"GPT-J shape {args.shape}: random fp16 checkpoint of {checkpoint_bytes / 2**30:.2f} GiB; prompts of "
+        f"{PROMPT_LENGTH} tokens, greedy; memory read bandwidth {bandwidth:.1f} GB/s (numpy, all cores)"
+    )
     print(format_table(rows, COLUMNS))
 
 

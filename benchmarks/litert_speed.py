@@ -22,6 +22,7 @@ from validation documents.
 """
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -34,12 +35,22 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 from ko_mini import SOURCES, _validation_documents, token_stream  # noqa: E402  (imports tfgen first)
 
+# isort: split
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from generate_speed import make_prompts, measure_bandwidth  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine, results_path,  # noqa: E402
-                      seconds, write_results)
+from _harness import (  # noqa: E402
+    command_line,
+    format_table,
+    gpt2_config,
+    machine_info,
+    print_machine,
+    results_path,
+    seconds,
+    write_results,
+)
+from generate_speed import make_prompts, measure_bandwidth  # noqa: E402
 from tfgen import GPT2LM, export_litert  # noqa: E402
 from tfgen.export.litert import DEFAULT_CAPACITY, QUANTIZATIONS  # noqa: E402
 from tfgen.litert import LiteRTLM, read_config  # noqa: E402
@@ -115,9 +126,37 @@ def step_breakdown(runtime, prompts, settings):
     runtime._rows = None
     steps = settings["max_new_tokens"]
     invokes = totals["decode"] + totals["next_token"] + totals["prefill"]
-    return {"decode_invoke_ms": 1000 * totals["decode"] / steps, "next_token_invoke_ms": 1000 * totals["next_token"] / steps,
-            "prefill_ms": 1000 * totals["prefill"], "cache_write_ms": 1000 * (totals["decode_method"] - totals["decode"]) / steps,
-            "python_ms": 1000 * (total - invokes - (totals["decode_method"] - totals["decode"])) / steps}
+    return {
+        "decode_invoke_ms": 1000 * totals["decode"] / steps,
+        "next_token_invoke_ms": 1000 * totals["next_token"] / steps,
+        "prefill_ms": 1000 * totals["prefill"],
+        "cache_write_ms": 1000 * (totals["decode_method"] - totals["decode"]) / steps,
+        "python_ms": 1000 * (total - invokes - (totals["decode_method"] - totals["decode"])) / steps,
+    }
+
+
+def litert_row(lm, path, quantize, capacity, prompts, settings, repeats):
+    """Exports `lm` to `path`, loads it and measures it: the row of one export in speed()'s table."""
+    convert_s = seconds(lambda: export_litert(lm, path, quantize=quantize, capacity=capacity))
+    start = time.perf_counter()
+    runtime = LiteRTLM(path)
+    load_s = time.perf_counter() - start
+    first_s = seconds(lambda: runtime.generate(prompts, max_new_tokens=1))
+
+    def generate(ids, s):
+        return runtime.generate(ids, eos_token_id=None, **s)
+
+    row = {
+        "name": f"LiteRT {quantize}, capacity {capacity}",
+        "size_mb": export_bytes(path) / 1e6,
+        "conversion_s": convert_s,
+        "load_s": load_s,
+        "first_token_s": first_s,
+        **warm_speed(generate, prompts, settings, repeats),
+        **step_breakdown(runtime, prompts, settings),
+    }
+    row["token_ms"] = 1000 / row["tokens_per_s"]
+    return row
 
 
 def speed(args, work):
@@ -128,37 +167,34 @@ def speed(args, work):
     n = args.new_tokens
     settings = {"max_new_tokens": n, "min_new_tokens": n}
     capacity = args.prompt_length + n
-    rows = [{"name": "tfgen fp32 (XLA)", **warm_speed(
-        lambda ids, s: lm.generate(ids, eos_token_id=None, **s).numpy(), prompts, settings, args.repeats)}]
+    rows = [
+        {
+            "name": "tfgen fp32 (XLA)",
+            **warm_speed(
+                lambda ids, s: lm.generate(ids, eos_token_id=None, **s).numpy(), prompts, settings, args.repeats
+            ),
+        }
+    ]
     # Each export at the smallest capacity the request needs, and int8 at the default capacity: a decode step
     # reads the whole cache.
-    exports = [(quantize, capacity) for quantize in args.quantize] + [("int8", DEFAULT_CAPACITY)] * args.default_capacity
+    exports = [(quantize, capacity) for quantize in args.quantize] + [
+        ("int8", DEFAULT_CAPACITY)
+    ] * args.default_capacity
     for quantize, export_capacity in exports:
         path = work / f"base-{quantize}-{export_capacity}"
-        convert_s = seconds(lambda: export_litert(lm, path, quantize=quantize, capacity=export_capacity))
-        start = time.perf_counter()
-        runtime = LiteRTLM(path)
-        load_s = time.perf_counter() - start
-        first_s = seconds(lambda: runtime.generate(prompts, max_new_tokens=1))
-
-        def generate(ids, s):
-            return runtime.generate(ids, eos_token_id=None, **s)
-
-        row = {"name": f"LiteRT {quantize}, capacity {export_capacity}", "size_mb": export_bytes(path) / 1e6,
-               "conversion_s": convert_s, "load_s": load_s, "first_token_s": first_s,
-               **warm_speed(generate, prompts, settings, args.repeats), **step_breakdown(runtime, prompts, settings)}
-        row["token_ms"] = 1000 / row["tokens_per_s"]
-        rows.append(row)
-        del runtime
+        rows.append(litert_row(lm, path, quantize, export_capacity, prompts, settings, args.repeats))
     reference = rows[0]["sequences"]
     for row in rows:
         row["vs_tfgen"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
         row["greedy_equal_to_tfgen"] = row.pop("sequences") == reference
     bandwidth = measure_bandwidth()
     weight_bytes = int8_bytes_per_token(lm)
-    bound = {"int8_weight_bytes_per_token": weight_bytes, "numpy_read_gb_s": bandwidth["read_gb_s"],
-             "all_threads_read_gb_s": bandwidth["all_threads_read_gb_s"],
-             "int8_bound_tokens_per_s": max(bandwidth["read_gb_s"], bandwidth["all_threads_read_gb_s"]) * 1e9 / weight_bytes}
+    bound = {
+        "int8_weight_bytes_per_token": weight_bytes,
+        "numpy_read_gb_s": bandwidth["read_gb_s"],
+        "all_threads_read_gb_s": bandwidth["all_threads_read_gb_s"],
+        "int8_bound_tokens_per_s": max(bandwidth["read_gb_s"], bandwidth["all_threads_read_gb_s"]) * 1e9 / weight_bytes,
+    }
     return {"capacity": capacity, "rows": rows, "bound": bound}
 
 
@@ -173,7 +209,9 @@ def batch_speed(args, work):
     sizes, convert = {}, {}
     for rows in (1, args.batch):
         path = work / f"batch-int8-{rows}"
-        convert[rows] = seconds(lambda: export_litert(lm, path, quantize="int8", capacity=capacity, rows=rows))
+        convert[rows] = seconds(
+            functools.partial(export_litert, lm, path, quantize="int8", capacity=capacity, rows=rows)
+        )
         sizes[rows] = export_bytes(path) / 1e6
     runtime = LiteRTLM(path)
     greedy = {"max_new_tokens": n, "min_new_tokens": n}
@@ -185,10 +223,12 @@ def batch_speed(args, work):
     def one_by_one(ids, s):
         return np.concatenate([runtime.generate(row[None], eos_token_id=None, **s) for row in ids])
 
-    cases = [("batch 1 greedy", together, prompts[:1], greedy),
-             (f"batch {args.batch} top-k/top-p, one by one", one_by_one, prompts, sampled),
-             (f"batch {args.batch} top-k/top-p, together", together, prompts, sampled),
-             (f"batch {args.batch} greedy, together", together, prompts, greedy)]
+    cases = [
+        ("batch 1 greedy", together, prompts[:1], greedy),
+        (f"batch {args.batch} top-k/top-p, one by one", one_by_one, prompts, sampled),
+        (f"batch {args.batch} top-k/top-p, together", together, prompts, sampled),
+        (f"batch {args.batch} greedy, together", together, prompts, greedy),
+    ]
     out = []
     for name, generate, ids, settings in cases:
         row = {"name": name, **warm_speed(generate, ids, settings, args.repeats)}
@@ -198,15 +238,21 @@ def batch_speed(args, work):
             row.update(step_breakdown(runtime, ids, settings))
         out.append(row)
         print(row, flush=True)
-    return {"prompt_length": args.batch_prompt_length, "new_tokens": n, "capacity": capacity, "rows": out,
-            "size_mb": sizes, "conversion_s": convert}
+    return {
+        "prompt_length": args.batch_prompt_length,
+        "new_tokens": n,
+        "capacity": capacity,
+        "rows": out,
+        "size_mb": sizes,
+        "conversion_s": convert,
+    }
 
 
 def window_nats(runtime, ids, context):
     """As ko_mini.stream_nats: windows of `context` tokens sharing one token, each token predicted once."""
     total = 0.0
     for start in range(0, len(ids) - 1, context - 1):
-        piece = ids[start:start + context]
+        piece = ids[start : start + context]
         logprobs = runtime.next_token_logprobs(piece.tolist(), 0)
         total -= float(logprobs[np.arange(len(piece) - 1), piece[1:]].sum())
     return total
@@ -218,8 +264,12 @@ def agreement(reference, runtime, tokenizer, documents):
     equal, prefix = 0, []
     for document in documents[:AGREEMENT_PROMPTS]:
         prompt = tokenizer.encode(document)[:AGREEMENT_PROMPT_TOKENS]
-        a, b = (r.generate([prompt], max_new_tokens=AGREEMENT_NEW_TOKENS, min_new_tokens=AGREEMENT_NEW_TOKENS)[0, len(prompt):]
-                for r in (reference, runtime))
+        a, b = (
+            r.generate([prompt], max_new_tokens=AGREEMENT_NEW_TOKENS, min_new_tokens=AGREEMENT_NEW_TOKENS)[
+                0, len(prompt) :
+            ]
+            for r in (reference, runtime)
+        )
         same = a == b
         equal += bool(same.all())
         prefix.append(AGREEMENT_NEW_TOKENS if same.all() else int(np.argmin(same)))
@@ -236,14 +286,15 @@ def quality(args, work):
     rows = []
     for name in SOURCES:
         documents = _validation_documents(args.work, name)
-        ids = token_stream(lm.tokenizer, documents)[:args.quality_tokens + 1]
+        ids = token_stream(lm.tokenizer, documents)[: args.quality_tokens + 1]
         row = {"source": name, "tokens": len(ids) - 1}
         for quantize, runtime in runtimes.items():
             row[f"ppl_{quantize}"] = math.exp(window_nats(runtime, ids, context) / (len(ids) - 1))
         for quantize in QUANTIZED:
             row[f"change_pct_{quantize}"] = 100 * (row[f"ppl_{quantize}"] / row["ppl_none"] - 1)
             row[f"greedy_agree_{quantize}"], row[f"mean_agreeing_prefix_{quantize}"] = agreement(
-                runtimes["none"], runtimes[quantize], lm.tokenizer, documents)
+                runtimes["none"], runtimes[quantize], lm.tokenizer, documents
+            )
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -252,35 +303,74 @@ def quality(args, work):
 def report(info, command, speed_figures, quality_rows, batch_figures=None):
     print_machine(info, command)
     if batch_figures:
-        print(f"\nbatched runtime, int8, {batch_figures['prompt_length']}-token prompts, {batch_figures['new_tokens']} "
-              f"new tokens, EOS off; export size by rows {batch_figures['size_mb']} MB, conversion "
-              f"{batch_figures['conversion_s']} s:")
-        print(format_table(batch_figures["rows"], [
-            ("", "name", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}"), ("decode ms/step", "decode_invoke_ms", "{:.2f}"),
-            ("next_token ms/step", "next_token_invoke_ms", "{:.2f}"), ("cache write ms/step", "cache_write_ms", "{:.3f}"),
-            ("python ms/step", "python_ms", "{:.2f}"), ("prefill ms", "prefill_ms", "{:.1f}")]))
+        print(
+            f"\nbatched runtime, int8, {batch_figures['prompt_length']}-token prompts, {batch_figures['new_tokens']} "
+            f"new tokens, EOS off; export size by rows {batch_figures['size_mb']} MB, conversion "
+            f"{batch_figures['conversion_s']} s:"
+        )
+        print(
+            format_table(
+                batch_figures["rows"],
+                [
+                    ("", "name", "{}"),
+                    ("tokens/s", "tokens_per_s", "{:.1f}"),
+                    ("decode ms/step", "decode_invoke_ms", "{:.2f}"),
+                    ("next_token ms/step", "next_token_invoke_ms", "{:.2f}"),
+                    ("cache write ms/step", "cache_write_ms", "{:.3f}"),
+                    ("python ms/step", "python_ms", "{:.2f}"),
+                    ("prefill ms", "prefill_ms", "{:.1f}"),
+                ],
+            )
+        )
     if speed_figures:
         print(f"\nbatch-1 greedy, {speed_figures['capacity']} tokens (prompt + new):")
-        print(format_table(speed_figures["rows"], [
-            ("", "name", "{}"), ("greedy = tfgen", "greedy_equal_to_tfgen", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
-            ("x tfgen", "vs_tfgen", "{:.2f}"), ("ms/token", "token_ms", "{:.2f}"),
-            ("decode ms", "decode_invoke_ms", "{:.2f}"), ("next_token ms", "next_token_invoke_ms", "{:.2f}"),
-            ("cache write ms", "cache_write_ms", "{:.3f}"),
-            ("python ms", "python_ms", "{:.2f}"), ("size MB", "size_mb", "{:.1f}"), ("convert s", "conversion_s", "{:.1f}"),
-            ("load s", "load_s", "{:.2f}"), ("first token s", "first_token_s", "{:.3f}")]))
+        print(
+            format_table(
+                speed_figures["rows"],
+                [
+                    ("", "name", "{}"),
+                    ("greedy = tfgen", "greedy_equal_to_tfgen", "{}"),
+                    ("tokens/s", "tokens_per_s", "{:.1f}"),
+                    ("x tfgen", "vs_tfgen", "{:.2f}"),
+                    ("ms/token", "token_ms", "{:.2f}"),
+                    ("decode ms", "decode_invoke_ms", "{:.2f}"),
+                    ("next_token ms", "next_token_invoke_ms", "{:.2f}"),
+                    ("cache write ms", "cache_write_ms", "{:.3f}"),
+                    ("python ms", "python_ms", "{:.2f}"),
+                    ("size MB", "size_mb", "{:.1f}"),
+                    ("convert s", "conversion_s", "{:.1f}"),
+                    ("load s", "load_s", "{:.2f}"),
+                    ("first token s", "first_token_s", "{:.3f}"),
+                ],
+            )
+        )
         bound = speed_figures["bound"]
-        print(f"int8 bound: {bound['int8_weight_bytes_per_token'] / 1e6:.1f} MB of weights per token at "
-              f"{max(bound['numpy_read_gb_s'], bound['all_threads_read_gb_s']):.1f} GB/s: "
-              f"{bound['int8_bound_tokens_per_s']:.0f} tokens/s")
+        print(
+            f"int8 bound: {bound['int8_weight_bytes_per_token'] / 1e6:.1f} MB of weights per token at "
+            f"{max(bound['numpy_read_gb_s'], bound['all_threads_read_gb_s']):.1f} GB/s: "
+            f"{bound['int8_bound_tokens_per_s']:.0f} tokens/s"
+        )
     if quality_rows:
-        print("\nko-mini validation perplexity (LiteRT fp32, int8 and int4 exports), greedy agreement with fp32 over "
-              f"{AGREEMENT_NEW_TOKENS} tokens:")
-        print(format_table(quality_rows, [("source", "source", "{}"), ("tokens", "tokens", "{:,}"),
-                                          ("ppl fp32", "ppl_none", "{:.3f}")] + [
-            column for q in QUANTIZED for column in (
-                (f"ppl {q}", f"ppl_{q}", "{:.3f}"), (f"change % {q}", f"change_pct_{q}", "{:+.2f}"),
-                (f"greedy equal {q}", f"greedy_agree_{q}", "{}"),
-                (f"agreeing prefix {q}", f"mean_agreeing_prefix_{q}", "{:.1f}"))]))
+        print(
+            "\nko-mini validation perplexity (LiteRT fp32, int8 and int4 exports), greedy agreement with fp32 over "
+            f"{AGREEMENT_NEW_TOKENS} tokens:"
+        )
+        print(
+            format_table(
+                quality_rows,
+                [("source", "source", "{}"), ("tokens", "tokens", "{:,}"), ("ppl fp32", "ppl_none", "{:.3f}")]
+                + [
+                    column
+                    for q in QUANTIZED
+                    for column in (
+                        (f"ppl {q}", f"ppl_{q}", "{:.3f}"),
+                        (f"change % {q}", f"change_pct_{q}", "{:+.2f}"),
+                        (f"greedy equal {q}", f"greedy_agree_{q}", "{}"),
+                        (f"agreeing prefix {q}", f"mean_agreeing_prefix_{q}", "{:.1f}"),
+                    )
+                ],
+            )
+        )
 
 
 def main():
@@ -289,21 +379,45 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-length", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ko-mini",
-                        help="the recipe's work directory (its corpus/*.valid.txt are scored)")
-    parser.add_argument("--quality-tokens", type=int, default=16384,
-                        help="perplexity over the first this many tokens of each source's validation text")
-    parser.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=list(QUANTIZATIONS),
-                        help="the exports timed, in this order")
-    parser.add_argument("--no-default-capacity", dest="default_capacity", action="store_false",
-                        help="leave out the int8 export at the default capacity")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "runs" / "ko-mini",
+        help="the recipe's work directory (its corpus/*.valid.txt are scored)",
+    )
+    parser.add_argument(
+        "--quality-tokens",
+        type=int,
+        default=16384,
+        help="perplexity over the first this many tokens of each source's validation text",
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=QUANTIZATIONS,
+        default=list(QUANTIZATIONS),
+        help="the exports timed, in this order",
+    )
+    parser.add_argument(
+        "--no-default-capacity",
+        dest="default_capacity",
+        action="store_false",
+        help="leave out the int8 export at the default capacity",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--batch", type=int, default=0,
-                        help="only the batched runtime at this many rows (against one by one), batch_speed's figures")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="only the batched runtime at this many rows (against one by one), batch_speed's figures",
+    )
     parser.add_argument("--batch-prompt-length", type=int, default=12)
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/litert_speed.json, "
-                                                   "litert_quality.json with --skip-speed)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (default: benchmarks/results/litert_speed.json, litert_quality.json with --skip-speed)",
+    )
     args = parser.parse_args()
     if args.batch:
         info, command = machine_info(), command_line()
@@ -320,8 +434,10 @@ def main():
         quality_rows = None if args.skip_quality else quality(args, Path(work))
     report(info, command, speed_figures, quality_rows)
     name = "litert_quality" if args.skip_speed else "litert_speed"
-    write_results(results_path(name, args.small, args.json),
-                  {"machine": info, "command": command, "speed": speed_figures, "quality": quality_rows})
+    write_results(
+        results_path(name, args.small, args.json),
+        {"machine": info, "command": command, "speed": speed_figures, "quality": quality_rows},
+    )
 
 
 if __name__ == "__main__":

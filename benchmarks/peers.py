@@ -45,18 +45,35 @@ from pathlib import Path
 
 import numpy as np
 
-from _harness import (command_line, format_table, machine_info, peak_rss_mib, print_machine, results_path,
-                      seconds, usable_cores, write_results)
-from generate_speed import (FRAMEWORK_ENV, GREEDY, SAMPLING, build_checkpoint, load_tfgen, load_torch,
-                            make_prompts)
+from _harness import (
+    command_line,
+    format_table,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    seconds,
+    usable_cores,
+    write_results,
+)
+from generate_speed import FRAMEWORK_ENV, GREEDY, SAMPLING, build_checkpoint, load_tfgen, load_torch, make_prompts
 
 CASES = {"greedy-b1": (1, GREEDY), "sample-b8": (8, SAMPLING)}
 REFERENCE = "torch-fp32"
 PEERS = ("ct2-int8", "openvino-int8", "openvino-int8-f32")
 TARGET = 1.2
 PEER_PACKAGES = {"ct2": ["ctranslate2"], "openvino": ["openvino", "optimum.intel", "nncf"]}
-SETTINGS = ["engines", "cases", "rounds", "new_tokens", "prompt_length", "warmup", "repeats", "litert_capacity",
-            "small"]
+SETTINGS = [
+    "engines",
+    "cases",
+    "rounds",
+    "new_tokens",
+    "prompt_length",
+    "warmup",
+    "repeats",
+    "litert_capacity",
+    "small",
+]
 
 
 # ---- the engines. An artifact is what an engine loads (made once from the checkpoint by its `convert`, in a process
@@ -84,8 +101,9 @@ def convert_ct2(model_dir, path, args):
 
         def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
             vocab_size = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-            return SimpleNamespace(get_vocab=lambda: {str(i): i for i in range(vocab_size)},
-                                   bos_token="0", eos_token="1", unk_token="2")
+            return SimpleNamespace(
+                get_vocab=lambda: {str(i): i for i in range(vocab_size)}, bos_token="0", eos_token="1", unk_token="2"
+            )
 
     IdsConverter(str(model_dir)).convert(str(path), quantization="int8")
 
@@ -93,18 +111,23 @@ def convert_ct2(model_dir, path, args):
 def convert_openvino(model_dir, path, args):
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
 
-    model = OVModelForCausalLM.from_pretrained(model_dir, export=True, compile=False,
-                                               quantization_config=OVWeightQuantizationConfig(bits=8))
+    model = OVModelForCausalLM.from_pretrained(
+        model_dir, export=True, compile=False, quantization_config=OVWeightQuantizationConfig(bits=8)
+    )
     model.save_pretrained(path)
 
 
-CONVERTERS = {"litert-int8": convert_litert("int8"), "litert-int4": convert_litert("int4"),
-              "ct2-int8": convert_ct2, "openvino-int8": convert_openvino}
+CONVERTERS = {
+    "litert-int8": convert_litert("int8"),
+    "litert-int4": convert_litert("int4"),
+    "ct2-int8": convert_ct2,
+    "openvino-int8": convert_openvino,
+}
 
 
 def new_tokens_of(generate):
     """A generate_speed loader's generate (ids, mask, settings) -> whole rows, as this script's interface."""
-    return lambda ids, settings: generate(ids, np.ones_like(ids), settings)[:, ids.shape[1]:]
+    return lambda ids, settings: generate(ids, np.ones_like(ids), settings)[:, ids.shape[1] :]
 
 
 def load_reused(loader, **kwargs):
@@ -122,7 +145,7 @@ def load_litert(path):
 
     def generate(input_ids, settings):
         sequences = runtime.generate(input_ids, eos_token_id=None, seed=0, **settings)
-        return sequences[:, input_ids.shape[1]:]
+        return sequences[:, input_ids.shape[1] :]
 
     return generate, {"quantize": runtime.config["quantize"], "capacity": runtime.capacity}
 
@@ -135,10 +158,17 @@ def load_ct2(path):
 
     def generate(input_ids, settings):
         n = settings["max_new_tokens"]
-        sampling = ({"sampling_topk": settings["top_k"], "sampling_topp": settings["top_p"]}
-                    if settings["do_sample"] else {})  # greedy: the default top-k 1
-        results = generator.generate_batch([[str(i) for i in row] for row in input_ids.tolist()], max_length=n,
-                                           min_length=n, include_prompt_in_result=False, end_token=[], **sampling)
+        sampling = (
+            {"sampling_topk": settings["top_k"], "sampling_topp": settings["top_p"]} if settings["do_sample"] else {}
+        )  # greedy: the default top-k 1
+        results = generator.generate_batch(
+            [[str(i) for i in row] for row in input_ids.tolist()],
+            max_length=n,
+            min_length=n,
+            include_prompt_in_result=False,
+            end_token=[],
+            **sampling,
+        )
         return np.array([result.sequences_ids[0] for result in results])
 
     return generate, {"compute_type": generator.compute_type}
@@ -156,7 +186,7 @@ def load_openvino(precision=None):
         def generate(input_ids, settings):
             torch.manual_seed(0)
             ids = torch.from_numpy(input_ids).long()
-            return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)[:, ids.shape[1]:].numpy()
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)[:, ids.shape[1] :].numpy()
 
         used = model.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
         return generate, {"inference_precision": str(used.to_string())}
@@ -195,8 +225,9 @@ def measure(args):
     def call():
         output = generate(prompts, settings)
         if output.shape != (batch, args.new_tokens):
-            raise RuntimeError(f"{args.only} made new tokens of shape {output.shape}, "
-                               f"expected {(batch, args.new_tokens)}")
+            raise RuntimeError(
+                f"{args.only} made new tokens of shape {output.shape}, expected {(batch, args.new_tokens)}"
+            )
         return output
 
     first_s = seconds(call)
@@ -207,9 +238,18 @@ def measure(args):
         start = time.perf_counter()
         output = call()
         times.append(time.perf_counter() - start)
-    row = {"engine": args.only, "case": args.case, "batch": batch, "load_s": load_s, "first_call_s": first_s,
-           "runs_s": times, "tokens_per_s": batch * args.new_tokens / statistics.median(times),
-           "new_ids": output[0].tolist(), "peak_rss_mib": peak_rss_mib(), **facts}
+    row = {
+        "engine": args.only,
+        "case": args.case,
+        "batch": batch,
+        "load_s": load_s,
+        "first_call_s": first_s,
+        "runs_s": times,
+        "tokens_per_s": batch * args.new_tokens / statistics.median(times),
+        "new_ids": output[0].tolist(),
+        "peak_rss_mib": peak_rss_mib(),
+        **facts,
+    }
     Path(args.result_file).write_text(json.dumps(row))
 
 
@@ -235,10 +275,24 @@ def build(args):
 def child(args, flags, scratch):
     """Runs this script with the internal `flags` in a fresh process; returns the JSON it writes."""
     result_file = Path(scratch) / "result.json"
-    command = [sys.executable, str(Path(__file__).resolve()), *flags, "--result-file", str(result_file),
-               "--new-tokens", str(args.new_tokens), "--prompt-length", str(args.prompt_length),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-               "--litert-capacity", str(args.litert_capacity), *(["--small"] if args.small else [])]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *flags,
+        "--result-file",
+        str(result_file),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--prompt-length",
+        str(args.prompt_length),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--litert-capacity",
+        str(args.litert_capacity),
+        *(["--small"] if args.small else []),
+    ]
     subprocess.run(command, check=True)
     return json.loads(result_file.read_text())
 
@@ -269,8 +323,9 @@ def median_rows(rows, engines, cases):
             row["rounds"] = len(mine)
             row["tokens_per_s_range"] = [min(r["tokens_per_s"] for r in mine), max(r["tokens_per_s"] for r in mine)]
             summary.append(row)
-    reference = next((row["new_ids"] for row in rows
-                      if row["engine"] == REFERENCE and row["case"] == "greedy-b1"), None)
+    reference = next(
+        (row["new_ids"] for row in rows if row["engine"] == REFERENCE and row["case"] == "greedy-b1"), None
+    )
     for row in summary:
         if row["case"] == "greedy-b1" and reference is not None:
             ids = next(r["new_ids"] for r in rows if r["engine"] == row["engine"] and r["case"] == "greedy-b1")
@@ -288,16 +343,29 @@ def ratios(summary, cases):
         if not peers:
             continue
         fastest = max(peers, key=peers.get)
-        result[case] = {"fastest_peer": fastest, "peer_tokens_per_s": peers[fastest], "target": TARGET, **{
-            engine: speed[engine, case] / peers[fastest] for engine in ENGINES
-            if engine.startswith("tfgen-litert") and (engine, case) in speed}}
+        result[case] = {
+            "fastest_peer": fastest,
+            "peer_tokens_per_s": peers[fastest],
+            "target": TARGET,
+            **{
+                engine: speed[engine, case] / peers[fastest]
+                for engine in ENGINES
+                if engine.startswith("tfgen-litert") and (engine, case) in speed
+            },
+        }
     return result
 
 
-COLUMNS = [("engine", "engine", "{}"), ("case", "case", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
-           ("load s", "load_s", "{:.2f}"), ("first call s", "first_call_s", "{:.2f}"),
-           ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("greedy = torch-fp32", "agree_with_reference", "{}"),
-           ("precision", "precision", "{}")]
+COLUMNS = [
+    ("engine", "engine", "{}"),
+    ("case", "case", "{}"),
+    ("tokens/s", "tokens_per_s", "{:.1f}"),
+    ("load s", "load_s", "{:.2f}"),
+    ("first call s", "first_call_s", "{:.2f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+    ("greedy = torch-fp32", "agree_with_reference", "{}"),
+    ("precision", "precision", "{}"),
+]
 
 
 def precision_note(row):
@@ -306,9 +374,11 @@ def precision_note(row):
 
 def report(info, command, model, args, summary, conversions, skipped, speedups):
     print_machine(info, command)
-    print(f"model: GPT-2 random weights, {model['n_layer']} layers x {model['n_embd']}, vocab {model['vocab_size']}: "
-          f"{model['parameters'] / 1e6:.1f} M parameters; prompts {args.prompt_length} tokens, {args.new_tokens} new, "
-          f"EOS off; medians over {args.rounds} round(s) of the median of {args.repeats} warm calls\n")
+    print(
+        f"model: GPT-2 random weights, {model['n_layer']} layers x {model['n_embd']}, vocab {model['vocab_size']}: "
+        f"{model['parameters'] / 1e6:.1f} M parameters; prompts {args.prompt_length} tokens, {args.new_tokens} new, "
+        f"EOS off; medians over {args.rounds} round(s) of the median of {args.repeats} warm calls\n"
+    )
     table = format_table([{**row, "precision": precision_note(row)} for row in summary], COLUMNS)
     print(table)
     for artifact, figures in conversions.items():
@@ -317,8 +387,10 @@ def report(info, command, model, args, summary, conversions, skipped, speedups):
         print(f"skipped {engine}: {why}")
     for case, result in speedups.items():
         parts = [f"{engine} {ratio:.2f}x" for engine, ratio in result.items() if engine.startswith("tfgen-litert")]
-        print(f"{case}: fastest peer {result['fastest_peer']} ({result['peer_tokens_per_s']:.1f} tokens/s); "
-              f"tfgen LiteRT against it: {', '.join(parts) or '-'} (target >= {TARGET}x)")
+        print(
+            f"{case}: fastest peer {result['fastest_peer']} ({result['peer_tokens_per_s']:.1f} tokens/s); "
+            f"tfgen LiteRT against it: {', '.join(parts) or '-'} (target >= {TARGET}x)"
+        )
     return table
 
 
@@ -338,40 +410,75 @@ def run_benchmark(args):
                 engines.append(engine)
         for artifact in dict.fromkeys(ENGINES[engine][0] for engine in engines if ENGINES[engine][0]):
             print(f"[converting {artifact}]", file=sys.stderr, flush=True)
-            conversions[artifact] = child(args, ["--convert", artifact, "--model-dir", str(model_dir),
-                                                 "--artifact-dir", str(Path(scratch) / artifact)], scratch)
+            conversions[artifact] = child(
+                args,
+                ["--convert", artifact, "--model-dir", str(model_dir), "--artifact-dir", str(Path(scratch) / artifact)],
+                scratch,
+            )
         for round_ in range(args.rounds):
             for engine in engines:
                 artifact_dir = Path(scratch) / ENGINES[engine][0] if ENGINES[engine][0] else model_dir
                 for case in args.cases:
                     print(f"[round {round_ + 1}/{args.rounds}: {engine} {case}]", file=sys.stderr, flush=True)
-                    row = child(args, ["--only", engine, "--case", case, "--model-dir", str(model_dir),
-                                       "--artifact-dir", str(artifact_dir)], scratch)
+                    row = child(
+                        args,
+                        [
+                            "--only",
+                            engine,
+                            "--case",
+                            case,
+                            "--model-dir",
+                            str(model_dir),
+                            "--artifact-dir",
+                            str(artifact_dir),
+                        ],
+                        scratch,
+                    )
                     rows.append({"round": round_ + 1, **row})
     summary = median_rows(rows, engines, args.cases)
     speedups = ratios(summary, args.cases)
     table = report(info, command, model, args, summary, conversions, skipped, speedups)
-    write_results(results_path("peers", args.small, args.json), {
-        "machine": info, "command": command, "settings": {key: getattr(args, key) for key in SETTINGS},
-        "model": model, "table": table, "summary": summary, "ratios": speedups, "conversions": conversions,
-        "skipped": skipped, "rows": rows})
+    write_results(
+        results_path("peers", args.small, args.json),
+        {
+            "machine": info,
+            "command": command,
+            "settings": {key: getattr(args, key) for key in SETTINGS},
+            "model": model,
+            "table": table,
+            "summary": summary,
+            "ratios": speedups,
+            "conversions": conversions,
+            "skipped": skipped,
+            "rows": rows,
+        },
+    )
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
-                        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(CASES),
+        help="greedy-b1: batch 1 greedy; sample-b8: batch 8, top-k 50, top-p 0.95",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="times the whole comparison runs; medians are reported")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-length", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     parser.add_argument("--repeats", type=int, default=3, help="timed warm calls; the median is taken")
-    parser.add_argument("--litert-capacity", type=int,
-                        help="the LiteRT exports' capacity (default: prompt + new tokens, the least the request needs)")
+    parser.add_argument(
+        "--litert-capacity",
+        type=int,
+        help="the LiteRT exports' capacity (default: prompt + new tokens, the least the request needs)",
+    )
     parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000): a smoke run")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/peers.json, "
-                                                  "peers-small.json with --small)")
+    parser.add_argument(
+        "--json", type=Path, help="results file (default: benchmarks/results/peers.json, peers-small.json with --small)"
+    )
     # Internal: set by the parent for its child processes.
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--convert", choices=CONVERTERS, help=argparse.SUPPRESS)

@@ -21,8 +21,7 @@ os.environ["TFGEN_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="prefix_cache-cache-
 
 import numpy as np  # noqa: E402
 
-from _harness import (command_line, format_table, gpt2_config, machine_info, print_machine,  # noqa: E402
-                      results_path, write_results)
+from _harness import command_line, format_table, gpt2_config, machine_info, print_machine, results_path, write_results  # noqa: E402
 
 PREFIX_TOKENS = 200
 SUFFIX_TOKENS = 8
@@ -32,8 +31,16 @@ def first_token_seconds(rows, prompt):
     """A row's start and first token, as the scheduler runs them; the slot is freed after."""
     from tfgen.serving.protocol import Sampling
 
-    sampling = Sampling(max_tokens=1, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                        no_repeat_ngram_size=0, min_tokens=0)
+    sampling = Sampling(
+        max_tokens=1,
+        do_sample=False,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_tokens=0,
+    )
     start = time.perf_counter()
     reused = rows.start_rows([(0, prompt, sampling)])[0]
     rows.step(1)
@@ -59,8 +66,15 @@ def measure(name, lm, repeats):
         seconds, reused = first_token_seconds(cached, prompt)
         times["with"].append(seconds)
     without_s, with_s = statistics.median(times["without"]), statistics.median(times["with"])
-    return {"model": name, "layers": lm.config.n_layer, "width": lm.config.n_embd, "reused_tokens": reused,
-            "without_ms": 1000 * without_s, "with_ms": 1000 * with_s, "ratio": with_s / without_s}
+    return {
+        "model": name,
+        "layers": lm.config.n_layer,
+        "width": lm.config.n_embd,
+        "reused_tokens": reused,
+        "without_ms": 1000 * without_s,
+        "with_ms": 1000 * with_s,
+        "ratio": with_s / without_s,
+    }
 
 
 def main():
@@ -80,14 +94,32 @@ def main():
     random_lm(np.zeros([1, 2], np.int32))
     rows.append(measure("random, tiny" if args.small else "random, KoGPT2-base size", random_lm, args.repeats))
     print_machine(info, command)
-    print(f"prompts: a {PREFIX_TOKENS}-token prefix + {SUFFIX_TOKENS} tokens; XLA rows, one slot, greedy; "
-          f"median of {args.repeats}")
-    print(format_table(rows, [("model", "model", "{}"), ("reused", "reused_tokens", "{}"),
-                              ("TTFT without (ms)", "without_ms", "{:.1f}"), ("with cache (ms)", "with_ms", "{:.1f}"),
-                              ("ratio", "ratio", "{:.2f}")]))
-    write_results(results_path("prefix_cache", args.small, args.json),
-                  {"machine": info, "command": command, "prefix_tokens": PREFIX_TOKENS,
-                   "suffix_tokens": SUFFIX_TOKENS, "results": rows})
+    print(
+        f"prompts: a {PREFIX_TOKENS}-token prefix + {SUFFIX_TOKENS} tokens; XLA rows, one slot, greedy; "
+        f"median of {args.repeats}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                ("model", "model", "{}"),
+                ("reused", "reused_tokens", "{}"),
+                ("TTFT without (ms)", "without_ms", "{:.1f}"),
+                ("with cache (ms)", "with_ms", "{:.1f}"),
+                ("ratio", "ratio", "{:.2f}"),
+            ],
+        )
+    )
+    write_results(
+        results_path("prefix_cache", args.small, args.json),
+        {
+            "machine": info,
+            "command": command,
+            "prefix_tokens": PREFIX_TOKENS,
+            "suffix_tokens": SUFFIX_TOKENS,
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,16 @@ from _harness import (
     write_results,
 )
 
-PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는", "오늘 날씨가", "옛날 옛적에",
-           "인공지능은", "서울에서 부산까지"]
+PROMPTS = [
+    "안녕하세요",
+    "근육이 커지기 위해서는",
+    "이때",
+    "대한민국의 수도는",
+    "오늘 날씨가",
+    "옛날 옛적에",
+    "인공지능은",
+    "서울에서 부산까지",
+]
 STARTUP_SECONDS = 900
 
 
@@ -61,8 +69,13 @@ def run_load(url, model_name, clients, max_tokens):
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
     def one(i):
-        response = client.completions.create(model=model_name, prompt=PROMPTS[i % len(PROMPTS)], temperature=0,
-                                             max_tokens=max_tokens, extra_body={"min_tokens": max_tokens})
+        response = client.completions.create(
+            model=model_name,
+            prompt=PROMPTS[i % len(PROMPTS)],
+            temperature=0,
+            max_tokens=max_tokens,
+            extra_body={"min_tokens": max_tokens},
+        )
         return response.usage.completion_tokens
 
     start = time.perf_counter()
@@ -75,8 +88,14 @@ def measure(name, url, model_name, args):
     run_load(url, model_name, args.clients, args.max_tokens)  # warm-up: the first requests' programs, caches
     rounds = [run_load(url, model_name, args.clients, args.max_tokens) for _ in range(args.rounds)]
     wall, tokens = min(rounds)
-    row = {"server": name, "clients": args.clients, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-           "rounds_wall_s": [w for w, _ in rounds]}
+    row = {
+        "server": name,
+        "clients": args.clients,
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "rounds_wall_s": [w for w, _ in rounds],
+    }
     print(f"{name}: {tokens} tokens in {wall:.2f} s, {tokens / wall:.1f} tokens/s", flush=True)
     return row
 
@@ -84,9 +103,22 @@ def measure(name, url, model_name, args):
 def single_server(args, model_name):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "-m", "tfgen", "serve", "--model", args.model, "--port", str(port),
-                                "--max-batch", str(args.max_batch)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tfgen",
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(args.max_batch),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_ready(url, process)
         return measure("tfgen serve", url, model_name, args)
@@ -101,8 +133,9 @@ def ray_servers(args, settings):
 
     from tfgen.serving.ray import APP_NAME, application
 
-    ray.init("local", num_cpus=args.ray_cpus, object_store_memory=100 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        "local", num_cpus=args.ray_cpus, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False
+    )
     rows = []
     try:
         port = _free_port()
@@ -140,12 +173,30 @@ def main():
     settings = ServerSettings(model_name=served_model_name(args.model), max_batch=args.max_batch)
     rows = [single_server(args, settings.model_name), *ray_servers(args, settings)]
     print()
-    print(format_table(rows, [("server", "server", "{}"), ("clients", "clients", "{}"), ("wall s", "wall_s", "{:.2f}"),
-                              ("tokens", "tokens", "{}"), ("tokens/s", "tokens_per_s", "{:.1f}")]))
-    write_results(results_path("ray_serve", args.small, args.json), {
-        "machine": info, "command": command, "model": args.model, "max_tokens": args.max_tokens,
-        "max_batch": args.max_batch, "ray_cpus": args.ray_cpus, "results": rows,
-    })
+    print(
+        format_table(
+            rows,
+            [
+                ("server", "server", "{}"),
+                ("clients", "clients", "{}"),
+                ("wall s", "wall_s", "{:.2f}"),
+                ("tokens", "tokens", "{}"),
+                ("tokens/s", "tokens_per_s", "{:.1f}"),
+            ],
+        )
+    )
+    write_results(
+        results_path("ray_serve", args.small, args.json),
+        {
+            "machine": info,
+            "command": command,
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "max_batch": args.max_batch,
+            "ray_cpus": args.ray_cpus,
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

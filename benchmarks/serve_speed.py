@@ -33,11 +33,28 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from _harness import (SMALL_SHAPE, SPECIAL_TOKENS, command_line, format_table, gpt2_shape,  # noqa: E402
-                      machine_info, print_machine, results_path, write_results)
+from _harness import (  # noqa: E402
+    SMALL_SHAPE,
+    SPECIAL_TOKENS,
+    command_line,
+    format_table,
+    gpt2_shape,
+    machine_info,
+    print_machine,
+    results_path,
+    write_results,
+)
 
-PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는", "오늘 날씨가", "옛날 옛적에",
-           "인공지능은", "서울에서 부산까지"]
+PROMPTS = [
+    "안녕하세요",
+    "근육이 커지기 위해서는",
+    "이때",
+    "대한민국의 수도는",
+    "오늘 날씨가",
+    "옛날 옛적에",
+    "인공지능은",
+    "서울에서 부산까지",
+]
 STARTUP_SECONDS = 1800
 
 
@@ -45,9 +62,9 @@ def word_level_checkpoint(directory, shape):
     """A random-weight GPT-2 of `shape` with a word-level tokenizer.json of vocab_size words ("w4", "w5", ...)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
+    from transformers import GPT2Config
 
     from tfgen import GPT2LM, Tokenizer
-    from transformers import GPT2Config
 
     names = ["<s>", "</s>", "<unk>", "<pad>"] + [f"w{i}" for i in range(4, shape["vocab_size"])]
     hf = HFTokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<unk>"))
@@ -55,8 +72,9 @@ def word_level_checkpoint(directory, shape):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+    )
     tokenizer = Tokenizer.from_pretrained(directory)
     GPT2LM(GPT2Config(**shape, **SPECIAL_TOKENS), tokenizer).save_pretrained(directory / "model")
     return directory / "model"
@@ -69,8 +87,9 @@ def _free_port():
 
 
 def _post(url, body, timeout=600):
-    request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     return urllib.request.urlopen(request, timeout=timeout)
 
 
@@ -78,8 +97,9 @@ class Server:
     def __init__(self, command):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([*command, "--port", str(self.port)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             assert self.process.poll() is None, f"{command} exited during startup"
@@ -99,8 +119,14 @@ class Server:
 
 def one_request(url, model, prompt, max_tokens, stream):
     """(seconds to first text, seconds to the end) of one greedy completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
-            "stream": stream}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
     started = time.perf_counter()
     first = None
     with _post(url, body) as response:
@@ -116,6 +142,7 @@ def one_request(url, model, prompt, max_tokens, stream):
 
 def load(url, model, clients, requests, max_tokens, stream):
     """Runs the load; returns throughput (tokens/s) and TTFT p50/p99 (ms)."""
+
     def client(i):
         return [one_request(url, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, stream) for j in range(requests)]
 
@@ -124,9 +151,11 @@ def load(url, model, clients, requests, max_tokens, stream):
         timings = [t for per_client in pool.map(client, range(clients)) for t in per_client]
     wall = time.perf_counter() - started
     ttft = sorted(first for first, _ in timings)
-    return {"tokens_per_s": clients * requests * max_tokens / wall,
-            "ttft_p50_ms": 1000 * statistics.median(ttft),
-            "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]}
+    return {
+        "tokens_per_s": clients * requests * max_tokens / wall,
+        "ttft_p50_ms": 1000 * statistics.median(ttft),
+        "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))],
+    }
 
 
 def peak_rss_mib(pid):
@@ -145,8 +174,11 @@ def run_server_side(name, command, model, args):
         for clients in args.clients:
             figures = load(server.url, model, clients, args.requests, args.max_tokens, stream)
             rows.append({"server": name, "clients": clients, **figures})
-            print(f"  {name:12s} {clients:3d} clients: {figures['tokens_per_s']:8.1f} tokens/s, TTFT p50 "
-                  f"{figures['ttft_p50_ms']:.0f} ms, p99 {figures['ttft_p99_ms']:.0f} ms", flush=True)
+            print(
+                f"  {name:12s} {clients:3d} clients: {figures['tokens_per_s']:8.1f} tokens/s, TTFT p50 "
+                f"{figures['ttft_p50_ms']:.0f} ms, p99 {figures['ttft_p99_ms']:.0f} ms",
+                flush=True,
+            )
         peak = peak_rss_mib(server.process.pid)
         for row in rows:
             row["server_peak_rss_mib"] = peak
@@ -159,8 +191,24 @@ def litert_export(model_dir, scratch, args):
     """`tfgen export --format litert` of the checkpoint (int8, the default capacity, --max-batch rows), in a process
     of its own."""
     output = Path(scratch) / f"{Path(str(model_dir)).name}-litert"
-    subprocess.run([sys.executable, "-m", "tfgen", "export", str(model_dir), str(output), "--format", "litert",
-                    "--quantize", "int8", "--rows", str(args.max_batch)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfgen",
+            "export",
+            str(model_dir),
+            str(output),
+            "--format",
+            "litert",
+            "--quantize",
+            "int8",
+            "--rows",
+            str(args.max_batch),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return output
 
 
@@ -176,8 +224,18 @@ def benchmark_model(label, model_dir, scratch, args):
         if name == "plain":
             command = [sys.executable, __file__, "--plain-server", "--model", str(directory)]
         else:
-            command = [sys.executable, "-m", "tfgen", "serve", "--model", str(directory),
-                       "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients))]
+            command = [
+                sys.executable,
+                "-m",
+                "tfgen",
+                "serve",
+                "--model",
+                str(directory),
+                "--max-batch",
+                str(args.max_batch),
+                "--max-queue",
+                str(max(args.clients)),
+            ]
         rows += run_server_side(name, command, model, args)
     for row in rows:
         row["model"] = label
@@ -200,14 +258,23 @@ def plain_server(model, port):
 
     def generate(body):
         with lock:
-            return lm.generate_text(body["prompt"], return_full_text=False, max_new_tokens=body["max_tokens"],
-                                    min_new_tokens=body.get("min_tokens", 0))
+            return lm.generate_text(
+                body["prompt"],
+                return_full_text=False,
+                max_new_tokens=body["max_tokens"],
+                min_new_tokens=body.get("min_tokens", 0),
+            )
 
     async def completions(request):
         body = await request.json()
         text = await anyio.to_thread.run_sync(generate, body)
-        return JSONResponse({"object": "text_completion", "model": body["model"],
-                             "choices": [{"text": text, "index": 0, "finish_reason": "length"}]})
+        return JSONResponse(
+            {
+                "object": "text_completion",
+                "model": body["model"],
+                "choices": [{"text": text, "index": 0, "finish_reason": "length"}],
+            }
+        )
 
     async def health(request):
         return JSONResponse({"status": "ok"})
@@ -223,9 +290,13 @@ def parse_args():
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=16, help="tfgen serve's decode slots")
     parser.add_argument("--models", nargs="+", choices=["ko-mini", "base"], default=["ko-mini", "base"])
-    parser.add_argument("--servers", nargs="+", choices=["tfgen", "tfgen-litert", "plain"],
-                        default=["tfgen", "tfgen-litert", "plain"],
-                        help="tfgen serve on the checkpoint (XLA), on its LiteRT int8 export, and the plain server")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["tfgen", "tfgen-litert", "plain"],
+        default=["tfgen", "tfgen-litert", "plain"],
+        help="tfgen serve on the checkpoint (XLA), on its LiteRT int8 export, and the plain server",
+    )
     parser.add_argument("--small", action="store_true", help="tiny random model, 1 and 4 clients: a smoke run")
     parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/serve_speed.json)")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
@@ -247,20 +318,36 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         if args.small:
-            rows += benchmark_model("tiny (small run)", word_level_checkpoint(scratch, dict(SMALL_SHAPE)), scratch, args)
+            rows += benchmark_model(
+                "tiny (small run)", word_level_checkpoint(scratch, dict(SMALL_SHAPE)), scratch, args
+            )
         else:
             if "ko-mini" in args.models:
                 rows += benchmark_model("ko-mini", "ko-mini", scratch, args)
             if "base" in args.models:
-                rows += benchmark_model("KoGPT2-base size", word_level_checkpoint(scratch, gpt2_shape(False)), scratch,
-                                        args)
+                rows += benchmark_model(
+                    "KoGPT2-base size", word_level_checkpoint(scratch, gpt2_shape(False)), scratch, args
+                )
     print()
-    print(format_table(rows, [("model", "model", "{}"), ("server", "server", "{}"), ("clients", "clients", "{}"),
-                              ("tokens/s", "tokens_per_s", "{:.1f}"), ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"),
-                              ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"), ("server peak RSS MiB", "server_peak_rss_mib", "{:.0f}")]))
+    print(
+        format_table(
+            rows,
+            [
+                ("model", "model", "{}"),
+                ("server", "server", "{}"),
+                ("clients", "clients", "{}"),
+                ("tokens/s", "tokens_per_s", "{:.1f}"),
+                ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"),
+                ("TTFT p99 ms", "ttft_p99_ms", "{:.0f}"),
+                ("server peak RSS MiB", "server_peak_rss_mib", "{:.0f}"),
+            ],
+        )
+    )
     settings = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "max_batch", "small", "servers")}
-    write_results(results_path("serve_speed", args.small, args.json),
-                  {"machine": info, "command": command, "settings": settings, "rows": rows})
+    write_results(
+        results_path("serve_speed", args.small, args.json),
+        {"machine": info, "command": command, "settings": settings, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import numpy as np  # noqa: E402
 
-from _harness import (SHAPE_KEYS, command_line, format_table, gpt2_config, gpt2_shape, machine_info,  # noqa: E402
-                      peak_rss_mib, print_machine, results_path, usable_cores, write_results)
+from _harness import (  # noqa: E402
+    SHAPE_KEYS,
+    command_line,
+    format_table,
+    gpt2_config,
+    gpt2_shape,
+    machine_info,
+    peak_rss_mib,
+    print_machine,
+    results_path,
+    usable_cores,
+    write_results,
+)
 
 # case -> how it trains: framework, XLA (tfgen's compile(jit_compile=...)), Keras dtype policy.
 CASES = {
@@ -82,7 +93,10 @@ def step_summary(times, tokens_per_step):
 def train_tfgen(case, config, args, batches):
     """Keras fit on the tfgen model; a callback times each batch (its loss is read, so the step has finished)."""
     import tfgen  # noqa: F401  (before TensorFlow: tfgen sets the Keras 2 environment)
+
+    # isort: split
     import tensorflow as tf
+
     from tfgen import GPT2LM, training
 
     settings = CASES[case]
@@ -100,9 +114,14 @@ def train_tfgen(case, config, args, batches):
         return features, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
     dataset = tf.data.Dataset.from_tensor_slices(batches).map(to_example).repeat().prefetch(tf.data.AUTOTUNE)
-    expected = ({"input_ids": (tf.int32, [args.batch_size, args.block_size]),
-                 "attention_mask": (tf.int32, [args.batch_size, args.block_size])},
-                (tf.int32, [args.batch_size, args.block_size]), (tf.float32, [args.batch_size, args.block_size]))
+    expected = (
+        {
+            "input_ids": (tf.int32, [args.batch_size, args.block_size]),
+            "attention_mask": (tf.int32, [args.batch_size, args.block_size]),
+        },
+        (tf.int32, [args.batch_size, args.block_size]),
+        (tf.float32, [args.batch_size, args.block_size]),
+    )
     actual = tf.nest.map_structure(lambda spec: (spec.dtype, spec.shape.as_list()), dataset.element_spec)
     if actual != expected:
         raise RuntimeError(f"batches are {actual}, expected {expected}")
@@ -126,12 +145,19 @@ def train_tfgen(case, config, args, batches):
     fit_s = time.perf_counter() - start
     if int(lm.optimizer.iterations.numpy()) != total_steps:
         raise RuntimeError(f"fit took {int(lm.optimizer.iterations.numpy())} steps, expected {total_steps}")
-    return {"build_s": build_s, "fit_s": fit_s, "times": timer.times, "first_loss": timer.losses[0],
-            "parameters": sum(v.shape.num_elements() for v in lm.trainable_variables),
-            "compute_dtype": lm.gpt2.transformer.h[0].attn.c_attn.compute_dtype,
-            "variable_dtype": lm.gpt2.transformer.h[0].attn.c_attn.variable_dtype,
-            "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-                        "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}}
+    return {
+        "build_s": build_s,
+        "fit_s": fit_s,
+        "times": timer.times,
+        "first_loss": timer.losses[0],
+        "parameters": sum(v.shape.num_elements() for v in lm.trainable_variables),
+        "compute_dtype": lm.gpt2.transformer.h[0].attn.c_attn.compute_dtype,
+        "variable_dtype": lm.gpt2.transformer.h[0].attn.c_attn.variable_dtype,
+        "threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
+    }
 
 
 def train_torch(case, config, args, batches):
@@ -144,14 +170,15 @@ def train_torch(case, config, args, batches):
     torch.manual_seed(MODEL_SEED)
     model = GPT2LMHeadModel(config).train()
     named = list(model.named_parameters())  # the tied LM head appears once
-    groups = [{"params": [p for n, p in named if not any(key in n for key in NO_DECAY)], "weight_decay": WEIGHT_DECAY},
-              {"params": [p for n, p in named if any(key in n for key in NO_DECAY)], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in named if not any(key in n for key in NO_DECAY)], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if any(key in n for key in NO_DECAY)], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     build_s = time.perf_counter() - start
 
     ids = torch.from_numpy(batches).long()
-    examples = [(row[:, :-1], torch.ones_like(row[:, :-1]), row[:, 1:], torch.ones(row[:, 1:].shape))
-                for row in ids]
+    examples = [(row[:, :-1], torch.ones_like(row[:, :-1]), row[:, 1:], torch.ones(row[:, 1:].shape)) for row in ids]
 
     def step(input_ids, attention_mask, labels, weights):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -170,10 +197,16 @@ def train_torch(case, config, args, batches):
         losses.append(step(*examples[i % len(examples)]))
         times.append(time.perf_counter() - start)
     fit_s = time.perf_counter() - start_all
-    return {"build_s": build_s, "fit_s": fit_s, "times": times, "first_loss": losses[0],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "compute_dtype": "float32", "variable_dtype": "float32",
-            "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()}}
+    return {
+        "build_s": build_s,
+        "fit_s": fit_s,
+        "times": times,
+        "first_loss": losses[0],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "compute_dtype": "float32",
+        "variable_dtype": "float32",
+        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads()},
+    }
 
 
 TRAINERS = {"tensorflow": train_tfgen, "torch": train_torch}
@@ -188,9 +221,17 @@ def run_case(args):
     figures = TRAINERS[settings["framework"]](args.only, config, args, batches)
     times = figures.pop("times")
     tokens_per_step = args.batch_size * args.block_size
-    row = {"case": args.only, **settings, "batch": args.batch_size, "block": args.block_size,
-           "first_step_s": times[0], "warmup_s": times[1:1 + args.warmup],
-           **step_summary(times[1 + args.warmup:], tokens_per_step), **figures, "peak_rss_mib": peak_rss_mib()}
+    row = {
+        "case": args.only,
+        **settings,
+        "batch": args.batch_size,
+        "block": args.block_size,
+        "first_step_s": times[0],
+        "warmup_s": times[1 : 1 + args.warmup],
+        **step_summary(times[1 + args.warmup :], tokens_per_step),
+        **figures,
+        "peak_rss_mib": peak_rss_mib(),
+    }
     Path(args.result_file).write_text(json.dumps(row))
 
 
@@ -214,9 +255,22 @@ def train_flops_per_token(shape, block_size):
 
 
 def run_child(args, case, result_file):
-    command = [sys.executable, str(Path(__file__).resolve()), "--only", case, "--result-file", str(result_file),
-               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size),
-               "--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--small"] if args.small else [])
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--only",
+        case,
+        "--result-file",
+        str(result_file),
+        "--batch-size",
+        str(args.batch_size),
+        "--block-size",
+        str(args.block_size),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ] + (["--small"] if args.small else [])
     print(f"[{case}]", file=sys.stderr, flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -224,24 +278,38 @@ def run_child(args, case, result_file):
 
 
 COLUMNS = [  # (heading, row key, format)
-    ("case", "case", "{}"), ("precision", "precision", "{}"), ("XLA", "jit_compile", "{}"), ("batch", "batch", "{}"),
-    ("block", "block", "{}"), ("median s/step", "median_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
-    ("GFLOP/s", "gflop_s", "{:.1f}"), ("first-step s", "first_step_s", "{:.2f}"), ("build s", "build_s", "{:.1f}"),
-    ("first loss", "first_loss", "{:.3f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+    ("case", "case", "{}"),
+    ("precision", "precision", "{}"),
+    ("XLA", "jit_compile", "{}"),
+    ("batch", "batch", "{}"),
+    ("block", "block", "{}"),
+    ("median s/step", "median_s", "{:.3f}"),
+    ("tokens/s", "tokens_per_s", "{:.1f}"),
+    ("GFLOP/s", "gflop_s", "{:.1f}"),
+    ("first-step s", "first_step_s", "{:.2f}"),
+    ("build s", "build_s", "{:.1f}"),
+    ("first loss", "first_loss", "{:.3f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
     ("process s", "process_s", "{:.0f}"),
 ]
 
 
 def report(info, command, model, args, rows):
     print_machine(info, command)
-    print(f"model: GPT-2 random weights, fp32 master weights, {model['n_layer']} layers x {model['n_embd']} wide, "
-          f"vocab {model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters (tied embedding counted once)")
-    print(f"data: uniform random ids, batch {args.batch_size} x {args.block_size} tokens; one step = forward, masked "
-          "loss, backward, clip to global norm 1, AdamW")
-    print(f"each case runs in its own process: first step (tracing/compiling included), {args.warmup} untimed, then "
-          f"the median of {args.steps} timed steps; GFLOP/s: {model['train_flops_per_token'] / 1e9:.3g} GFLOP per "
-          "token (matmuls only) x tokens/s; first loss: the first batch's loss (random ids: about ln(vocab) = "
-          f"{math.log(model['vocab_size']):.3f}); process s: the case's whole process\n")
+    print(
+        f"model: GPT-2 random weights, fp32 master weights, {model['n_layer']} layers x {model['n_embd']} wide, "
+        f"vocab {model['vocab_size']}: {model['parameters'] / 1e6:.1f} M parameters (tied embedding counted once)"
+    )
+    print(
+        f"data: uniform random ids, batch {args.batch_size} x {args.block_size} tokens; one step = forward, masked "
+        "loss, backward, clip to global norm 1, AdamW"
+    )
+    print(
+        f"each case runs in its own process: first step (tracing/compiling included), {args.warmup} untimed, then "
+        f"the median of {args.steps} timed steps; GFLOP/s: {model['train_flops_per_token'] / 1e9:.3g} GFLOP per "
+        "token (matmuls only) x tokens/s; first loss: the first batch's loss (random ids: about ln(vocab) = "
+        f"{math.log(model['vocab_size']):.3f}); process s: the case's whole process\n"
+    )
     print(format_table(rows, COLUMNS))
     for row in rows:
         if row["parameters"] != model["parameters"]:
@@ -262,23 +330,34 @@ def run_benchmark(args):
             rows.append(row)
     report(info, command, model, args, rows)
     settings = {key: getattr(args, key) for key in SETTINGS}
-    write_results(results_path("train_speed", args.small, args.json),
-                  {"machine": info, "command": command, "settings": settings, "model": model, "results": rows})
+    write_results(
+        results_path("train_speed", args.small, args.json),
+        {"machine": info, "command": command, "settings": settings, "model": model, "results": rows},
+    )
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="tfgen-xla / tfgen-plain: tfgen's Keras fit with / without XLA; -bf16: the same under "
-                             "mixed_bfloat16; torch: a PyTorch loop on transformers' GPT2LMHeadModel (default: all)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="tfgen-xla / tfgen-plain: tfgen's Keras fit with / without XLA; -bf16: the same under "
+        "mixed_bfloat16; torch: a PyTorch loop on transformers' GPT2LMHeadModel (default: all)",
+    )
     parser.add_argument("--batch-size", type=int, help="rows per step (default 8; 2 with --small)")
     parser.add_argument("--block-size", type=int, help="tokens per row (default 128; 16 with --small)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
-    parser.add_argument("--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000) and batch "
-                                                             "2 x 16: a smoke run")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/train_speed.json, "
-                                                  "train_speed-small.json with --small)")
+    parser.add_argument(
+        "--small", action="store_true", help="tiny model (2 layers, 64 wide, vocab 1000) and batch 2 x 16: a smoke run"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (default: benchmarks/results/train_speed.json, train_speed-small.json with --small)",
+    )
     # Internal: set by the parent for the process that measures one case.
     parser.add_argument("--only", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)

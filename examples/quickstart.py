@@ -18,10 +18,12 @@ PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
 STRATEGIES = {
     "greedy": dict(),
     "beam search, 4 beams": dict(num_beams=4, early_stopping=True),
-    "beams + no_repeat_ngram_size=3, repetition_penalty=1.2": dict(num_beams=4, no_repeat_ngram_size=3,
-                                                                   repetition_penalty=1.2),
-    "sampling, top_k=50, top_p=0.95, temperature=0.8": dict(do_sample=True, top_k=50, top_p=0.95, temperature=0.8,
-                                                            seed=0),
+    "beams + no_repeat_ngram_size=3, repetition_penalty=1.2": dict(
+        num_beams=4, no_repeat_ngram_size=3, repetition_penalty=1.2
+    ),
+    "sampling, top_k=50, top_p=0.95, temperature=0.8": dict(
+        do_sample=True, top_k=50, top_p=0.95, temperature=0.8, seed=0
+    ),
 }
 
 
@@ -32,8 +34,10 @@ def main():
     args = parser.parse_args()
 
     lm = tfgen.GPT2LM.from_pretrained(args.model)
-    print(f"model: {args.model} ({lm.count_params():,} parameters, {lm.config.n_layer} layers x "
-          f"{lm.config.n_embd}, vocabulary {lm.tokenizer.vocab_size:,})")
+    print(
+        f"model: {args.model} ({lm.count_params():,} parameters, {lm.config.n_layer} layers x "
+        f"{lm.config.n_embd}, vocabulary {lm.tokenizer.vocab_size:,})"
+    )
     for name, settings in STRATEGIES.items():
         start = time.perf_counter()
         texts = lm.generate_text(PROMPTS, max_new_tokens=args.max_new_tokens, **settings)

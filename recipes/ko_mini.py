@@ -68,6 +68,8 @@ from pathlib import Path
 
 from tfgen import GPT2LM, checkpoint, finetune, training  # first: tfgen sets TensorFlow's environment before it loads
 
+# isort: split
+
 import numpy as np
 import tensorflow as tf
 from transformers import GPT2Config
@@ -87,13 +89,16 @@ MAX_PACKAGE_BYTES = 50 * 2**20
 MIN_TOKENS_PER_SECOND = 100  # batch-1 greedy
 HEAD_SIZE = 64
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때"]
-SAMPLE_SETTINGS = [dict(max_new_tokens=40, no_repeat_ngram_size=3),
-                   dict(max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, seed=0)]
+SAMPLE_SETTINGS = [
+    dict(max_new_tokens=40, no_repeat_ngram_size=3),
+    dict(max_new_tokens=40, do_sample=True, top_k=50, top_p=0.95, seed=0),
+]
 
 
 @dataclass(frozen=True)
 class Shape:
     """A GPT-2 shape: depth, width (heads of 64) and vocabulary; KoGPT2-v1's 4x MLP and tied head."""
+
     n_layer: int
     n_embd: int
     vocab_size: int
@@ -116,14 +121,22 @@ class Shape:
         return 6 * (self.n_layer * 12 * d * d + self.vocab_size * d) + 6 * self.n_layer * context * d
 
     def config(self, context, dropout):
-        return GPT2Config(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_embd // HEAD_SIZE,
-                          n_positions=context, vocab_size=self.vocab_size,
-                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        return GPT2Config(
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_embd // HEAD_SIZE,
+            n_positions=context,
+            vocab_size=self.vocab_size,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
 
 
 @dataclass(frozen=True)
 class Profile:
     """How big a recipe run is: the candidate shapes, the corpus and the compute of each training."""
+
     shapes: tuple
     documents_per_source: int = None  # None: all
     context: int = 256
@@ -141,15 +154,27 @@ class Profile:
         return max(1, round(flops / (shape.training_flops_per_token(self.context) * self.batch_size * self.context)))
 
     def round_learning_rate(self, number):
-        return self.learning_rate * self.round_decay ** number
+        return self.learning_rate * self.round_decay**number
 
 
-FULL = Profile(shapes=(Shape(6, 384, 16_000),  # v1's shape
-                       Shape(10, 384, 16_000),  # deeper
-                       Shape(6, 512, 8_000),  # wider, a smaller vocabulary
-                       Shape(8, 448, 12_000)))  # between
-SMOKE = Profile(shapes=(Shape(2, 64, 3_000), Shape(1, 128, 4_000)), documents_per_source=300, batch_size=4,
-                sweep_flops=8e10, round_flops=1e11, rounds=2, save_steps=50, speed_tokens=32)
+FULL = Profile(
+    shapes=(
+        Shape(6, 384, 16_000),  # v1's shape
+        Shape(10, 384, 16_000),  # deeper
+        Shape(6, 512, 8_000),  # wider, a smaller vocabulary
+        Shape(8, 448, 12_000),
+    )
+)  # between
+SMOKE = Profile(
+    shapes=(Shape(2, 64, 3_000), Shape(1, 128, 4_000)),
+    documents_per_source=300,
+    batch_size=4,
+    sweep_flops=8e10,
+    round_flops=1e11,
+    rounds=2,
+    save_steps=50,
+    speed_tokens=32,
+)
 
 
 def write_json(path, record):
@@ -174,8 +199,12 @@ def prepare(data, work, profile):
         _write_documents(directory / f"{name}.train.txt", train)
         _write_documents(directory / f"{name}.valid.txt", valid)
         everything += train
-        counts[name].update(train_documents=len(train), valid_documents=len(valid),
-                            train_characters=sum(map(len, train)), valid_characters=sum(map(len, valid)))
+        counts[name].update(
+            train_documents=len(train),
+            valid_documents=len(valid),
+            train_characters=sum(map(len, train)),
+            valid_characters=sum(map(len, valid)),
+        )
         print(f"{name}: {json.dumps(counts[name])}", flush=True)
     random.Random(0).shuffle(everything)
     _write_documents(directory / "train.txt", everything)
@@ -195,14 +224,22 @@ def train_tokenizer(work, vocab_size):
 
 # --- training, resumable, and its record ---
 
+
 def machine():
     """The machine a run is on, and how busy it is when the run starts."""
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
-    return dict(cpu=models[0] if models else "unknown", cores=os.cpu_count(),
-                memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                tensorflow=tf.__version__, load_average_1min=round(os.getloadavg()[0], 2))
+    models = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
+    return dict(
+        cpu=models[0] if models else "unknown",
+        cores=os.cpu_count(),
+        memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        tensorflow=tf.__version__,
+        load_average_1min=round(os.getloadavg()[0], 2),
+    )
 
 
 def _now():
@@ -222,16 +259,30 @@ def _checkpoint_time(run):
 def close_run(entry, to_step, ended_at, ended, tokens_per_step):
     """A training run's record completed: steps, tokens and wall time up to `to_step`'s checkpoint."""
     seconds = max(0, round((ended_at - datetime.fromisoformat(entry["started"])).total_seconds()))
-    return {**entry, "to_step": to_step, "tokens": (to_step - entry["from_step"]) * tokens_per_step,
-            "seconds": seconds, "ended": ended}
+    return {
+        **entry,
+        "to_step": to_step,
+        "tokens": (to_step - entry["from_step"]) * tokens_per_step,
+        "seconds": seconds,
+        "ended": ended,
+    }
 
 
 def _close_interrupted_runs(runs, stage, run, tokens_per_step):
     """Completes the record of a run of `stage` that stopped without finishing: up to its last checkpoint."""
     ended_at = _checkpoint_time(run)
-    return [close_run(entry, _checkpoint_step(run), ended_at or datetime.fromisoformat(entry["started"]),
-                      "interrupted", tokens_per_step)
-            if entry["stage"] == stage and "ended" not in entry else entry for entry in runs]
+    return [
+        close_run(
+            entry,
+            _checkpoint_step(run),
+            ended_at or datetime.fromisoformat(entry["started"]),
+            "interrupted",
+            tokens_per_step,
+        )
+        if entry["stage"] == stage and "ended" not in entry
+        else entry
+        for entry in runs
+    ]
 
 
 def bf16_available():
@@ -261,14 +312,31 @@ def train_shape(work, directory, stage, profile, steps, start, learning_rate, se
             start(staging)
     corpus_dir = work / "corpus"
     settings = finetune.FinetuneSettings(
-        model=str(directory / "initial"), train=[str(corpus_dir / "train.txt")], output=str(run),
+        model=str(directory / "initial"),
+        train=[str(corpus_dir / "train.txt")],
+        output=str(run),
         valid=[str(corpus_dir / f"{name}.valid.txt") for name in SOURCES] if validate else None,
-        resume=(run / finetune.RUN_FILE).exists(), epochs=10_000, max_steps=steps, batch_size=profile.batch_size,
-        block_size=profile.context, learning_rate=learning_rate, warmup_steps=round(0.05 * steps),
+        resume=(run / finetune.RUN_FILE).exists(),
+        epochs=10_000,
+        max_steps=steps,
+        batch_size=profile.batch_size,
+        block_size=profile.context,
+        learning_rate=learning_rate,
+        warmup_steps=round(0.05 * steps),
         save_steps=profile.save_steps,
-        layout="packed", document="paragraph", mixed_precision=bf16_available(), seed=seed, verbose=2)
-    entry = dict(stage=stage, started=_now().isoformat(timespec="seconds"), machine=machine(),
-                 mixed_precision=settings.mixed_precision, from_step=from_step)
+        layout="packed",
+        document="paragraph",
+        mixed_precision=bf16_available(),
+        seed=seed,
+        verbose=2,
+    )
+    entry = dict(
+        stage=stage,
+        started=_now().isoformat(timespec="seconds"),
+        machine=machine(),
+        mixed_precision=settings.mixed_precision,
+        from_step=from_step,
+    )
     write_json(runs_file, runs + [entry])
     print(f"{stage}: steps {from_step} to {steps}", flush=True)
     finetune.finetune(settings)
@@ -280,21 +348,26 @@ def train_shape(work, directory, stage, profile, steps, start, learning_rate, se
 
 def random_model(work, shape, profile):
     """A start for `train_shape`: `shape` with random weights (seed 0), no dropout, the shape's tokenizer."""
+
     def start(directory):
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir(work, shape.vocab_size))
         tf.keras.utils.set_random_seed(0)
         GPT2LM.from_config(shape.config(profile.context, 0.0), tokenizer).save_pretrained(directory)
+
     return start
 
 
 def continued_model(previous, dropout):
     """A start for `train_shape`: the weights and tokenizer of the checkpoint `previous`, trained with `dropout`."""
+
     def start(directory):
-        shutil.copytree(previous, directory, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(training.TRAINING_STATE_DIR))
+        shutil.copytree(
+            previous, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(training.TRAINING_STATE_DIR)
+        )
         config = GPT2Config.from_pretrained(directory)
         config.update(dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
         config.save_pretrained(directory)
+
     return start
 
 
@@ -304,6 +377,7 @@ def runs_of(work, stage):
 
 
 # --- evaluation ---
+
 
 def token_stream(tokenizer, documents):
     """BOS + text + EOS for each document, concatenated, as in the packed training rows."""
@@ -323,12 +397,12 @@ def stream_nats(lm, ids, context, batch_size=16):
     windows = np.zeros((len(starts), context), np.int32)
     masks = np.zeros_like(windows)
     for row, start in enumerate(starts):
-        piece = ids[start:start + context]
-        windows[row, :len(piece)] = piece
-        masks[row, :len(piece)] = 1
+        piece = ids[start : start + context]
+        windows[row, : len(piece)] = piece
+        masks[row, : len(piece)] = 1
     total = 0.0
     for first in range(0, len(windows), batch_size):
-        x, m = windows[first:first + batch_size], masks[first:first + batch_size]
+        x, m = windows[first : first + batch_size], masks[first : first + batch_size]
         logits = lm(tf.constant(x), attention_mask=tf.constant(m))
         nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=x[:, 1:], logits=logits[:, :-1])
         total += float(tf.reduce_sum(nll * tf.cast(m[:, 1:], tf.float32)))
@@ -337,8 +411,10 @@ def stream_nats(lm, ids, context, batch_size=16):
 
 def xz_bits(train_text, valid_text):
     """Bits xz -9e spends on the validation text after it has seen the training text."""
+
     def size(text):
         return len(lzma.compress(text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
+
     return 8 * (size(train_text + valid_text) - size(train_text))
 
 
@@ -350,8 +426,12 @@ def model_figures(lm, work):
         ids = token_stream(lm.tokenizer, documents)
         nats = stream_nats(lm, ids, lm.config.n_positions)
         characters = _characters(documents)
-        figures[name] = dict(tokens=len(ids) - 1, characters=characters, loss=nats / (len(ids) - 1),
-                             bits_per_character=nats / math.log(2) / characters)
+        figures[name] = dict(
+            tokens=len(ids) - 1,
+            characters=characters,
+            loss=nats / (len(ids) - 1),
+            bits_per_character=nats / math.log(2) / characters,
+        )
         print(f"{name}: {figures[name]}", flush=True)
     return figures
 
@@ -382,8 +462,9 @@ def overall_figures(figures):
     nats = sum(figure["loss"] * figure["tokens"] for figure in figures.values())
     tokens = sum(figure["tokens"] for figure in figures.values())
     characters = sum(figure["characters"] for figure in figures.values())
-    return dict(tokens=tokens, characters=characters, loss=nats / tokens,
-                bits_per_character=nats / math.log(2) / characters)
+    return dict(
+        tokens=tokens, characters=characters, loss=nats / tokens, bits_per_character=nats / math.log(2) / characters
+    )
 
 
 def greedy_tokens_per_second(lm, new_tokens, calls=3):
@@ -401,6 +482,7 @@ def greedy_tokens_per_second(lm, new_tokens, calls=3):
 
 # --- the size sweep ---
 
+
 def sweep(work, profile):
     """Trains each candidate shape for `profile.sweep_flops` and writes sweep.json and sweep.md."""
     results = []
@@ -409,48 +491,77 @@ def sweep(work, profile):
         if not (directory / "result.json").exists():
             stage = f"sweep {shape.name}"
             steps = profile.steps(shape, profile.sweep_flops)
-            train_shape(work, directory, stage, profile, steps, random_model(work, shape, profile),
-                        profile.learning_rate, seed=0, validate=False)
+            train_shape(
+                work,
+                directory,
+                stage,
+                profile,
+                steps,
+                random_model(work, shape, profile),
+                profile.learning_rate,
+                seed=0,
+                validate=False,
+            )
             lm = GPT2LM.from_pretrained(directory / "run" / finetune.CHECKPOINT_DIR)
             tokens = steps * profile.batch_size * profile.context
             seconds = sum(entry["seconds"] for entry in runs_of(work, stage))
-            write_json(directory / "result.json", dict(
-                shape=shape.name, **asdict(shape), parameters=lm.gpt2.count_params(),
-                package_bytes=shape.package_bytes(profile.context), steps=steps, tokens=tokens,
-                training_flops=tokens * shape.training_flops_per_token(profile.context), training_seconds=seconds,
-                greedy_tokens_per_second=greedy_tokens_per_second(lm, profile.speed_tokens),
-                validation=overall_figures(model_figures(lm, work))))
+            write_json(
+                directory / "result.json",
+                dict(
+                    shape=shape.name,
+                    **asdict(shape),
+                    parameters=lm.gpt2.count_params(),
+                    package_bytes=shape.package_bytes(profile.context),
+                    steps=steps,
+                    tokens=tokens,
+                    training_flops=tokens * shape.training_flops_per_token(profile.context),
+                    training_seconds=seconds,
+                    greedy_tokens_per_second=greedy_tokens_per_second(lm, profile.speed_tokens),
+                    validation=overall_figures(model_figures(lm, work)),
+                ),
+            )
             tf.keras.backend.clear_session()
         results.append(read_json(directory / "result.json"))
     chosen = choose_shape(results)
-    write_json(work / "sweep.json", dict(equal_compute="training FLOPs", flops_per_shape=profile.sweep_flops,
-                                         results=results, chosen=chosen))
+    write_json(
+        work / "sweep.json",
+        dict(equal_compute="training FLOPs", flops_per_shape=profile.sweep_flops, results=results, chosen=chosen),
+    )
     checkpoint.write_text_atomically(work / "sweep.md", sweep_table(results, chosen) + "\n")
     print(f"sweep: {chosen} chosen\n{sweep_table(results, chosen)}", flush=True)
 
 
 def choose_shape(results):
     """The name of the shape with the lowest validation bits per character among those within the limits."""
-    fitting = [result for result in results if result["package_bytes"] <= MAX_PACKAGE_BYTES
-               and result["greedy_tokens_per_second"] >= MIN_TOKENS_PER_SECOND]
+    fitting = [
+        result
+        for result in results
+        if result["package_bytes"] <= MAX_PACKAGE_BYTES and result["greedy_tokens_per_second"] >= MIN_TOKENS_PER_SECOND
+    ]
     if not fitting:
-        raise SystemExit(f"no candidate shape decodes at {MIN_TOKENS_PER_SECOND} tokens/s within "
-                         f"{MAX_PACKAGE_BYTES / 2**20:.0f} MiB; add smaller shapes to the profile")
+        raise SystemExit(
+            f"no candidate shape decodes at {MIN_TOKENS_PER_SECOND} tokens/s within "
+            f"{MAX_PACKAGE_BYTES / 2**20:.0f} MiB; add smaller shapes to the profile"
+        )
     return min(fitting, key=lambda result: result["validation"]["bits_per_character"])["shape"]
 
 
 def sweep_table(results, chosen):
     """The sweep as a markdown table, the chosen shape in bold."""
-    rows = ["| shape | layers | width | vocabulary | parameters | fp16 MB | steps | tokens | training PFLOPs | "
-            "wall time | greedy tokens/s | val loss (nats/token) | val bpc |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| shape | layers | width | vocabulary | parameters | fp16 MB | steps | tokens | training PFLOPs | "
+        "wall time | greedy tokens/s | val loss (nats/token) | val bpc |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         name = f"**{r['shape']}**" if r["shape"] == chosen else r["shape"]
-        rows.append(f"| {name} | {r['n_layer']} | {r['n_embd']} | {r['vocab_size']:,} | {r['parameters']:,} | "
-                    f"{r['package_bytes'] / 1e6:.1f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f} M | "
-                    f"{r['training_flops'] / 1e15:.3f} | {r['training_seconds'] / 60:.0f} min | "
-                    f"{r['greedy_tokens_per_second']:.0f} | {r['validation']['loss']:.3f} | "
-                    f"{r['validation']['bits_per_character']:.3f} |")
+        rows.append(
+            f"| {name} | {r['n_layer']} | {r['n_embd']} | {r['vocab_size']:,} | {r['parameters']:,} | "
+            f"{r['package_bytes'] / 1e6:.1f} | {r['steps']:,} | {r['tokens'] / 1e6:.2f} M | "
+            f"{r['training_flops'] / 1e15:.3f} | {r['training_seconds'] / 60:.0f} min | "
+            f"{r['greedy_tokens_per_second']:.0f} | {r['validation']['loss']:.3f} | "
+            f"{r['validation']['bits_per_character']:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -465,6 +576,7 @@ def candidate_shapes(work, profile):
 
 
 # --- the main training, in rounds ---
+
 
 def round_dir(work, number):
     return work / "rounds" / str(number)
@@ -492,11 +604,21 @@ def finish_round(work, number, run, dropout, seed, stage):
         write_float16_model(lm, staging)
     settings = read_json(run / finetune.RUN_FILE)
     steps = settings["total_steps"]
-    write_json(directory / "record.json", dict(
-        round=number, steps=steps, tokens=steps * settings["batch_size"] * settings["block_size"],
-        steps_per_epoch=settings["steps_per_epoch"], learning_rate=settings["learning_rate"],
-        warmup_steps=settings["warmup_steps"], dropout=dropout, seed=seed, runs=runs_of(work, stage),
-        validation=validation))
+    write_json(
+        directory / "record.json",
+        dict(
+            round=number,
+            steps=steps,
+            tokens=steps * settings["batch_size"] * settings["block_size"],
+            steps_per_epoch=settings["steps_per_epoch"],
+            learning_rate=settings["learning_rate"],
+            warmup_steps=settings["warmup_steps"],
+            dropout=dropout,
+            seed=seed,
+            runs=runs_of(work, stage),
+            validation=validation,
+        ),
+    )
     tf.keras.backend.clear_session()
 
 
@@ -511,9 +633,17 @@ def train(work, profile, carry_dir):
         directory = round_dir(work, number)
         if not (directory / "record.json").exists():
             stage = f"train round {number}"
-            train_shape(work, directory, stage, profile, profile.steps(shape, profile.round_flops),
-                        continued_model(round_dir(work, number - 1) / "final", profile.dropout),
-                        profile.round_learning_rate(number), seed=number, validate=True)
+            train_shape(
+                work,
+                directory,
+                stage,
+                profile,
+                profile.steps(shape, profile.round_flops),
+                continued_model(round_dir(work, number - 1) / "final", profile.dropout),
+                profile.round_learning_rate(number),
+                seed=number,
+                validate=True,
+            )
             finish_round(work, number, directory / "run", profile.dropout, seed=number, stage=stage)
             carry(work, carry_dir)
 
@@ -524,10 +654,17 @@ def carry(work, carry_dir):
     rounds = finished_rounds(work)
     with checkpoint.atomic_directory(carry_dir) as staging:
         shutil.copytree(round_dir(work, rounds[-1]["round"]) / "final", staging / "weights")
-        write_json(staging / "state.json", dict(
-            sweep=read_json(work / "sweep.json"), corpus=read_json(work / "corpus" / "counts.json"), rounds=rounds,
-            sweep_runs=[entry for entry in read_json(work / "training_runs.json")
-                        if not entry["stage"].startswith("train")]))
+        write_json(
+            staging / "state.json",
+            dict(
+                sweep=read_json(work / "sweep.json"),
+                corpus=read_json(work / "corpus" / "counts.json"),
+                rounds=rounds,
+                sweep_runs=[
+                    entry for entry in read_json(work / "training_runs.json") if not entry["stage"].startswith("train")
+                ],
+            ),
+        )
     print(f"carried rounds 0 to {rounds[-1]['round']} to {carry_dir}", flush=True)
 
 
@@ -538,11 +675,13 @@ def resume(work, carry_dir):
     state = read_json(carry_dir / "state.json")
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "sweep.json", state["sweep"])
-    checkpoint.write_text_atomically(work / "sweep.md",
-                                     sweep_table(state["sweep"]["results"], state["sweep"]["chosen"]) + "\n")
+    checkpoint.write_text_atomically(
+        work / "sweep.md", sweep_table(state["sweep"]["results"], state["sweep"]["chosen"]) + "\n"
+    )
     rounds = state["rounds"]
-    write_json(work / "training_runs.json",
-               state["sweep_runs"] + [entry for entry in rounds[1:] for entry in entry["runs"]])
+    write_json(
+        work / "training_runs.json", state["sweep_runs"] + [entry for entry in rounds[1:] for entry in entry["runs"]]
+    )
     for entry in rounds:
         round_dir(work, entry["round"]).mkdir(parents=True, exist_ok=True)
         write_json(round_dir(work, entry["round"]) / "record.json", entry)
@@ -567,23 +706,44 @@ def package(work, profile, package_dir):
         shutil.copytree(round_dir(work, rounds[-1]["round"]) / "final", staging, dirs_exist_ok=True)
         shipped = GPT2LM.from_pretrained(staging)
         record = dict(
-            model=dict(name=shape.name, n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shipped.config.n_head,
-                       n_positions=shipped.config.n_positions, vocab_size=shipped.config.vocab_size,
-                       dropout=profile.dropout, parameters=shipped.gpt2.count_params()),
-            training=dict(batch_size=profile.batch_size, block_size=profile.context,
-                          learning_rate=profile.learning_rate, round_decay=profile.round_decay,
-                          rounds_planned=profile.rounds, rounds=rounds,
-                          tokens=tokens, epochs=tokens / epoch_tokens,
-                          flops=tokens * shape.training_flops_per_token(profile.context)),
+            model=dict(
+                name=shape.name,
+                n_layer=shape.n_layer,
+                n_embd=shape.n_embd,
+                n_head=shipped.config.n_head,
+                n_positions=shipped.config.n_positions,
+                vocab_size=shipped.config.vocab_size,
+                dropout=profile.dropout,
+                parameters=shipped.gpt2.count_params(),
+            ),
+            training=dict(
+                batch_size=profile.batch_size,
+                block_size=profile.context,
+                learning_rate=profile.learning_rate,
+                round_decay=profile.round_decay,
+                rounds_planned=profile.rounds,
+                rounds=rounds,
+                tokens=tokens,
+                epochs=tokens / epoch_tokens,
+                flops=tokens * shape.training_flops_per_token(profile.context),
+            ),
             corpus=read_json(work / "corpus" / "counts.json"),
-            sweep={**read_json(work / "sweep.json"),
-                   "runs": [entry for entry in read_json(work / "training_runs.json")
-                            if not entry["stage"].startswith("train")]},
-            evaluation=dict(float32=rounds[-1]["validation"], xz=read_json(work / "baseline.json"),
-                            shipped=model_figures(shipped, work)),
+            sweep={
+                **read_json(work / "sweep.json"),
+                "runs": [
+                    entry for entry in read_json(work / "training_runs.json") if not entry["stage"].startswith("train")
+                ],
+            },
+            evaluation=dict(
+                float32=rounds[-1]["validation"],
+                xz=read_json(work / "baseline.json"),
+                shipped=model_figures(shipped, work),
+            ),
             greedy_tokens_per_second=greedy_tokens_per_second(shipped, profile.speed_tokens),
-            samples=[dict(settings=settings, texts=shipped.generate_text(PROMPTS, **settings))
-                     for settings in SAMPLE_SETTINGS],
+            samples=[
+                dict(settings=settings, texts=shipped.generate_text(PROMPTS, **settings))
+                for settings in SAMPLE_SETTINGS
+            ],
         )
         write_json(staging / "training.json", record)
         checkpoint.write_text_atomically(staging / "README.md", model_card(record))
@@ -595,57 +755,78 @@ LICENCES = {
     "bible": "Korean Bible 1961 (개역한글, bluesaurel/Korean-Bible-1961-KRV), public domain",
     "chatbot": "Chatbot Q/A pairs (songys/Chatbot_data), MIT",
     "sentences": "KLUE dev sentences (CC BY-SA 4.0), KorNLI/KorSTS (kakaobrain/KorNLUDatasets, CC BY-SA 4.0), "
-                 "Korean news sentences (jungyeul/korean-parallel-corpora, CC BY-SA 3.0)",
+    "Korean news sentences (jungyeul/korean-parallel-corpora, CC BY-SA 3.0)",
 }
 
 
 def _run_line(entry):
     machine = entry["machine"]
     precision = {True: "bf16 mixed precision", False: "float32"}.get(entry.get("mixed_precision"), "")
-    return (f"{entry['started']}, {entry['seconds'] / 3600:.2f} h, steps {entry['from_step']:,}-{entry['to_step']:,} "
-            f"({entry['tokens'] / 1e6:.1f} M tokens), {entry['ended']}; {machine['cpu']}, {machine['cores']} cores, "
-            f"load {machine['load_average_1min']} at the start; {precision}")
+    return (
+        f"{entry['started']}, {entry['seconds'] / 3600:.2f} h, steps {entry['from_step']:,}-{entry['to_step']:,} "
+        f"({entry['tokens'] / 1e6:.1f} M tokens), {entry['ended']}; {machine['cpu']}, {machine['cores']} cores, "
+        f"load {machine['load_average_1min']} at the start; {precision}"
+    )
 
 
 def corpus_table(counts):
-    rows = ["| source | documents read | lines read | extractor fragments fixed | lines cleaned / dropped | "
-            "repeated lines | dropped by dedup | documents kept | lines kept | training characters |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| source | documents read | lines read | extractor fragments fixed | lines cleaned / dropped | "
+        "repeated lines | dropped by dedup | documents kept | lines kept | training characters |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in SOURCES:
         c = counts[name]
-        cleaning = (f"{c['lines_changed_by_cleaning']:,} / {c['lines_dropped_by_cleaning']:,}"
-                    if "extractor_fragments" in c else "-")
-        rows.append(f"| {name} | {c['documents_read']:,} | {c['lines_read']:,} | {c.get('extractor_fragments', 0):,} | "
-                    f"{cleaning} | {c['repeated_lines']:,} | {c['lines_dropped_by_deduplication']:,} | "
-                    f"{c['documents']:,} | {c['lines']:,} | {c['train_characters']:,} |")
+        cleaning = (
+            f"{c['lines_changed_by_cleaning']:,} / {c['lines_dropped_by_cleaning']:,}"
+            if "extractor_fragments" in c
+            else "-"
+        )
+        rows.append(
+            f"| {name} | {c['documents_read']:,} | {c['lines_read']:,} | {c.get('extractor_fragments', 0):,} | "
+            f"{cleaning} | {c['repeated_lines']:,} | {c['lines_dropped_by_deduplication']:,} | "
+            f"{c['documents']:,} | {c['lines']:,} | {c['train_characters']:,} |"
+        )
     return "\n".join(rows)
 
 
 def rounds_table(rounds):
     """One row per finished round: its steps, peak learning rate, and validation bits per character after it."""
-    rows = ["| round | steps | tokens | peak learning rate | dropout | " + " | ".join(f"{name} bpc" for name in SOURCES)
-            + " | all bpc |", "|---:|---:|---:|---:|---:|" + "---:|" * (len(SOURCES) + 1)]
+    rows = [
+        "| round | steps | tokens | peak learning rate | dropout | "
+        + " | ".join(f"{name} bpc" for name in SOURCES)
+        + " | all bpc |",
+        "|---:|---:|---:|---:|---:|" + "---:|" * (len(SOURCES) + 1),
+    ]
     for entry in rounds:
         figures = entry["validation"]
-        rows.append(f"| {entry['round']} | {entry['steps']:,} | {entry['tokens'] / 1e6:.1f} M | "
-                    f"{entry['learning_rate']:.2e} | {entry['dropout']} | "
-                    + " | ".join(f"{figures[name]['bits_per_character']:.3f}" for name in SOURCES)
-                    + f" | {overall_figures(figures)['bits_per_character']:.3f} |")
+        rows.append(
+            f"| {entry['round']} | {entry['steps']:,} | {entry['tokens'] / 1e6:.1f} M | "
+            f"{entry['learning_rate']:.2e} | {entry['dropout']} | "
+            + " | ".join(f"{figures[name]['bits_per_character']:.3f}" for name in SOURCES)
+            + f" | {overall_figures(figures)['bits_per_character']:.3f} |"
+        )
     return "\n".join(rows)
 
 
 def model_card(record):
     """The model card (README.md), from the packaging record: every figure in it comes from `record`."""
-    model, training, evaluation, sweep_record = record["model"], record["training"], record["evaluation"], \
-        record["sweep"]
+    model, training, evaluation, sweep_record = (
+        record["model"],
+        record["training"],
+        record["evaluation"],
+        record["sweep"],
+    )
     round_runs = [entry for entry in training["rounds"][1:] for entry in entry["runs"]]
     seconds = sum(entry["seconds"] for entry in round_runs)
     rows = []
     for name in SOURCES:
         fp32, shipped, xz = evaluation["float32"][name], evaluation["shipped"][name], evaluation["xz"][name]
-        rows.append(f"| {name} | {record['corpus'][name]['valid_documents']:,} | {fp32['characters']:,} | "
-                    f"{fp32['loss']:.3f} | {fp32['bits_per_character']:.3f} | {shipped['bits_per_character']:.3f} | "
-                    f"{xz['xz_bits_per_character']:.3f} |")
+        rows.append(
+            f"| {name} | {record['corpus'][name]['valid_documents']:,} | {fp32['characters']:,} | "
+            f"{fp32['loss']:.3f} | {fp32['bits_per_character']:.3f} | {shipped['bits_per_character']:.3f} | "
+            f"{xz['xz_bits_per_character']:.3f} |"
+        )
     samples = []
     for sample in record["samples"]:
         samples.append(f"`{sample['settings']}`:\n")
@@ -658,18 +839,18 @@ def model_card(record):
 
 A small Korean GPT-2 trained from scratch by tfgen itself, shipped inside the package so that
 tfgen works offline: `GPT2LM.from_pretrained("ko-mini")`, `tfgen.default_model_path()`, and every
-`tfgen` command without `--model`. It is small and saw {training['tokens'] / 1e6:.1f} M tokens
-({training['epochs']:.1f} epochs of its corpus): see the samples and the validation figures below for what it
+`tfgen` command without `--model`. It is small and saw {training["tokens"] / 1e6:.1f} M tokens
+({training["epochs"]:.1f} epochs of its corpus): see the samples and the validation figures below for what it
 can do. Use it to learn and test tfgen offline, or as a starting point for fine-tuning; for real text, load
 skt/kogpt2-base-v2.
 
-- GPT-2, {model['n_layer']} layers x {model['n_embd']} wide, {model['n_head']} heads, a {model['n_positions']}-token
-  context, dropout {model['dropout']} in training; {model['parameters']:,} parameters (the LM head shares the
+- GPT-2, {model["n_layer"]} layers x {model["n_embd"]} wide, {model["n_head"]} heads, a {model["n_positions"]}-token
+  context, dropout {model["dropout"]} in training; {model["parameters"]:,} parameters (the LM head shares the
   token embedding).
-- SentencePiece unigram tokenizer, {model['vocab_size']:,} pieces, KoGPT2-v1 conventions: `<unk>` 0, `<s>` 1,
+- SentencePiece unigram tokenizer, {model["vocab_size"]:,} pieces, KoGPT2-v1 conventions: `<unk>` 0, `<s>` 1,
   `</s>` 2, `<pad>` 3; byte fallback, so any text round-trips.
 - Weights stored as float16 (`model.safetensors`, PyTorch layout; PyTorch's `GPT2LMHeadModel` reads the
-  directory too) and loaded as float32. Batch-1 greedy decoding ran at {record['greedy_tokens_per_second']:.0f}
+  directory too) and loaded as float32. Batch-1 greedy decoding ran at {record["greedy_tokens_per_second"]:.0f}
   tokens/s on the packaging machine.
 
 ## Licence
@@ -693,17 +874,17 @@ premises); Wikipedia's repeated lines (section headings) and the Bible's (its fo
 Every {corpus.VALID_EVERY}th document of each source, after deduplication, is held out for validation, so no
 line of a deduplicated source is in both.
 
-{corpus_table(record['corpus'])}
+{corpus_table(record["corpus"])}
 
 ## Size sweep
 
 Each candidate shape was trained from scratch for the same training FLOPs
-({sweep_record['flops_per_shape']:.2e}, by 6 x (block weights + LM head) + 6 x layers x context x width per
+({sweep_record["flops_per_shape"]:.2e}, by 6 x (block weights + LM head) + 6 x layers x context x width per
 token), without dropout (less than one epoch), then scored on the whole validation split; bits per character
 compare across vocabularies, loss per token does not. The chosen shape (bold) has the lowest bits per
 character among those within 50 MiB and {MIN_TOKENS_PER_SECOND} tokens/s batch-1 greedy:
 
-{sweep_table(sweep_record['results'], sweep_record['chosen'])}
+{sweep_table(sweep_record["results"], sweep_record["chosen"])}
 
 Sweep runs:
 
@@ -713,15 +894,15 @@ Sweep runs:
 
 `python recipes/ko_mini.py` (stages: prepare, tokenizer, baseline, sweep, train, package; run
 again, it resumes where it stopped, on a new machine from this package's last round). Training: tfgen's
-`finetune` (Keras `fit`), packed rows of {training['block_size']} tokens, batch {training['batch_size']},
+`finetune` (Keras `fit`), packed rows of {training["block_size"]} tokens, batch {training["batch_size"]},
 AdamW, linear warmup over 5% of each round then linear decay. Round 0 is the chosen shape's sweep run
-({training['rounds'][0]['steps']:,} steps from random weights, peak learning rate {training['learning_rate']}); each
+({training["rounds"][0]["steps"]:,} steps from random weights, peak learning rate {training["learning_rate"]}); each
 later round starts from the float16 weights of the one before, with a fresh optimizer, a new data order and
-a peak learning rate {training['round_decay']} times the round before's (warm restarts). In all
-{training['tokens'] / 1e6:.1f} M tokens, {training['epochs']:.2f} epochs, {training['flops'] / 1e15:.2f}
-PFLOPs; {len(training['rounds']) - 1} of {training['rounds_planned']} planned rounds after it are done.
+a peak learning rate {training["round_decay"]} times the round before's (warm restarts). In all
+{training["tokens"] / 1e6:.1f} M tokens, {training["epochs"]:.2f} epochs, {training["flops"] / 1e15:.2f}
+PFLOPs; {len(training["rounds"]) - 1} of {training["rounds_planned"]} planned rounds after it are done.
 
-{rounds_table(training['rounds'])}
+{rounds_table(training["rounds"])}
 
 The rounds ran in {len(round_runs)} run(s), {seconds / 3600:.2f} h of wall time up to the last checkpoint
 of each (an interrupted run's steps after its last checkpoint were done again by the next):
@@ -751,10 +932,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stages", nargs="*", help=f"of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared Korean data folder")
-    parser.add_argument("--work", type=Path, help="corpus, tokenizers, runs (default: runs/ko-mini, "
-                                                  "with --smoke runs/ko-mini-smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every stage at a tiny size, packaged into WORK/package: checks the recipe")
+    parser.add_argument(
+        "--work", type=Path, help="corpus, tokenizers, runs (default: runs/ko-mini, with --smoke runs/ko-mini-smoke)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="every stage at a tiny size, packaged into WORK/package: checks the recipe"
+    )
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"no data folder at {args.data}; pass --data with the Korean corpora")
@@ -770,8 +953,10 @@ def main():
     if "prepare" in stages and not (work / "corpus" / "train.txt").exists():
         prepare(args.data, work, profile)
     if carried_corpus is not None and read_json(work / "corpus" / "counts.json") != carried_corpus:
-        sys.exit(f"the corpus prepared from {args.data} differs from the one the carried rounds were trained on "
-                 f"(corpus in {carry_dir / 'state.json'}); use the same data folder and recipe")
+        sys.exit(
+            f"the corpus prepared from {args.data} differs from the one the carried rounds were trained on "
+            f"(corpus in {carry_dir / 'state.json'}); use the same data folder and recipe"
+        )
     if "tokenizer" in stages:
         for vocab_size in sorted({shape.vocab_size for shape in candidate_shapes(work, profile)}):
             if not tokenizer_dir(work, vocab_size).exists():
@@ -784,6 +969,7 @@ def main():
         train(work, profile, carry_dir)
     if "package" in stages:
         package(work, profile, package_dir)
+
 
 if __name__ == "__main__":
     main()

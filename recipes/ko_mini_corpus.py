@@ -7,8 +7,8 @@ review, a Bible chapter, a question and its answer, a sentence.
 import csv
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 VALID_EVERY = 50  # every 50th document of each source is held out
 
@@ -53,6 +53,7 @@ def clean_wikipedia_line(line):
 
 # --- deduplication ---
 
+
 def drop_repeated_lines(documents):
     """Yields the documents without the lines an earlier document (or earlier in the same one) already had.
 
@@ -91,6 +92,7 @@ def split_validation(documents):
 
 
 # --- the corpora ---
+
 
 def _lines(path, skip_header=False):
     with open(path, encoding="utf-8") as f:
@@ -141,8 +143,10 @@ def chatbot(data):
 
 def sentences(data):
     """Single sentences: KLUE dev sentences, KorNLI/KorSTS pairs (a sentence per document), news."""
-    files = [(data / "KLUE-benchmark_KLUE" / "klue_dev_sentences.txt", [0], False),
-             (data / "jungyeul_korean-parallel-corpora" / "news_ko.txt", [0], False)]
+    files = [
+        (data / "KLUE-benchmark_KLUE" / "klue_dev_sentences.txt", [0], False),
+        (data / "jungyeul_korean-parallel-corpora" / "news_ko.txt", [0], False),
+    ]
     files += [(path, [0, 1], True) for path in sorted((data / "kakaobrain_KorNLUDatasets" / "KorNLI").glob("*.tsv"))]
     files += [(path, [5, 6], True) for path in sorted((data / "kakaobrain_KorNLUDatasets" / "KorSTS").glob("*.tsv"))]
     for path, columns, header in files:
@@ -186,9 +190,11 @@ def source_documents(source, data, limit=None):
     if source.clean_line:
         lines = [line for document in documents for line in document.split("\n")]
         cleaned = list(map(source.clean_line, lines))
-        counts.update(extractor_fragments=sum(map(extractor_fragments, lines)),
-                      lines_changed_by_cleaning=sum(after not in (before, "") for before, after in zip(lines, cleaned)),
-                      lines_dropped_by_cleaning=sum(not after.strip() for after in cleaned))
+        counts.update(
+            extractor_fragments=sum(map(extractor_fragments, lines)),
+            lines_changed_by_cleaning=sum(after not in (before, "") for before, after in zip(lines, cleaned)),
+            lines_dropped_by_cleaning=sum(not after.strip() for after in cleaned),
+        )
         documents = [d for d in (clean_document(document, source.clean_line) for document in documents) if d]
     counts["repeated_lines"] = repeated_lines(documents)
     if source.deduplicate:

@@ -20,9 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from tfgen.tokenizer import train_sentencepiece  # noqa: E402
 
-DATA_DIR = Path(
-    os.environ.get("TFGEN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko")
-)
+DATA_DIR = Path(os.environ.get("TFGEN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko"))
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>"]
 
 
@@ -68,8 +66,9 @@ def bpe_tokenizer_spec(lines, special_tokens, unk_token, vocab_size, limit_alpha
     tokenizer = HFTokenizer(models.BPE(unk_token=unk_token, byte_fallback=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=limit_alphabet, special_tokens=special_tokens,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, limit_alphabet=limit_alphabet, special_tokens=special_tokens, show_progress=False
+    )
     tokenizer.train_from_iterator(lines, trainer)
     # The trainer does not add the <0xNN> pieces that byte fallback spells with.
     spec = json.loads(tokenizer.to_str())
@@ -89,7 +88,9 @@ def hf_tokenizer_dir(ko_lines, tmp_path_factory):
     (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return directory
 
-# The trained tiny GPT-2 that model, generation and CLI tests share.
-from tiny_model import h5_only_dir, long_text, safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401
+
 # The tiny GPT-J (PyTorch-trained, fp16 shards, kogpt-style tokenizer) that the GPT-J tests share.
 from tiny_gptj import gptj_bin_dir, gptj_dir, kogpt_tokenizer_dir, tiny_gptj_model  # noqa: E402,F401
+
+# The trained tiny GPT-2 that model, generation and CLI tests share.
+from tiny_model import h5_only_dir, long_text, safetensors_only_dir, tiny_lm, tiny_lm_dir  # noqa: E402,F401

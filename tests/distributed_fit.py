@@ -25,6 +25,8 @@ import time
 import traceback
 
 import tfgen  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+
+# isort: split
 import tensorflow as tf
 
 from tfgen import GPT2LM
@@ -85,8 +87,14 @@ def main(argv=None):
         lm.compile(optimizer=optimizer(args.optimizer, args.learning_rate))  # jit_compile="auto"
 
     documents = list(read_documents([args.data_file]))
-    batches = lm_batches(documents, lm.tokenizer, block_size=args.block_size, batch_size=args.batch_size,
-                         layout="packed", shuffle_buffer=0)
+    batches = lm_batches(
+        documents,
+        lm.tokenizer,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        layout="packed",
+        shuffle_buffer=0,
+    )
     train = batches.take(args.steps)
     # No padding (real_tokens == steps * batch * block): every replica then sees as many real tokens as the
     # others, and the mean of the replicas' mean losses is the mean loss of the whole batch.

@@ -7,8 +7,10 @@ from transformers import PreTrainedTokenizerFast
 
 from tfgen.serving import chat
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # BOS, a loop control, the tojson filter and raise_exception, as real templates use them.
 LLAMA_LIKE = """{{ bos_token }}{% for message in messages %}
 {% if message['role'] == 'system' %}{% continue %}{% endif %}
@@ -20,8 +22,12 @@ LLAMA_LIKE = """{{ bos_token }}{% for message in messages %}
 {% endfor %}"""
 CHATS = [
     [{"role": "user", "content": "안녕하세요?"}],
-    [{"role": "system", "content": "친절하게 답하세요."}, {"role": "user", "content": "서울은 어때요?"},
-     {"role": "assistant", "content": "좋아요."}, {"role": "user", "content": "  날씨는요?  "}],
+    [
+        {"role": "system", "content": "친절하게 답하세요."},
+        {"role": "user", "content": "서울은 어때요?"},
+        {"role": "assistant", "content": "좋아요."},
+        {"role": "user", "content": "  날씨는요?  "},
+    ],
 ]
 
 
@@ -30,24 +36,50 @@ def hf_tokenizer_dir(tmp_path_factory):
     """A tokenizer transformers loads, with BOS and EOS tokens: a word-level tokenizer.json of four tokens."""
     directory = tmp_path_factory.mktemp("hf-tokenizer")
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, "a": 3}
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
     (directory / "tokenizer.json").write_text(json.dumps(spec))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False,
-                                         "rstrip": False, "single_word": False, "special": True}}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": {
+                    "__type": "AddedToken",
+                    "content": "</s>",
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                },
+            }
+        )
+    )
     return directory
 
 
 def _transformers(directory, template, messages, add_generation_prompt=True):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA_LIKE, (chat.TEMPLATES_DIR / "interview.jinja").read_text()],
-                         ids=["chatml", "llama-like", "interview"])
+@pytest.mark.parametrize(
+    "template",
+    [CHATML, LLAMA_LIKE, (chat.TEMPLATES_DIR / "interview.jinja").read_text()],
+    ids=["chatml", "llama-like", "interview"],
+)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_rendering_equals_transformers_apply_chat_template(hf_tokenizer_dir, template, add_generation_prompt):
     (hf_tokenizer_dir / "chat.jinja").write_text(template)
@@ -57,7 +89,8 @@ def test_rendering_equals_transformers_apply_chat_template(hf_tokenizer_dir, tem
         if template is LLAMA_LIKE and messages is CHATS[1]:
             messages = messages[1:]
         assert served.render(messages, add_generation_prompt) == _transformers(
-            hf_tokenizer_dir, template, messages, add_generation_prompt)
+            hf_tokenizer_dir, template, messages, add_generation_prompt
+        )
 
 
 def test_the_models_own_template_is_read_from_tokenizer_config(hf_tokenizer_dir, tmp_path):
@@ -73,18 +106,26 @@ def test_the_models_own_template_is_read_from_tokenizer_config(hf_tokenizer_dir,
 
 def test_the_interview_template_is_seed_004s_prompt():
     template = chat.ChatTemplate((chat.TEMPLATES_DIR / "interview.jinja").read_text())
-    messages = [{"role": "system", "content": "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!"},
-                {"role": "user", "content": "GPT님, 요즘 바쁘시죠?"}]
-    assert template.render(messages) == "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!\nQ : GPT님, 요즘 바쁘시죠?\nA : "
+    messages = [
+        {"role": "system", "content": "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!"},
+        {"role": "user", "content": "GPT님, 요즘 바쁘시죠?"},
+    ]
+    assert (
+        template.render(messages)
+        == "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!\nQ : GPT님, 요즘 바쁘시죠?\nA : "
+    )
     with pytest.raises(chat.ChatTemplateError, match="not tool"):
         template.render([{"role": "tool", "content": "x"}])
 
 
-@pytest.mark.parametrize("source", [
-    "{{ messages.__class__.__mro__ }}",  # no Python internals
-    "{{ messages.append(1) }}",  # the sandbox is immutable
-    "{{ ''.__class__.__subclasses__() }}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ messages.__class__.__mro__ }}",  # no Python internals
+        "{{ messages.append(1) }}",  # the sandbox is immutable
+        "{{ ''.__class__.__subclasses__() }}",
+    ],
+)
 def test_templates_run_sandboxed(source):
     with pytest.raises(chat.ChatTemplateError):
         chat.ChatTemplate(source).render([{"role": "user", "content": "x"}])

@@ -19,8 +19,7 @@ def _run(capsys, *argv):
 
 def test_json_output_matches_the_python_api(tiny_lm, tiny_lm_dir, capsys):
     prompts = ["안녕하세요", "근육이 커지기 위해서는"]
-    code, out, err = _run(capsys, "generate", *prompts, "--model", str(tiny_lm_dir), "--max-new-tokens", "12",
-                          "--json")
+    code, out, err = _run(capsys, "generate", *prompts, "--model", str(tiny_lm_dir), "--max-new-tokens", "12", "--json")
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in records] == prompts
@@ -33,8 +32,25 @@ def test_json_output_matches_the_python_api(tiny_lm, tiny_lm_dir, capsys):
 
 def test_sampling_several_sequences_from_stdin(tiny_lm_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("이때\n안녕하세요\n".encode())))
-    argv = ["generate", "--model", str(tiny_lm_dir), "--max-new-tokens", "6", "--do-sample", "--top-k", "20",
-            "--top-p", "0.9", "--temperature", "0.8", "--num-return-sequences", "2", "--seed", "3", "--json"]
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_lm_dir),
+        "--max-new-tokens",
+        "6",
+        "--do-sample",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "0.8",
+        "--num-return-sequences",
+        "2",
+        "--seed",
+        "3",
+        "--json",
+    ]
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
@@ -94,13 +110,29 @@ def test_non_utf8_stdin_in_a_real_process(tiny_lm_dir):
 
 def test_beam_flags_reach_generate(tiny_lm, tiny_lm_dir, capsys):
     prompts = ["안녕하세요", "근육이 커지기 위해서는"]
-    code, out, err = _run(capsys, "generate", *prompts, "--model", str(tiny_lm_dir), "--max-new-tokens", "8",
-                          "--num-beams", "3", "--num-return-sequences", "2", "--no-repeat-ngram-size", "2",
-                          "--early-stopping", "true", "--json")
+    code, out, err = _run(
+        capsys,
+        "generate",
+        *prompts,
+        "--model",
+        str(tiny_lm_dir),
+        "--max-new-tokens",
+        "8",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+        "--no-repeat-ngram-size",
+        "2",
+        "--early-stopping",
+        "true",
+        "--json",
+    )
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    expected = tiny_lm.complete(prompts, max_new_tokens=8, num_beams=3, num_return_sequences=2,
-                                no_repeat_ngram_size=2, early_stopping=True)
+    expected = tiny_lm.complete(
+        prompts, max_new_tokens=8, num_beams=3, num_return_sequences=2, no_repeat_ngram_size=2, early_stopping=True
+    )
     for record, completions in zip(records, expected, strict=True):
         assert len(record["completions"]) == 2
         assert record["token_ids"] == [c.new_token_ids for c in completions]

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +48,9 @@ def _entries(directory):
 def _generate_in_fresh_process(cache, width):
     env = {**os.environ, "TFGEN_COMPILE_CACHE": str(cache)}
     env.pop("TF_XLA_FLAGS", None)
-    run = subprocess.run([sys.executable, "-c", GENERATE, str(width)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(width)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return {**json.loads(run.stdout.strip().splitlines()[-1]), "stderr": run.stderr}
 
@@ -115,8 +115,9 @@ def test_a_traced_program_keeps_one_constant_of_each_value():
         return {"out": (variable * 2.0 + 2.0) * x * 2.0 + tf.reduce_sum(x[1:]) * x[:1] * 3.0}
 
     header, library = program_store.trace(scaled, (tf.constant([1.0, 2.0, 4.0]),), [variable], "constants")
-    values = [node.attr["value"].tensor.SerializeToString() for node in library.function[0].node_def
-              if node.op == "Const"]
+    values = [
+        node.attr["value"].tensor.SerializeToString() for node in library.function[0].node_def if node.op == "Const"
+    ]
     assert len(values) == len(set(values)) and len(values) >= 3
     made = []
     program = program_store.Program(scaled, [variable], "constants", "scaled", made.append)

@@ -10,8 +10,10 @@ from tfgen import data
 
 
 def _batches(dataset):
-    return [(f["input_ids"].numpy(), f["attention_mask"].numpy(), labels.numpy(), weights.numpy())
-            for f, labels, weights in dataset]
+    return [
+        (f["input_ids"].numpy(), f["attention_mask"].numpy(), labels.numpy(), weights.numpy())
+        for f, labels, weights in dataset
+    ]
 
 
 def _framed(tok, text):
@@ -21,8 +23,9 @@ def _framed(tok, text):
 def test_documents_layout_is_one_right_padded_document_per_row(tiny_lm):
     tok = tiny_lm.tokenizer
     texts = ["안녕하세요", "근육이 커지기 위해서는 단백질이 필요하다", "이때"]
-    (ids, mask, labels, weights), = _batches(
-        data.lm_batches(texts, tok, block_size=16, batch_size=3, layout="documents", shuffle_buffer=0))
+    ((ids, mask, labels, weights),) = _batches(
+        data.lm_batches(texts, tok, block_size=16, batch_size=3, layout="documents", shuffle_buffer=0)
+    )
     assert ids.shape == labels.shape == weights.shape == (3, 16)
     for row, text in enumerate(texts):
         framed = _framed(tok, text)[:17]
@@ -37,8 +40,9 @@ def test_documents_layout_is_one_right_padded_document_per_row(tiny_lm):
 def test_long_documents_are_cut_to_the_block(tiny_lm, ko_lines):
     tok = tiny_lm.tokenizer
     text = max(ko_lines, key=len)
-    (ids, mask, labels, weights), = _batches(
-        data.lm_batches([text], tok, block_size=8, batch_size=1, layout="documents", shuffle_buffer=0))
+    ((ids, mask, labels, weights),) = _batches(
+        data.lm_batches([text], tok, block_size=8, batch_size=1, layout="documents", shuffle_buffer=0)
+    )
     framed = _framed(tok, text)
     np.testing.assert_array_equal(ids[0], framed[:8])
     np.testing.assert_array_equal(labels[0], framed[1:9])
@@ -49,14 +53,15 @@ def test_packed_layout_cuts_the_joined_token_stream_into_blocks(tiny_lm, ko_line
     tok = tiny_lm.tokenizer
     texts = ko_lines[:40]
     block = 24
-    batches = _batches(data.lm_batches(texts, tok, block_size=block, batch_size=4, shuffle_buffer=0,
-                                       drop_remainder=False))
+    batches = _batches(
+        data.lm_batches(texts, tok, block_size=block, batch_size=4, shuffle_buffer=0, drop_remainder=False)
+    )
     stream = np.concatenate([_framed(tok, t) for t in texts])
     rows = np.concatenate([b[0] for b in batches]), np.concatenate([b[2] for b in batches])
     weights = np.concatenate([b[3] for b in batches])
     full_rows = len(stream) // (block + 1)
     for r in range(full_rows):
-        piece = stream[r * (block + 1): (r + 1) * (block + 1)]
+        piece = stream[r * (block + 1) : (r + 1) * (block + 1)]
         np.testing.assert_array_equal(rows[0][r], piece[:-1])
         np.testing.assert_array_equal(rows[1][r], piece[1:])
     assert len(rows[0]) == full_rows and weights.all()  # only full rows: the last, partial one is dropped
@@ -70,8 +75,9 @@ def test_drop_remainder_gives_one_static_shape(tiny_lm, ko_lines):
 
 def test_shuffling_is_seeded(tiny_lm, ko_lines):
     def first_ids(seed):
-        dataset = data.lm_batches(ko_lines[:200], tiny_lm.tokenizer, block_size=16, batch_size=4,
-                                  layout="documents", seed=seed)
+        dataset = data.lm_batches(
+            ko_lines[:200], tiny_lm.tokenizer, block_size=16, batch_size=4, layout="documents", seed=seed
+        )
         return next(iter(dataset))[0]["input_ids"].numpy()
 
     np.testing.assert_array_equal(first_ids(1), first_ids(1))
@@ -91,8 +97,9 @@ def test_files_stream_lines_or_paragraphs(tmp_path):
 def test_a_dataset_of_strings_is_a_source(tiny_lm, ko_lines):
     texts = ko_lines[:20]
     from_list = _batches(data.lm_batches(texts, tiny_lm.tokenizer, 8, 2, shuffle_buffer=0))
-    from_dataset = _batches(data.lm_batches(tf.data.Dataset.from_tensor_slices(texts), tiny_lm.tokenizer, 8, 2,
-                                            shuffle_buffer=0))
+    from_dataset = _batches(
+        data.lm_batches(tf.data.Dataset.from_tensor_slices(texts), tiny_lm.tokenizer, 8, 2, shuffle_buffer=0)
+    )
     assert len(from_list) == len(from_dataset) > 1
     for list_batch, dataset_batch in zip(from_list, from_dataset):
         for a, b in zip(list_batch, dataset_batch):
@@ -125,8 +132,9 @@ def test_bad_files_are_named(tmp_path):
 
 def test_a_fresh_pipeline_repeats_the_seeded_order_across_epochs_so_skipping_resumes_it(tiny_lm, ko_lines):
     def pipeline():
-        return data.lm_batches(ko_lines[:60], tiny_lm.tokenizer, block_size=16, batch_size=4, layout="documents",
-                               seed=3).repeat()
+        return data.lm_batches(
+            ko_lines[:60], tiny_lm.tokenizer, block_size=16, batch_size=4, layout="documents", seed=3
+        ).repeat()
 
     whole = [f["input_ids"].numpy() for f, _, _ in pipeline().take(40)]  # several epochs of 15 batches
     resumed = [f["input_ids"].numpy() for f, _, _ in pipeline().skip(22).take(18)]
@@ -142,8 +150,7 @@ def test_a_document_is_what_encode_gives_then_one_eos(hf_tokenizer_dir, spm_dir,
     hf = Tokenizer.from_pretrained(hf_tokenizer_dir)  # no post-processor (as KoGPT2-v2's file): no BOS
     assert data.document_ids(hf, text) == [*hf.encode(text, add_special_tokens=False), hf.eos_token_id]
     sp = Tokenizer.from_pretrained(spm_dir)  # SentencePiece: BOS first, as at generation
-    assert data.document_ids(sp, text) == [sp.bos_token_id, *sp.encode(text, add_special_tokens=False),
-                                           sp.eos_token_id]
+    assert data.document_ids(sp, text) == [sp.bos_token_id, *sp.encode(text, add_special_tokens=False), sp.eos_token_id]
     shutil.copy(spm_dir / "tokenizer.model", tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": true, "add_eos_token": true}')
     both = Tokenizer.from_pretrained(tmp_path)  # encode adds the EOS already: not a second one

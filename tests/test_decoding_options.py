@@ -39,13 +39,15 @@ def pt_model(tiny_lm_dir):
 @pytest.mark.parametrize("name", CASES)
 def test_matches_pytorch_generate(name, tiny_lm, pt_model):
     ids, mask = tiny_lm.tokenizer.encode_batch(PROMPTS)
-    settings = dict(max_new_tokens=20, eos_token_id=tiny_lm.tokenizer.eos_token_id,
-                    pad_token_id=tiny_lm.tokenizer.pad_token_id)
+    settings = dict(
+        max_new_tokens=20, eos_token_id=tiny_lm.tokenizer.eos_token_id, pad_token_id=tiny_lm.tokenizer.pad_token_id
+    )
     settings.update(CASES[name])
     ours = tiny_lm.generate(ids, mask, **settings).numpy()
     with torch.no_grad():
-        expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                     do_sample=False, **settings).numpy()
+        expected = pt_model.generate(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), do_sample=False, **settings
+        ).numpy()
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -98,20 +100,23 @@ def test_bad_words_match_transformers():
     history = _history(rng, batch=4, vocab=4)
     scores = rng.standard_normal((4, 4)).astype(np.float32)
     words = [[1], [2, 3], [0, 1, 2]]
-    expected = NoBadWordsLogitsProcessor(words, eos_token_id=9)(torch.tensor(history[:, 2:]).long(), torch.tensor(scores))
+    expected = NoBadWordsLogitsProcessor(words, eos_token_id=9)(
+        torch.tensor(history[:, 2:]).long(), torch.tensor(scores)
+    )
     settings = bad_word_tensors(tuple(tuple(w) for w in words))
-    ours = processors.bad_words(tf.constant(scores), tf.constant(history[:, 2:]), 10, settings["bad_words"],
-                                settings["bad_word_lengths"])
+    ours = processors.bad_words(
+        tf.constant(scores), tf.constant(history[:, 2:]), 10, settings["bad_words"], settings["bad_word_lengths"]
+    )
     np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-6)
     assert np.isinf(ours.numpy()).sum() > 4  # more than the single-token word alone
 
 
 def test_bad_words_are_never_generated(tiny_lm):
     ids, mask = tiny_lm.tokenizer.encode_batch(PROMPTS)
-    free = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None).numpy()[:, ids.shape[1]:]
+    free = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None).numpy()[:, ids.shape[1] :]
     banned = [[int(free[0, 0])], [int(free[1, 2]), int(free[1, 3])]]
     out = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None, bad_words_ids=banned).numpy()
-    new = out[:, ids.shape[1]:]
+    new = out[:, ids.shape[1] :]
     assert banned[0][0] not in new
     pairs = {(int(a), int(b)) for row in new for a, b in zip(row[:-1], row[1:])}
     assert tuple(banned[1]) not in pairs
@@ -123,15 +128,25 @@ def test_scores_are_the_chosen_tokens_log_probabilities(tiny_lm, pt_model):
     # The EOS is the token row 0 makes at its third step, so some row ends early whatever weights training gave.
     unended = tiny_lm.generate(ids, mask, max_new_tokens=6, repetition_penalty=1.3, eos_token_id=None).numpy()
     eos = int(unended[0, ids.shape[1] + 2])
-    settings = dict(max_new_tokens=6, eos_token_id=eos, pad_token_id=tiny_lm.tokenizer.pad_token_id,
-                    return_dict_in_generate=True, output_scores=True)
+    settings = dict(
+        max_new_tokens=6,
+        eos_token_id=eos,
+        pad_token_id=tiny_lm.tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     greedy = tiny_lm.generate(ids, mask, repetition_penalty=1.3, **settings)
     with torch.no_grad():
-        expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                     do_sample=False, repetition_penalty=1.3, **settings)
+        expected = pt_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            repetition_penalty=1.3,
+            **settings,
+        )
     transition = pt_model.compute_transition_scores(expected.sequences, expected.scores, normalize_logits=True)
     np.testing.assert_array_equal(greedy.sequences.numpy(), expected.sequences.numpy())
-    new = greedy.sequences.numpy()[:, ids.shape[1]:]
+    new = greedy.sequences.numpy()[:, ids.shape[1] :]
     ended = np.cumsum(new == eos, axis=1) - (new == eos) > 0
     ours = greedy.token_logprobs.numpy()
     np.testing.assert_allclose(ours[~ended], transition.numpy()[~ended], atol=1e-4)
@@ -139,14 +154,20 @@ def test_scores_are_the_chosen_tokens_log_probabilities(tiny_lm, pt_model):
 
     beams = tiny_lm.generate(ids, mask, num_beams=3, num_return_sequences=2, **settings)
     with torch.no_grad():
-        expected = pt_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                                     num_beams=3, num_return_sequences=2, **settings)
+        expected = pt_model.generate(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            num_beams=3,
+            num_return_sequences=2,
+            **settings,
+        )
     np.testing.assert_array_equal(beams.sequences.numpy(), expected.sequences.numpy())
     np.testing.assert_allclose(beams.sequences_scores.numpy(), expected.sequences_scores.numpy(), atol=1e-4)
     # With length_penalty 1 a beam's score is its summed token log-probabilities over its length.
     lengths = (beams.token_logprobs.numpy() != 0).sum(-1)
-    np.testing.assert_allclose(beams.token_logprobs.numpy().sum(-1) / lengths, beams.sequences_scores.numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        beams.token_logprobs.numpy().sum(-1) / lengths, beams.sequences_scores.numpy(), atol=1e-4
+    )
 
     sampled = tiny_lm.generate(ids, mask, do_sample=True, top_k=5, seed=0, **settings)
     assert (sampled.token_logprobs.numpy() <= 0).all() and (sampled.token_logprobs.numpy() > np.log(1 / 5) - 5).all()

@@ -56,7 +56,10 @@ def _start(args, env, log):
     # kill the worker and anything it started together.
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), *map(str, args)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
 
 
@@ -133,15 +136,26 @@ def fit_setup(spm_dir, ko_lines, tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("distributed")
     tokenizer = Tokenizer.from_pretrained(spm_dir)
-    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fit must be deterministic
+    config = GPT2Config(
+        n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )  # fit must be deterministic
     tf.keras.utils.set_random_seed(0)
     GPT2LM.from_config(config, tokenizer).save_pretrained(directory / "model")
     data_file = directory / "documents.txt"
     # The first 60 lines are Wikipedia paragraphs: ~7,000 tokens, more than the 8 batches of 8 x 33 need.
     data_file.write_text("\n".join(ko_lines[:60]) + "\n", encoding="utf-8")
-    args = ["--steps", STEPS, "--batch-size", GLOBAL_BATCH, "--block-size", BLOCK_SIZE,
-            "--optimizer", "sgd", "--learning-rate", 0.2]
+    args = [
+        "--steps",
+        STEPS,
+        "--batch-size",
+        GLOBAL_BATCH,
+        "--block-size",
+        BLOCK_SIZE,
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        0.2,
+    ]
     return {"model_dir": directory / "model", "data_file": data_file, "args": args}
 
 
@@ -178,4 +192,3 @@ def test_multi_worker_mirrored_strategy_matches_single_device(fit_setup, single)
     for worker in workers:
         assert_same_training(worker, single)
     assert workers[0]["losses"] == workers[1]["losses"]  # the workers agree exactly: they apply the same all-reduce
-

@@ -68,21 +68,33 @@ def test_python_blocks_run(page, tmp_path):
     import json
 
     blocks = [(f"{_page_id(page)}:{line}", code) for line, code in code_blocks(page.read_text(), "python")]
-    result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(blocks), text=True, cwd=tmp_path,
-                            env=_env(), capture_output=True, timeout=BLOCK_TIMEOUT_S)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER],
+        input=json.dumps(blocks),
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        timeout=BLOCK_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-CLI_BLOCKS = [(page, line, commands) for page in PAGES for line, code in code_blocks(page.read_text(), "bash")
-              if (commands := cli_commands(code))]
+CLI_BLOCKS = [
+    (page, line, commands)
+    for page in PAGES
+    for line, code in code_blocks(page.read_text(), "bash")
+    if (commands := cli_commands(code))
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page, line, commands", CLI_BLOCKS, ids=[f"{_page_id(p)}:{n}" for p, n, _ in CLI_BLOCKS])
 def test_cli_blocks_run(page, line, commands, tmp_path):
     script = f'tfgen() {{ "{sys.executable}" -m tfgen "$@"; }}\nset -e -o pipefail\n' + "\n".join(commands)
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                            timeout=BLOCK_TIMEOUT_S)
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip(), "a documented command printed nothing"
 
@@ -94,14 +106,17 @@ def test_no_run_marks_give_a_reason_and_precede_a_block():
             if "no-run" in text and text.startswith("<!--"):
                 assert NO_RUN.search(text), f"{page}:{number + 1}: write <!-- no-run: REASON -->"
                 assert number + 1 < len(lines) and lines[number + 1].startswith("```"), (
-                    f"{page}:{number + 1}: a no-run mark must be on the line just before a code fence")
+                    f"{page}:{number + 1}: a no-run mark must be on the line just before a code fence"
+                )
 
 
 def test_block_extraction_honours_no_run():
     text = "x\n```python\na = 1\n```\n<!-- no-run: hub -->\n```python\nb = 2\n```\n```bash\ntfgen generate x\n```\n"
     assert code_blocks(text, "python") == [(2, "a = 1\n")]
     assert cli_commands("tfgen generate a \\\n    --json   # note\nprintf 'x' | tfgen generate\n") == [
-        "tfgen generate a      --json", "printf 'x' | tfgen generate"]
+        "tfgen generate a      --json",
+        "printf 'x' | tfgen generate",
+    ]
     assert cli_commands("pip install tfgen\ntfgen generate x\n") is None
 
 
@@ -127,18 +142,24 @@ def test_readme_links_resolve():
 def test_readme_is_a_front_page():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200, "README.md is a front page: move detail to docs/"
 
+
 def test_performance_page_is_current():
     assert report.PAGE.read_text() == report.page(), "docs/performance.md is out of date: python benchmarks/report.py"
 
 
 def test_performance_page_shows_the_newest_quiet_run(tmp_path):
     machine = {"cpu": "CPU", "cores": 2, "usable_cores": 2, "date": "", "python": "3.11", "versions": {}}
-    for name, date, load, clients in [("old", "2026-01-01T00:00:00+00:00", 0.5, 1),
-                                      ("new-busy", "2026-03-01T00:00:00+00:00", 5.0, 2),
-                                      ("new", "2026-02-01T00:00:00+00:00", 1.0, 3)]:
-        record = {"machine": dict(machine, date=date, load_average=[load, load, load]),
-                  "command": f"python benchmarks/serve_speed.py --{name}", "settings": {},
-                  "rows": [{"model": "m", "server": "tfgen", "clients": clients, "tokens_per_s": 1.0}]}
+    for name, date, load, clients in [
+        ("old", "2026-01-01T00:00:00+00:00", 0.5, 1),
+        ("new-busy", "2026-03-01T00:00:00+00:00", 5.0, 2),
+        ("new", "2026-02-01T00:00:00+00:00", 1.0, 3),
+    ]:
+        record = {
+            "machine": dict(machine, date=date, load_average=[load, load, load]),
+            "command": f"python benchmarks/serve_speed.py --{name}",
+            "settings": {},
+            "rows": [{"model": "m", "server": "tfgen", "clients": clients, "tokens_per_s": 1.0}],
+        }
         (tmp_path / f"serve_speed-{name}.json").write_text(__import__("json").dumps(record))
     page = report.page(tmp_path)
     assert "serve_speed.py --new`" in page and "| m | tfgen | 3 | 1.0 |" in page
@@ -147,9 +168,14 @@ def test_performance_page_shows_the_newest_quiet_run(tmp_path):
 
 @pytest.mark.slow
 def test_site_builds_strictly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=REPO, env=dict(_env(), NO_MKDOCS_2_WARNING="1"), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        env=dict(_env(), NO_MKDOCS_2_WARNING="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     notebook_page = (tmp_path / "site" / "notebooks" / "01_decoding_strategies" / "index.html").read_text()
     assert "greedy" in notebook_page.lower()

@@ -39,17 +39,26 @@ def test_short_name_and_default_path_load_the_same_model(ko_mini):
 
 def test_kogpt2_conventions_and_a_256_token_context(ko_mini):
     tokenizer = ko_mini.tokenizer
-    assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == \
-        ("<unk>", "<s>", "</s>", "<pad>")
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == \
-        (0, 1, 2, 3)
+    assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+    )
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        0,
+        1,
+        2,
+        3,
+    )
     assert ko_mini.config.n_positions >= 256
     assert ko_mini.config.vocab_size == tokenizer.vocab_size
 
 
 def test_it_continues_korean_prompts_in_korean(ko_mini):
-    texts = ko_mini.generate_text(["안녕하세요", "근육이 커지기 위해서는"], max_new_tokens=24, min_new_tokens=12,
-                                  return_full_text=False)
+    texts = ko_mini.generate_text(
+        ["안녕하세요", "근육이 커지기 위해서는"], max_new_tokens=24, min_new_tokens=12, return_full_text=False
+    )
     assert all(_has_hangul(text) for text in texts)
 
 
@@ -80,8 +89,12 @@ def test_pytorch_reads_the_shipped_checkpoint(ko_mini):
 @pytest.mark.slow
 def test_the_cli_uses_it_offline_without_model_argument():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "tfgen", "generate", "안녕하세요", "--min-new-tokens", "12",
-                             "--max-new-tokens", "16"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tfgen", "generate", "안녕하세요", "--min-new-tokens", "12", "--max-new-tokens", "16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("안녕하세요") and _has_hangul(result.stdout[len("안녕하세요"):])
+    assert result.stdout.startswith("안녕하세요") and _has_hangul(result.stdout[len("안녕하세요") :])

@@ -19,8 +19,16 @@ from tiny_model import tiny_config
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때 😀", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 CAPACITY = 64
 NUM_BEAMS = 3
-SAMPLING = dict(do_sample=True, seed=7, top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3,
-                no_repeat_ngram_size=2, max_new_tokens=20)
+SAMPLING = dict(
+    do_sample=True,
+    seed=7,
+    top_k=20,
+    top_p=0.9,
+    temperature=0.8,
+    repetition_penalty=1.3,
+    no_repeat_ngram_size=2,
+    max_new_tokens=20,
+)
 GREEDY = dict(max_new_tokens=20)
 BEAM = dict(max_new_tokens=12, length_penalty=0.5)
 
@@ -46,13 +54,16 @@ for name, (function, settings) in json.loads(sys.argv[2]).items():
                      "sequences": out["sequences"].numpy().tolist()}
 print(json.dumps({"blocked": blocked, "results": results}))
 """
-SAVED_MODEL_CLI_WITH_TEXT_OPS = "import tensorflow_text; from tensorflow.python.tools.saved_model_cli import main; main()"
+SAVED_MODEL_CLI_WITH_TEXT_OPS = (
+    "import tensorflow_text; from tensorflow.python.tools.saved_model_cli import main; main()"
+)
 
 
 @pytest.fixture(scope="module")
 def export_dir(tiny_lm, tmp_path_factory):
-    return export_saved_model(tiny_lm, tmp_path_factory.mktemp("export") / "model", capacity=CAPACITY,
-                              num_beams=NUM_BEAMS)
+    return export_saved_model(
+        tiny_lm, tmp_path_factory.mktemp("export") / "model", capacity=CAPACITY, num_beams=NUM_BEAMS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +83,19 @@ def _in_process(lm, settings, num_beams=1):
 
 @pytest.mark.slow
 def test_a_fresh_process_without_tfgen_generates_what_generate_text_does(tiny_lm, export_dir, tmp_path):
-    requests = {"greedy": ["generate_text", GREEDY], "sampling": ["generate_text", SAMPLING],
-                "beam": ["generate_beam", BEAM]}
+    requests = {
+        "greedy": ["generate_text", GREEDY],
+        "sampling": ["generate_text", SAMPLING],
+        "beam": ["generate_beam", BEAM],
+    }
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     run = subprocess.run(
         [sys.executable, "-c", LOAD_AND_GENERATE, str(export_dir), json.dumps(requests), json.dumps(PROMPTS)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     served = json.loads(run.stdout.splitlines()[-1])
@@ -119,15 +137,18 @@ def test_request_settings_change_the_output_without_a_retrace(tiny_lm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings, message", [
-    (dict(max_new_tokens=60), f"plus max_new_tokens (60) exceeds the capacity of {CAPACITY} tokens"),
-    (dict(top_p=0.0), "top_p must be in (0, 1], got 0"),
-    (dict(do_sample=True, temperature=-1.0), "temperature must be > 0 when sampling, got -1"),
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
-    (dict(top_k=-1), "top_k must be a non-negative integer"),
-    (dict(no_repeat_ngram_size=9), "no_repeat_ngram_size must be an integer from 0 (off) to 8, got 9"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_new_tokens=60), f"plus max_new_tokens (60) exceeds the capacity of {CAPACITY} tokens"),
+        (dict(top_p=0.0), "top_p must be in (0, 1], got 0"),
+        (dict(do_sample=True, temperature=-1.0), "temperature must be > 0 when sampling, got -1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer, got 0"),
+        (dict(top_k=-1), "top_k must be a non-negative integer"),
+        (dict(no_repeat_ngram_size=9), "no_repeat_ngram_size must be an integer from 0 (off) to 8, got 9"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    ],
+)
 def test_bad_requests_fail_with_a_clear_message(loaded, settings, message):
     with pytest.raises(tf.errors.InvalidArgumentError) as error:
         loaded.generate_text(tf.constant(PROMPTS), **settings)
@@ -171,16 +192,39 @@ def test_export_settings_are_checked(tiny_lm, tmp_path):
 
 @pytest.mark.slow
 def test_saved_model_cli_shows_and_runs_the_export(export_dir, tiny_lm):
-    shown = subprocess.run(["saved_model_cli", "show", "--dir", str(export_dir), "--all"],
-                           capture_output=True, text=True, check=True).stdout
-    for line in ["signature_def['serving_default']", "inputs['prompts']", "inputs['temperature']", "inputs['seed']",
-                 "outputs['completions']", "signature_def['generate_ids']", "inputs['input_ids']",
-                 "signature_def['generate_beam']", "inputs['length_penalty']"]:
+    shown = subprocess.run(
+        ["saved_model_cli", "show", "--dir", str(export_dir), "--all"], capture_output=True, text=True, check=True
+    ).stdout
+    for line in [
+        "signature_def['serving_default']",
+        "inputs['prompts']",
+        "inputs['temperature']",
+        "inputs['seed']",
+        "outputs['completions']",
+        "signature_def['generate_ids']",
+        "inputs['input_ids']",
+        "signature_def['generate_beam']",
+        "inputs['length_penalty']",
+    ]:
         assert line in shown
     run = subprocess.run(
-        [sys.executable, "-c", SAVED_MODEL_CLI_WITH_TEXT_OPS, "run", "--dir", str(export_dir), "--tag_set", "serve",
-         "--signature_def", "serving_default", "--input_exprs", f'prompts=["{PROMPTS[1]}"];max_new_tokens=8'],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            SAVED_MODEL_CLI_WITH_TEXT_OPS,
+            "run",
+            "--dir",
+            str(export_dir),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            f'prompts=["{PROMPTS[1]}"];max_new_tokens=8',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     completions = run.split("Result for output key completions:\n")[1].splitlines()[0]
     expected = tiny_lm.generate_text(PROMPTS[1], return_full_text=False, max_new_tokens=8)
@@ -211,12 +255,15 @@ def test_cli_export_writes_the_saved_model_and_refuses_to_overwrite(tiny_lm_dir,
     assert "already exists" in err and "--overwrite" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["export", "no/such/model/dir", "out"], "no model directory"),
-    (["export", "{model}", "out", "--capacity", "0"], "must be a positive integer"),
-    (["export", "{model}", "out", "--capacity", "4096"], "capacity must be from 2 to the model's context"),
-    (["export", "{model}", "out", "--num-beams", "1"], "num_beams must be an integer >= 2"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["export", "no/such/model/dir", "out"], "no model directory"),
+        (["export", "{model}", "out", "--capacity", "0"], "must be a positive integer"),
+        (["export", "{model}", "out", "--capacity", "4096"], "capacity must be from 2 to the model's context"),
+        (["export", "{model}", "out", "--num-beams", "1"], "num_beams must be an integer >= 2"),
+    ],
+)
 def test_cli_export_bad_input_is_one_line(arguments, message, tiny_lm_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main([part.format(model=tiny_lm_dir) for part in arguments]) == 2

@@ -20,8 +20,24 @@ def novel(ko_data_dir, tmp_path_factory):
 
 
 def _finetune(model, train, output, *extra):
-    return cli.main(["finetune", "--model", str(model), "--train", str(train), "--output", str(output),
-                     "--batch-size", "8", "--block-size", "32", "--learning-rate", "3e-3", *extra])
+    return cli.main(
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--train",
+            str(train),
+            "--output",
+            str(output),
+            "--batch-size",
+            "8",
+            "--block-size",
+            "32",
+            "--learning-rate",
+            "3e-3",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -58,8 +74,24 @@ def test_finetune_writes_a_checkpoint_a_log_and_a_plot_then_resumes(tiny_lm_dir,
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_lm_dir, novel, tmp_path):
     common = ("--epochs", "2", "--max-steps", "8", "--xla", "off", "--layout", "documents")
     assert _finetune(tiny_lm_dir, novel, tmp_path / "whole", *common) == 0
-    assert _finetune(tiny_lm_dir, novel, tmp_path / "split", "--epochs", "2", "--max-steps", "5", "--save-steps", "5",
-                     "--xla", "off", "--layout", "documents") == 0
+    assert (
+        _finetune(
+            tiny_lm_dir,
+            novel,
+            tmp_path / "split",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "5",
+            "--save-steps",
+            "5",
+            "--xla",
+            "off",
+            "--layout",
+            "documents",
+        )
+        == 0
+    )
     assert _finetune(tiny_lm_dir, novel, tmp_path / "split", *common, "--resume") == 0
     whole = GPT2LM.from_pretrained(tmp_path / "whole" / "checkpoint").get_weights()
     split = GPT2LM.from_pretrained(tmp_path / "split" / "checkpoint").get_weights()
@@ -94,8 +126,9 @@ def cluttered_dir(tmp_path):
         ("zero-epochs", "argument --epochs: must be a positive integer"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(case, message, tiny_lm_dir, novel, euc_kr_file, cluttered_dir, tmp_path,
-                                         capsys):
+def test_bad_input_exits_2_with_one_line(
+    case, message, tiny_lm_dir, novel, euc_kr_file, cluttered_dir, tmp_path, capsys
+):
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     train, output, extra = novel, tmp_path / "out", []
     if case == "missing":
@@ -131,8 +164,22 @@ def test_an_earlier_run_is_not_overwritten_without_resume(tiny_lm_dir, novel, tm
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_tokenizer_train_writes_a_loadable_sentencepiece_model(novel, tmp_path, capsys, model_type):
     output = tmp_path / "tok"
-    assert cli.main(["tokenizer", "train", str(novel), "--vocab-size", "1500", "--output", str(output),
-                     "--model-type", model_type]) == 0
+    assert (
+        cli.main(
+            [
+                "tokenizer",
+                "train",
+                str(novel),
+                "--vocab-size",
+                "1500",
+                "--output",
+                str(output),
+                "--model-type",
+                model_type,
+            ]
+        )
+        == 0
+    )
     tok = Tokenizer.from_pretrained(output)
     assert tok.vocab_size == 1500
     assert [tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token] == ["<s>", "</s>", "<pad>", "<unk>"]
@@ -160,10 +207,30 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_lm_dir, novel, tmp_p
     import time
 
     run = tmp_path / "run"
-    common = ["finetune", "--model", str(tiny_lm_dir), "--train", str(novel), "--output", str(run),
-              "--batch-size", "8", "--block-size", "32", "--epochs", "50", "--save-steps", "3", "--xla", "off"]
-    process = subprocess.Popen([sys.executable, "-m", "tfgen", *common, "--max-steps", "400"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = [
+        "finetune",
+        "--model",
+        str(tiny_lm_dir),
+        "--train",
+        str(novel),
+        "--output",
+        str(run),
+        "--batch-size",
+        "8",
+        "--block-size",
+        "32",
+        "--epochs",
+        "50",
+        "--save-steps",
+        "3",
+        "--xla",
+        "off",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tfgen", *common, "--max-steps", "400"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = run / "checkpoint" / "training_state" / "trainer_state.json"
     try:
         deadline = time.monotonic() + 180

@@ -7,7 +7,6 @@ import torch
 from transformers import GPT2LMHeadModel, TFGPT2LMHeadModel
 
 from test_sampling import transformers_filter
-
 from tfgen import GPT2LM
 from tfgen.generation.options import resolve_options
 
@@ -35,7 +34,7 @@ def prompt_batch(tiny_lm):
 def greedy_settings(tiny_lm, prompt_batch):
     """Greedy settings whose EOS is a token row 0 produces mid-way, so EOS padding is exercised too."""
     ids, mask = prompt_batch
-    new = tiny_lm.generate(ids, mask, max_new_tokens=24, eos_token_id=None).numpy()[:, ids.shape[1]:]
+    new = tiny_lm.generate(ids, mask, max_new_tokens=24, eos_token_id=None).numpy()[:, ids.shape[1] :]
     # A token that row 0 makes first at some step while another row goes on past that step without it.
     eos = next(
         int(token)
@@ -47,8 +46,9 @@ def greedy_settings(tiny_lm, prompt_batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights", ["tf_model.h5", "model.safetensors"])
-def test_greedy_matches_transformers_token_for_token(weights, tiny_lm_dir, h5_only_dir, safetensors_only_dir, prompt_batch,
-                                                    greedy_settings):
+def test_greedy_matches_transformers_token_for_token(
+    weights, tiny_lm_dir, h5_only_dir, safetensors_only_dir, prompt_batch, greedy_settings
+):
     directory = h5_only_dir if weights == "tf_model.h5" else safetensors_only_dir
     lm = GPT2LM.from_pretrained(directory)
     ids, mask = prompt_batch
@@ -56,9 +56,9 @@ def test_greedy_matches_transformers_token_for_token(weights, tiny_lm_dir, h5_on
 
     np.testing.assert_array_equal(ours, _pt_generate(tiny_lm_dir, ids, mask, **greedy_settings))
     np.testing.assert_array_equal(ours, _tf_generate(tiny_lm_dir, ids, mask, **greedy_settings))
-    eos_row = ours[0, ids.shape[1]:]
+    eos_row = ours[0, ids.shape[1] :]
     assert greedy_settings["eos_token_id"] in eos_row
-    after_eos = eos_row[list(eos_row).index(greedy_settings["eos_token_id"]) + 1:]
+    after_eos = eos_row[list(eos_row).index(greedy_settings["eos_token_id"]) + 1 :]
     assert after_eos.size and (after_eos == greedy_settings["pad_token_id"]).all()
 
 
@@ -67,7 +67,7 @@ def test_each_row_of_a_ragged_batch_generates_what_it_would_alone(tiny_lm, promp
     batch = tiny_lm.generate(ids, mask, max_new_tokens=16, eos_token_id=None).numpy()
     for row, row_mask, out in zip(ids, mask, batch):
         alone = tiny_lm.generate(row[row_mask == 1], max_new_tokens=16, eos_token_id=None).numpy()[0]
-        np.testing.assert_array_equal(out[len(row):], alone[row_mask.sum():])
+        np.testing.assert_array_equal(out[len(row) :], alone[row_mask.sum() :])
 
 
 def test_max_length_counts_the_prompt_as_transformers_does(tiny_lm, prompt_batch):
@@ -123,11 +123,12 @@ def test_same_seed_same_output_other_seed_other_output(tiny_lm, prompt_batch):
 
 def test_num_return_sequences_samples_several_per_prompt(tiny_lm, prompt_batch):
     ids, mask = prompt_batch
-    out = tiny_lm.generate(ids, mask, max_new_tokens=8, do_sample=True, num_return_sequences=3, seed=3,
-                           top_k=0, eos_token_id=None).numpy()
+    out = tiny_lm.generate(
+        ids, mask, max_new_tokens=8, do_sample=True, num_return_sequences=3, seed=3, top_k=0, eos_token_id=None
+    ).numpy()
     assert out.shape[0] == 3 * len(PROMPTS)
     np.testing.assert_array_equal(out[:3, : ids.shape[1]], np.repeat(ids[:1], 3, axis=0))
-    assert len({tuple(row) for row in out[:3, ids.shape[1]:]}) > 1
+    assert len({tuple(row) for row in out[:3, ids.shape[1] :]}) > 1
     with pytest.raises(ValueError, match="do_sample"):
         tiny_lm.generate(ids, mask, max_new_tokens=4, num_return_sequences=2)
 
@@ -140,8 +141,9 @@ def test_new_sampling_values_add_no_trace(tiny_lm):
     for i, (prompt, temperature, top_k, top_p) in enumerate(
         [("안녕하세요", 0.5, 10, 0.9), ("근육이 커지기 위해서는", 1.5, 0, 0.5), ("이때 그는 말했다", 1.0, 200, 1.0)]
     ):
-        tiny_lm.generate([tok.encode(prompt)], **settings, temperature=temperature, top_k=top_k, top_p=top_p,
-                         seed=i + 1)
+        tiny_lm.generate(
+            [tok.encode(prompt)], **settings, temperature=temperature, top_k=top_k, top_p=top_p, seed=i + 1
+        )
     assert tiny_lm.decoder.trace_count == traces
 
 
@@ -162,8 +164,11 @@ def test_any_prompt_length_and_max_new_tokens_within_a_tier_adds_no_trace():
     for width, new in [(1, 9), (31, 20), (33, 2), (64, 64), (65, 1), (97, 30)]:
         out = lm.generate(np.ones([2, width], np.int32), max_new_tokens=new, **settings)
         assert out.shape == (2, width + new)
-    list(lm.decoder.stream(np.ones([2, 40], np.int32), np.ones([2, 40], np.int32),
-                           resolve_options(40, max_new_tokens=30, **settings)))
+    list(
+        lm.decoder.stream(
+            np.ones([2, 40], np.int32), np.ones([2, 40], np.int32), resolve_options(40, max_new_tokens=30, **settings)
+        )
+    )
     assert lm.decoder.trace_count == traces
     lm.generate(np.ones([2, 100], np.int32), max_new_tokens=100, **settings)  # 200 columns: the 256 tier
     assert lm.decoder.trace_count == traces + 2
@@ -178,7 +183,7 @@ def test_rows_started_into_a_running_state_decode_what_they_would_alone(tiny_lm,
 
     ids, mask = prompt_batch
     options = resolve_options(ids.shape[1], max_new_tokens=12, eos_token_id=None, pad_token_id=0)
-    alone = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0).numpy()[:, ids.shape[1]:]
+    alone = tiny_lm.generate(ids, mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0).numpy()[:, ids.shape[1] :]
     programs = tiny_lm.decoder.programs(len(ids), 128, 0)
     state, settings = programs.state, settings_tensors(options)
     prompts = [row[m == 1] for row, m in zip(ids, mask)]
@@ -199,7 +204,7 @@ def test_rows_started_into_a_running_state_decode_what_they_would_alone(tiny_lm,
     tokens, lengths = state.value("tokens"), state.value("lengths")
     for row, prompt in enumerate(prompts):
         assert lengths[row] == len(prompt) + 12
-        np.testing.assert_array_equal(tokens[row, len(prompt): lengths[row]], alone[row])
+        np.testing.assert_array_equal(tokens[row, len(prompt) : lengths[row]], alone[row])
 
 
 def test_generate_text_returns_strings(tiny_lm):

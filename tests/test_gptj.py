@@ -9,11 +9,10 @@ import torch
 from transformers import GPTJForCausalLM
 
 from test_sampling import transformers_filter
+from tfgen import GPT2LM, GPTJLM, CausalLM, checkpoint
+from tfgen.data import lm_batches
 from tiny_gptj import pt_reference
 from tiny_model import load_recording_assigns
-
-from tfgen import CausalLM, GPT2LM, GPTJLM, checkpoint
-from tfgen.data import lm_batches
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
 SEED_PROMPT = "야! 너는 AI지? 정말로 말을 알아듣니?"
@@ -31,17 +30,25 @@ def pt_gptj(gptj_dir):
 
 def _pt_generate(model, ids, mask, **settings):
     with torch.no_grad():
-        return model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                              **settings).numpy()
+        return model.generate(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), **settings
+        ).numpy()
 
 
 def test_the_checkpoint_is_fp16_shards_with_kogpt_special_tokens(gptj_dir, gptj_bin_dir, gptj):
-    for directory, index in [(gptj_dir, "model.safetensors.index.json"), (gptj_bin_dir, "pytorch_model.bin.index.json")]:
+    for directory, index in [
+        (gptj_dir, "model.safetensors.index.json"),
+        (gptj_bin_dir, "pytorch_model.bin.index.json"),
+    ]:
         shards = set(json.loads((directory / index).read_text())["weight_map"].values())
         assert len(shards) >= 2
     tokenizer = gptj.tokenizer
-    assert [tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token] == \
-        ["[BOS]", "[EOS]", "[UNK]", "[PAD]"]
+    assert [tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token] == [
+        "[BOS]",
+        "[EOS]",
+        "[UNK]",
+        "[PAD]",
+    ]
     assert isinstance(gptj, GPTJLM) and {v.dtype for v in gptj.gptj.weights} == {tf.float32}
 
 
@@ -50,30 +57,46 @@ def test_greedy_on_a_ragged_batch_matches_pytorch_token_for_token(weights, gptj_
     lm = CausalLM.from_pretrained(gptj_dir if weights == "safetensors" else gptj_bin_dir)
     ids, mask = lm.tokenizer.encode_batch(PROMPTS)
     assert len(set(mask.sum(axis=1))) > 1
-    settings = dict(max_new_tokens=20, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id,
-                    eos_token_id=lm.tokenizer.eos_token_id)
-    np.testing.assert_array_equal(lm.generate(ids, mask, **settings).numpy(), _pt_generate(pt_gptj, ids, mask, **settings))
+    settings = dict(
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.eos_token_id,
+        eos_token_id=lm.tokenizer.eos_token_id,
+    )
+    np.testing.assert_array_equal(
+        lm.generate(ids, mask, **settings).numpy(), _pt_generate(pt_gptj, ids, mask, **settings)
+    )
 
 
-@pytest.mark.parametrize("settings", [
-    # seed 004's beam call
-    dict(num_beams=5, no_repeat_ngram_size=2, num_return_sequences=5, early_stopping=True),
-    dict(num_beams=3, num_return_sequences=2, length_penalty=0.6),
-], ids=["seed-004-beams", "length-penalty"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # seed 004's beam call
+        dict(num_beams=5, no_repeat_ngram_size=2, num_return_sequences=5, early_stopping=True),
+        dict(num_beams=3, num_return_sequences=2, length_penalty=0.6),
+    ],
+    ids=["seed-004-beams", "length-penalty"],
+)
 def test_beam_search_matches_pytorch(settings, gptj, pt_gptj):
     ids, mask = gptj.tokenizer.encode_batch([SEED_PROMPT] if settings["num_beams"] == 5 else PROMPTS[:3])
-    settings = dict(max_new_tokens=16, pad_token_id=gptj.tokenizer.eos_token_id,
-                    eos_token_id=gptj.tokenizer.eos_token_id, **settings)
-    np.testing.assert_array_equal(gptj.generate(ids, mask, **settings).numpy(),
-                                  _pt_generate(pt_gptj, ids, mask, do_sample=False, **settings))
+    settings = dict(
+        max_new_tokens=16,
+        pad_token_id=gptj.tokenizer.eos_token_id,
+        eos_token_id=gptj.tokenizer.eos_token_id,
+        **settings,
+    )
+    np.testing.assert_array_equal(
+        gptj.generate(ids, mask, **settings).numpy(), _pt_generate(pt_gptj, ids, mask, do_sample=False, **settings)
+    )
 
 
 def test_sampled_tokens_lie_in_the_set_transformers_warpers_allow(gptj, pt_gptj):
     """Seed 004's sampling settings: each sampled token is kept by temperature, top-k and top-p on PyTorch's logits."""
     ids = gptj.tokenizer.encode(SEED_PROMPT)
     settings = dict(top_k=50, top_p=0.95, temperature=0.75)
-    out = gptj.generate([ids], do_sample=True, num_return_sequences=3, max_new_tokens=12, seed=3,
-                        eos_token_id=None, **settings).numpy()
+    out = gptj.generate(
+        [ids], do_sample=True, num_return_sequences=3, max_new_tokens=12, seed=3, eos_token_id=None, **settings
+    ).numpy()
     assert len({tuple(row) for row in out}) > 1
     for row in out:
         with torch.no_grad():
@@ -139,22 +162,33 @@ def test_a_low_precision_one_row_projection_runs_as_two_rows_with_the_same_value
     for dtype in ("bfloat16", "float32"):
         net = CausalLM.from_pretrained(gptj_dir, dtype=dtype).net
         for layer in (net.model.transformer.h[0].mlp, net.model.lm_head):
-            x = tf.cast(tf.random.stateless_normal([1, 1, net.config.n_embd], seed=[1, 2]), dtype)
-            projected = tf.function(lambda x: net.project(layer, x), jit_compile=True)(x)
-            alone = tf.function(lambda x: layer(x), jit_compile=True)(x)
-            assert projected.shape == alone.shape and projected.dtype == alone.dtype
-            # The two-row product may sum in another order than the one-row one: bfloat16 rounding apart.
-            np.testing.assert_allclose(tf.cast(projected, tf.float32).numpy(), tf.cast(alone, tf.float32).numpy(),
-                                       rtol=0.02, atol=0.02 * float(tf.reduce_max(tf.abs(tf.cast(alone, tf.float32)))))
+            _assert_projects_as_the_layer(net, layer, dtype)
 
 
-def test_h5_and_tensors_read_in_many_blocks_load_the_same_weights(gptj, gptj_dir, gptj_bin_dir, tmp_path,
-                                                                   monkeypatch):
+def _assert_projects_as_the_layer(net, layer, dtype):
+    x = tf.cast(tf.random.stateless_normal([1, 1, net.config.n_embd], seed=[1, 2]), dtype)
+    projected = tf.function(lambda x: net.project(layer, x), jit_compile=True)(x)
+    alone = tf.function(lambda x: layer(x), jit_compile=True)(x)
+    assert projected.shape == alone.shape and projected.dtype == alone.dtype
+    # The two-row product may sum in another order than the one-row one: bfloat16 rounding apart.
+    np.testing.assert_allclose(
+        tf.cast(projected, tf.float32).numpy(),
+        tf.cast(alone, tf.float32).numpy(),
+        rtol=0.02,
+        atol=0.02 * float(tf.reduce_max(tf.abs(tf.cast(alone, tf.float32)))),
+    )
+
+
+def test_h5_and_tensors_read_in_many_blocks_load_the_same_weights(gptj, gptj_dir, gptj_bin_dir, tmp_path, monkeypatch):
     gptj.save_pretrained(tmp_path)
     (tmp_path / checkpoint.SAFETENSORS_FILE).unlink()  # tf_model.h5 is read
     monkeypatch.setattr(checkpoint, "_BLOCK_BYTES", 100)  # a few rows per block: every tensor in many blocks
-    for directory, dtype in [(tmp_path, "bfloat16"), (tmp_path, "float32"), (gptj_dir, "float32"),
-                             (gptj_bin_dir, "bfloat16")]:
+    for directory, dtype in [
+        (tmp_path, "bfloat16"),
+        (tmp_path, "float32"),
+        (gptj_dir, "float32"),
+        (gptj_bin_dir, "bfloat16"),
+    ]:
         lm = CausalLM.from_pretrained(directory, dtype=dtype)
         for ours, theirs in zip(lm.gptj.weights, gptj.gptj.weights):
             np.testing.assert_array_equal(ours.numpy(), tf.cast(theirs, dtype).numpy())
@@ -179,14 +213,25 @@ def test_the_saved_model_export_serves_what_generate_does(gptj, tmp_path):
     directory = export_saved_model(gptj, tmp_path / "export", capacity=64, num_beams=3)
     served = tf.saved_model.load(str(directory))
     ids, mask = gptj.tokenizer.encode_batch(PROMPTS)
-    settings = dict(max_new_tokens=12, eos_token_id=gptj.tokenizer.eos_token_id, pad_token_id=gptj.tokenizer.pad_token_id)
+    settings = dict(
+        max_new_tokens=12, eos_token_id=gptj.tokenizer.eos_token_id, pad_token_id=gptj.tokenizer.pad_token_id
+    )
     greedy = served.generate_ids(tf.constant(ids), tf.constant(mask), max_new_tokens=12)
     np.testing.assert_array_equal(greedy["sequences"].numpy(), gptj.generate(ids, mask, **settings).numpy())
-    sampled = served.generate_ids(tf.constant(ids), tf.constant(mask), max_new_tokens=12,
-                                  do_sample=True, seed=5, top_k=50, top_p=0.95, temperature=0.75)
-    np.testing.assert_array_equal(sampled["sequences"].numpy(),
-                                  gptj.generate(ids, mask, do_sample=True, seed=5, top_k=50, top_p=0.95,
-                                                temperature=0.75, **settings).numpy())
+    sampled = served.generate_ids(
+        tf.constant(ids),
+        tf.constant(mask),
+        max_new_tokens=12,
+        do_sample=True,
+        seed=5,
+        top_k=50,
+        top_p=0.95,
+        temperature=0.75,
+    )
+    np.testing.assert_array_equal(
+        sampled["sequences"].numpy(),
+        gptj.generate(ids, mask, do_sample=True, seed=5, top_k=50, top_p=0.95, temperature=0.75, **settings).numpy(),
+    )
     beams = served.generate_beam(tf.constant(ids), tf.constant(mask), max_new_tokens=12)
     np.testing.assert_array_equal(beams["sequences"].numpy(), gptj.generate(ids, mask, num_beams=3, **settings).numpy())
 
@@ -206,16 +251,39 @@ def test_seed_004_calls_as_the_readme_writes_them(gptj_dir):
     """README's seed 004 section, run on the tiny GPT-J in place of KoGPT 6B."""
     import tfgen
 
-    lm = tfgen.CausalLM.from_pretrained(gptj_dir, bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
-                                        pad_token="[PAD]", mask_token="[MASK]")
+    lm = tfgen.CausalLM.from_pretrained(
+        gptj_dir, bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]"
+    )
     prompt = "야! 너는 AI지? 정말로 말을 알아듣니?"
-    beams = lm.generate_text(prompt, max_length=40, num_beams=5, no_repeat_ngram_size=2, num_return_sequences=5,
-                             early_stopping=True, pad_token_id=lm.tokenizer.eos_token_id)
-    sampled = lm.generate_text(prompt, max_length=40, do_sample=True, top_k=50, top_p=0.95, temperature=0.75,
-                               num_return_sequences=3, pad_token_id=lm.tokenizer.eos_token_id)
-    interview = lm.generate_text("\n요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!\nQ : GPT님, 요즘 바쁘시죠?\nA : ",
-                                 max_length=100, do_sample=True, top_k=50, top_p=0.95, temperature=0.85,
-                                 num_return_sequences=3, pad_token_id=lm.tokenizer.eos_token_id)
+    beams = lm.generate_text(
+        prompt,
+        max_length=40,
+        num_beams=5,
+        no_repeat_ngram_size=2,
+        num_return_sequences=5,
+        early_stopping=True,
+        pad_token_id=lm.tokenizer.eos_token_id,
+    )
+    sampled = lm.generate_text(
+        prompt,
+        max_length=40,
+        do_sample=True,
+        top_k=50,
+        top_p=0.95,
+        temperature=0.75,
+        num_return_sequences=3,
+        pad_token_id=lm.tokenizer.eos_token_id,
+    )
+    interview = lm.generate_text(
+        "\n요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!\nQ : GPT님, 요즘 바쁘시죠?\nA : ",
+        max_length=100,
+        do_sample=True,
+        top_k=50,
+        top_p=0.95,
+        temperature=0.85,
+        num_return_sequences=3,
+        pad_token_id=lm.tokenizer.eos_token_id,
+    )
     for texts in (beams, sampled, interview):
         assert all(isinstance(text, str) for text in texts)
     assert len(beams) == 5 and len(sampled) == 3 and len(interview) == 3
@@ -230,7 +298,10 @@ def test_litert_export_generates_and_scores_as_gptjlm(gptj, tmp_path):
     runtime = LiteRTLM(export_litert(gptj, tmp_path / "litert", quantize="none", capacity=64))
     for prompt in PROMPTS:
         ids = gptj.tokenizer.encode(prompt)
-        for settings in (dict(max_new_tokens=12), dict(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2)):
+        for settings in (
+            dict(max_new_tokens=12),
+            dict(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=2),
+        ):
             expected = gptj.generate([ids], **settings).numpy()[0].tolist()
             assert runtime.generate([ids], **settings)[0].tolist() == expected
     for result, reference in zip(runtime.score(PROMPTS), gptj.score(PROMPTS)):

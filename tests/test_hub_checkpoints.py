@@ -25,43 +25,78 @@ from tokenizers.implementations import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import tfgen.model
+from test_torch_pickle import malicious_checkpoints
 from tfgen import GPT2LM, Tokenizer, checkpoint, cli
 from tfgen.torch_pickle import UnsafePickleError
-from test_torch_pickle import malicious_checkpoints
 
 KOGPT2 = "skt/kogpt2-base-v2"
 GPT2_XL = "gpt2-xl"
 KOGPT2_SPECIAL_TOKENS = ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"]
-ENGLISH = ["Transformers are the most popular toy line in the world.", "The researchers were surprised to find it.",
-           "In a shocking finding, scientist discovered a herd of unicorns living in a remote valley."] * 20
+ENGLISH = [
+    "Transformers are the most popular toy line in the world.",
+    "The researchers were surprised to find it.",
+    "In a shocking finding, scientist discovered a herd of unicorns living in a remote valley.",
+] * 20
 SIZES = {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 64, "n_ctx": 64}
 
 
 def kogpt2_config(vocab_size):
     """KoGPT2-v2's config.json, with tiny sizes."""
     return {
-        "_num_labels": 1, "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
-        "attn_pdrop": 0.1, "author": "Heewon Jeon(madjakarta@gmail.com)", "bos_token_id": 0, "created": "2021-04-28",
-        "embd_pdrop": 0.1, "eos_token_id": 1, "gradient_checkpointing": False, "id2label": {"0": "LABEL_0"},
-        "initializer_range": 0.02, "label2id": {"LABEL_0": 0}, "layer_norm_epsilon": 1e-05,
-        "license": "CC-BY-NC-SA 4.0", "model_type": "gpt2", "n_inner": None, "pad_token_id": 3,
-        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
-        "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+        "_num_labels": 1,
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "author": "Heewon Jeon(madjakarta@gmail.com)",
+        "bos_token_id": 0,
+        "created": "2021-04-28",
+        "embd_pdrop": 0.1,
+        "eos_token_id": 1,
+        "gradient_checkpointing": False,
+        "id2label": {"0": "LABEL_0"},
+        "initializer_range": 0.02,
+        "label2id": {"LABEL_0": 0},
+        "layer_norm_epsilon": 1e-05,
+        "license": "CC-BY-NC-SA 4.0",
+        "model_type": "gpt2",
+        "n_inner": None,
+        "pad_token_id": 3,
+        "resid_pdrop": 0.1,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
         "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-        "transformers_version": "4.3.3", "use_cache": True, "vocab_size": vocab_size, **SIZES,
+        "transformers_version": "4.3.3",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        **SIZES,
     }
 
 
 def gpt2_xl_config(vocab_size, endoftext_id):
     """gpt2-xl's config.json, with tiny sizes."""
     return {
-        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
-        "bos_token_id": endoftext_id, "embd_pdrop": 0.1, "eos_token_id": endoftext_id, "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "output_past": True, "resid_pdrop": 0.1,
-        "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
-        "summary_type": "cls_index", "summary_use_proj": True,
+        "activation_function": "gelu_new",
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1,
+        "bos_token_id": endoftext_id,
+        "embd_pdrop": 0.1,
+        "eos_token_id": endoftext_id,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "gpt2",
+        "output_past": True,
+        "resid_pdrop": 0.1,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
         "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
-        "vocab_size": vocab_size, **SIZES,
+        "vocab_size": vocab_size,
+        **SIZES,
     }
 
 
@@ -76,7 +111,9 @@ def with_old_mask_buffers(state_dict, config):
     n = config["n_positions"]
     state_dict = dict(state_dict)
     for layer in range(config["n_layer"]):
-        state_dict[f"transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state_dict[f"transformer.h.{layer}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(
+            1, 1, n, n
+        )
         state_dict[f"transformer.h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
     return state_dict
 
@@ -116,12 +153,16 @@ def gpt2_tokenizer_files(lines, directory):
     tokenizer = ByteLevelBPETokenizer()
     tokenizer.train_from_iterator(lines, vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False)
     tokenizer.save_model(str(directory))
-    return {
-        "tokenizer.json": tokenizer._tokenizer.to_str().encode(),
-        "vocab.json": (directory / "vocab.json").read_bytes(),
-        "merges.txt": (directory / "merges.txt").read_bytes(),
-        "tokenizer_config.json": b'{"model_max_length": 1024}',
-    }, tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
+    return (
+        {
+            "tokenizer.json": tokenizer._tokenizer.to_str().encode(),
+            "vocab.json": (directory / "vocab.json").read_bytes(),
+            "merges.txt": (directory / "merges.txt").read_bytes(),
+            "tokenizer_config.json": b'{"model_max_length": 1024}',
+        },
+        tokenizer.token_to_id("<|endoftext|>"),
+        tokenizer.get_vocab_size(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +173,35 @@ def hub_cache(ko_lines, tmp_path_factory):
     tokenizer_json = kogpt2_tokenizer_json(ko_lines)
     config = kogpt2_config(json.loads(tokenizer_json)["model"]["vocab"].__len__())
     state_dict = with_old_mask_buffers(random_torch_model(config, seed=0).state_dict(), config)
-    kogpt2 = put_in_hub_cache(hub, KOGPT2, {
-        "config.json": json.dumps(config).encode(),
-        "tokenizer.json": tokenizer_json,
-        "pytorch_model.bin": torch_saved(state_dict),
-        "README.md": b"---\nlanguage: ko\nlicense: cc-by-nc-sa-4.0\n---\n# KoGPT2 (tiny test copy)\n",
-    })
+    kogpt2 = put_in_hub_cache(
+        hub,
+        KOGPT2,
+        {
+            "config.json": json.dumps(config).encode(),
+            "tokenizer.json": tokenizer_json,
+            "pytorch_model.bin": torch_saved(state_dict),
+            "README.md": b"---\nlanguage: ko\nlicense: cc-by-nc-sa-4.0\n---\n# KoGPT2 (tiny test copy)\n",
+        },
+    )
 
     files, endoftext, vocab_size = gpt2_tokenizer_files(ENGLISH + ko_lines[:300], tmp_path_factory.mktemp("bpe"))
     config = gpt2_xl_config(vocab_size, endoftext)
     # gpt2-xl's weights are a GPT2Model's: no "transformer." prefix, no lm_head (tied to wte).
-    weights = {name.removeprefix("transformer."): tensor.numpy() for name, tensor
-               in random_torch_model(config, seed=1).state_dict().items() if name != "lm_head.weight"}
-    gpt2_xl = put_in_hub_cache(hub, GPT2_XL, {
-        **files,
-        "config.json": json.dumps(config).encode(),
-        "generation_config.json": json.dumps({"bos_token_id": endoftext, "eos_token_id": endoftext}).encode(),
-        "model.safetensors": _safetensors_bytes(weights, tmp_path_factory.mktemp("st")),
-    })
+    weights = {
+        name.removeprefix("transformer."): tensor.numpy()
+        for name, tensor in random_torch_model(config, seed=1).state_dict().items()
+        if name != "lm_head.weight"
+    }
+    gpt2_xl = put_in_hub_cache(
+        hub,
+        GPT2_XL,
+        {
+            **files,
+            "config.json": json.dumps(config).encode(),
+            "generation_config.json": json.dumps({"bos_token_id": endoftext, "eos_token_id": endoftext}).encode(),
+            "model.safetensors": _safetensors_bytes(weights, tmp_path_factory.mktemp("st")),
+        },
+    )
     return hf_home, {KOGPT2: kogpt2, GPT2_XL: gpt2_xl}
 
 
@@ -208,20 +260,25 @@ def test_kogpt2_loads_offline_and_generates_in_a_process_without_torch(hub_cache
     marker = tmp_path / "ran"
     evil = [str(path) for path in malicious_checkpoints(tmp_path, marker)]
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, KOGPT2, json.dumps(PROMPTS, ensure_ascii=False), *evil],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, KOGPT2, json.dumps(PROMPTS, ensure_ascii=False), *evil],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     result = json.loads(lines[-len(PROMPTS) - 1])
     assert result["blocked"]
     fast = PreTrainedTokenizerFast.from_pretrained(snapshots[KOGPT2], eos_token="</s>")
     model = GPT2LMHeadModel.from_pretrained(snapshots[KOGPT2]).eval()
-    for prompt, ids, logits, line in zip(PROMPTS, result["ids"], result["logits"], lines[-len(PROMPTS):]):
+    for prompt, ids, logits, line in zip(PROMPTS, result["ids"], result["logits"], lines[-len(PROMPTS) :]):
         assert ids == fast.encode(prompt)  # no BOS: the file's post-processor adds none
         np.testing.assert_allclose(np.array(logits), _torch_logits(snapshots[KOGPT2], [ids])[0], atol=1e-4)
         with torch.no_grad():
             expected = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=3)
-        new = expected[0, len(ids):].tolist()
+        new = expected[0, len(ids) :].tolist()
         new = new[: new.index(1) + 1] if 1 in new else new  # the CLI's new tokens run through EOS
         assert json.loads(line)["token_ids"] == [new]
     assert len(result["refused"]) == len(evil) and not marker.exists()
@@ -299,10 +356,17 @@ def test_token_texts_are_what_decode_shows(offline_hub, spm_dir):
 
 
 def test_special_token_overrides_reach_the_model(offline_hub):
-    lm = GPT2LM.from_pretrained(KOGPT2, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                mask_token="<mask>")
-    fast = PreTrainedTokenizerFast.from_pretrained(offline_hub[KOGPT2], bos_token="</s>", eos_token="</s>",
-                                                   unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    lm = GPT2LM.from_pretrained(
+        KOGPT2, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>"
+    )
+    fast = PreTrainedTokenizerFast.from_pretrained(
+        offline_hub[KOGPT2],
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
     for key in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token"):
         assert getattr(lm.tokenizer, f"{key}_id") == getattr(fast, f"{key}_id")
     assert (lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id) == (1, 1, 3)
@@ -330,9 +394,19 @@ def test_a_hub_id_downloads_only_what_it_reads_and_falls_back_to_the_cache(hub_c
     hf_home, snapshots = hub_cache
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    listing = [".gitattributes", "config.json", "flax_model.msgpack", "generation_config.json", "merges.txt",
-               "model.safetensors", "pytorch_model.bin", "rust_model.ot", "tf_model.h5", "tokenizer.json",
-               "vocab.json"]
+    listing = [
+        ".gitattributes",
+        "config.json",
+        "flax_model.msgpack",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "rust_model.ot",
+        "tf_model.h5",
+        "tokenizer.json",
+        "vocab.json",
+    ]
     requested = []
 
     def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
@@ -396,21 +470,53 @@ def test_a_malicious_pytorch_model_bin_is_refused_by_from_pretrained(offline_hub
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("repo_files, expected", [
-    # gpt2-xl's main branch: every format; the safetensors file is the one read.
-    ([".gitattributes", "README.md", "config.json", "flax_model.msgpack", "generation_config.json", "merges.txt",
-      "model.safetensors", "pytorch_model.bin", "rust_model.ot", "tf_model.h5", "tokenizer.json", "vocab.json"],
-     ["model.safetensors"]),
-    # skt/kogpt2-base-v2's main branch.
-    ([".gitattributes", "README.md", "config.json", "flax_model.msgpack", "pytorch_model.bin", "tokenizer.json"],
-     ["pytorch_model.bin"]),
-    (["config.json", "tf_model.h5", "pytorch_model.bin"], ["tf_model.h5"]),
-    (["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
-      "pytorch_model-00002-of-00002.bin"],
-     ["pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]),
-    (["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-      "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"],
-     ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "repo_files, expected",
+    [
+        # gpt2-xl's main branch: every format; the safetensors file is the one read.
+        (
+            [
+                ".gitattributes",
+                "README.md",
+                "config.json",
+                "flax_model.msgpack",
+                "generation_config.json",
+                "merges.txt",
+                "model.safetensors",
+                "pytorch_model.bin",
+                "rust_model.ot",
+                "tf_model.h5",
+                "tokenizer.json",
+                "vocab.json",
+            ],
+            ["model.safetensors"],
+        ),
+        # skt/kogpt2-base-v2's main branch.
+        (
+            [".gitattributes", "README.md", "config.json", "flax_model.msgpack", "pytorch_model.bin", "tokenizer.json"],
+            ["pytorch_model.bin"],
+        ),
+        (["config.json", "tf_model.h5", "pytorch_model.bin"], ["tf_model.h5"]),
+        (
+            [
+                "config.json",
+                "pytorch_model.bin.index.json",
+                "pytorch_model-00001-of-00002.bin",
+                "pytorch_model-00002-of-00002.bin",
+            ],
+            ["pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"],
+        ),
+        (
+            [
+                "model.safetensors.index.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "pytorch_model.bin.index.json",
+                "pytorch_model-00001-of-00002.bin",
+            ],
+            ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+        ),
+    ],
+)
 def test_a_hub_download_fetches_only_the_weights_that_will_be_read(repo_files, expected):
     assert checkpoint.weights_to_fetch(repo_files) == expected

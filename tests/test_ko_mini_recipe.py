@@ -11,18 +11,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import ko_mini_corpus as corpus  # noqa: E402
 
 
-@pytest.mark.parametrize("line, expected", [
-    ("김철수(, 1950년 3월 1일 ~ )는 가수이다.", "김철수(1950년 3월 1일 ~)는 가수이다."),
-    ("서울(, , )은 수도이다.", "서울은 수도이다."),
-    ("부산 ()은 항구이다.", "부산은 항구이다."),
-    ("대구( )는 도시이다.", "대구는 도시이다."),
-    ("이름(漢字, , 1900년 ~ 1990년)이다.", "이름(漢字, 1900년 ~ 1990년)이다."),
-    ("하데스(: 저승의 신)는", "하데스(저승의 신)는"),
-    ("제목(원제:)이다.", "제목(원제)이다."),
-    ("영화 《》와 노래 〈 〉를", "영화와 노래를"),
-    ("괄호 없는 문장이다.", "괄호 없는 문장이다."),
-    ("함수 f(x, y)와 (1, 2)는 그대로다.", "함수 f(x, y)와 (1, 2)는 그대로다."),
-])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("김철수(, 1950년 3월 1일 ~ )는 가수이다.", "김철수(1950년 3월 1일 ~)는 가수이다."),
+        ("서울(, , )은 수도이다.", "서울은 수도이다."),
+        ("부산 ()은 항구이다.", "부산은 항구이다."),
+        ("대구( )는 도시이다.", "대구는 도시이다."),
+        ("이름(漢字, , 1900년 ~ 1990년)이다.", "이름(漢字, 1900년 ~ 1990년)이다."),
+        ("하데스(: 저승의 신)는", "하데스(저승의 신)는"),
+        ("제목(원제:)이다.", "제목(원제)이다."),
+        ("영화 《》와 노래 〈 〉를", "영화와 노래를"),
+        ("괄호 없는 문장이다.", "괄호 없는 문장이다."),
+        ("함수 f(x, y)와 (1, 2)는 그대로다.", "함수 f(x, y)와 (1, 2)는 그대로다."),
+    ],
+)
 def test_cleaning_removes_the_separators_and_brackets_left_by_stripped_links(line, expected):
     assert corpus.clean_extractor_fragments(line) == expected
 
@@ -33,7 +36,7 @@ def test_extractor_fragments_counts_each_bracket_group_cleaning_changes():
 
 
 def test_wiki_table_markup_lines_are_dropped_and_a_document_keeps_its_other_lines():
-    document = "문서 제목\n! colspan=\"2\" | 합계\n| 1 || 2\n본문(, )이다."
+    document = '문서 제목\n! colspan="2" | 합계\n| 1 || 2\n본문(, )이다.'
     assert corpus.clean_document(document, corpus.clean_wikipedia_line) == "문서 제목\n본문이다."
     assert corpus.clean_document("!표\n|행", corpus.clean_wikipedia_line) == ""
 
@@ -49,9 +52,17 @@ def test_source_documents_counts_what_cleaning_and_deduplication_did(tmp_path):
     source = corpus.Source(lambda data: iter(articles + ["더 읽지 않는 문서"]), corpus.clean_wikipedia_line)
     documents, counts = corpus.source_documents(source, tmp_path, limit=2)
     assert documents == ["가나\n본문(1일)이다.", "다라\n같은 줄"]
-    assert counts == dict(documents_read=2, lines_read=6, extractor_fragments=1, lines_changed_by_cleaning=1,
-                          lines_dropped_by_cleaning=1, repeated_lines=1, lines_dropped_by_deduplication=1,
-                          documents=2, lines=4)
+    assert counts == dict(
+        documents_read=2,
+        lines_read=6,
+        extractor_fragments=1,
+        lines_changed_by_cleaning=1,
+        lines_dropped_by_cleaning=1,
+        repeated_lines=1,
+        lines_dropped_by_deduplication=1,
+        documents=2,
+        lines=4,
+    )
     kept_as_read = corpus.Source(lambda data: iter(articles), deduplicate=False)
     kept, counts = corpus.source_documents(kept_as_read, tmp_path)
     assert kept == articles and counts["repeated_lines"] == 1 and counts["lines_dropped_by_deduplication"] == 0
@@ -63,6 +74,7 @@ def test_every_fiftieth_document_is_held_out():
 
 
 # --- the size sweep and the training record (ko_mini imports TensorFlow) ---
+
 
 @pytest.fixture(scope="module")
 def recipe():
@@ -102,8 +114,12 @@ def test_candidates_get_equal_training_flops(recipe):
 
 
 def _result(shape, bits_per_character, tokens_per_second, package_bytes=40e6):
-    return dict(shape=shape, package_bytes=package_bytes, greedy_tokens_per_second=tokens_per_second,
-                validation=dict(bits_per_character=bits_per_character))
+    return dict(
+        shape=shape,
+        package_bytes=package_bytes,
+        greedy_tokens_per_second=tokens_per_second,
+        validation=dict(bits_per_character=bits_per_character),
+    )
 
 
 def test_the_sweep_chooses_the_best_shape_within_the_limits(recipe):
@@ -136,14 +152,30 @@ def test_a_new_work_folder_resumes_from_the_carried_rounds(recipe, spm_dir, tmp_
     tokenizer = Tokenizer.from_pretrained(spm_dir)
     shape = recipe.Shape(n_layer=1, n_embd=64, vocab_size=tokenizer.vocab_size)
     work = tmp_path / "work"
-    run = dict(started="2026-12-02T09:00:00+00:00", from_step=0, to_step=5, tokens=50, seconds=60,
-               ended="finished", machine=dict(cpu="x", cores=2, load_average_1min=0.1))
+    run = dict(
+        started="2026-12-02T09:00:00+00:00",
+        from_step=0,
+        to_step=5,
+        tokens=50,
+        seconds=60,
+        ended="finished",
+        machine=dict(cpu="x", cores=2, load_average_1min=0.1),
+    )
     sweep_runs = [dict(run, stage=f"sweep {shape.name}"), dict(run, stage="sweep other")]
-    rounds = [dict(round=number, steps=5, tokens=50, runs=[dict(run, stage=f"train round {number}")])
-              for number in (0, 1, 2)]
+    rounds = [
+        dict(round=number, steps=5, tokens=50, runs=[dict(run, stage=f"train round {number}")]) for number in (0, 1, 2)
+    ]
     rounds[0]["runs"] = sweep_runs[:1]
-    result = dict(_result(shape.name, 4.0, 300), **vars(shape), parameters=1, steps=5, tokens=50,
-                  training_flops=1.0, training_seconds=60, validation=dict(loss=3.0, bits_per_character=4.0))
+    result = dict(
+        _result(shape.name, 4.0, 300),
+        **vars(shape),
+        parameters=1,
+        steps=5,
+        tokens=50,
+        training_flops=1.0,
+        training_seconds=60,
+        validation=dict(loss=3.0, bits_per_character=4.0),
+    )
     (work / "corpus").mkdir(parents=True)
     recipe.write_json(work / "sweep.json", dict(flops_per_shape=1.0, results=[result], chosen=shape.name))
     recipe.write_json(work / "corpus" / "counts.json", dict(wikipedia=dict(documents=3)))

@@ -15,9 +15,11 @@ PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때 😀",
 TEXTS = ["대한민국의 수도는 서울이다", "영화가 정말 재미있었어요"]
 STRIDES = [None, 40]  # for a text of three contexts, in windows of the export's capacity
 CAPACITY = 64
-GREEDY = [dict(max_new_tokens=20), dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2,
-                                        min_new_tokens=5),
-          dict(max_new_tokens=20, presence_penalty=0.8, frequency_penalty=1.5)]
+GREEDY = [
+    dict(max_new_tokens=20),
+    dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5),
+    dict(max_new_tokens=20, presence_penalty=0.8, frequency_penalty=1.5),
+]
 SAMPLING = dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, max_new_tokens=16)
 ROWS = 4  # the export's row tiers: 1, 2, 4
 # Rows of one batch, each with its own settings (serving.protocol.Sampling fields).
@@ -44,7 +46,9 @@ class BlockTensorFlow(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, BlockTensorFlow())
 """
-RUN_EXPORTS = BLOCK_TENSORFLOW + """
+RUN_EXPORTS = (
+    BLOCK_TENSORFLOW
+    + """
 import json
 try:
     import tensorflow
@@ -114,22 +118,37 @@ print(json.dumps({
     "tensorflow_loaded": "tensorflow" in sys.modules,
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("litert")
-    return {quantize: export_litert(tiny_lm, root / quantize, quantize=quantize, capacity=CAPACITY, rows=ROWS)
-            for quantize in ("none", "int8")}
+    return {
+        quantize: export_litert(tiny_lm, root / quantize, quantize=quantize, capacity=CAPACITY, rows=ROWS)
+        for quantize in ("none", "int8")
+    }
 
 
 @pytest.fixture(scope="module")
 def runtime_results(exports, long_text, tmp_path_factory):
-    request = {"prompts": PROMPTS, "texts": TEXTS, "greedy": GREEDY, "sampling": SAMPLING, "long_text": long_text,
-               "strides": STRIDES, "row_samplings": ROW_SAMPLINGS, "k": STEP_TOKENS}
-    run = subprocess.run([sys.executable, "-c", RUN_EXPORTS, str(exports["none"]), str(exports["int8"]),
-                          json.dumps(request)], cwd=tmp_path_factory.mktemp("run"), capture_output=True, text=True,
-                         timeout=600)
+    request = {
+        "prompts": PROMPTS,
+        "texts": TEXTS,
+        "greedy": GREEDY,
+        "sampling": SAMPLING,
+        "long_text": long_text,
+        "strides": STRIDES,
+        "row_samplings": ROW_SAMPLINGS,
+        "k": STEP_TOKENS,
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", RUN_EXPORTS, str(exports["none"]), str(exports["int8"]), json.dumps(request)],
+        cwd=tmp_path_factory.mktemp("run"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])
 
@@ -166,13 +185,14 @@ def test_int8_scores_stay_near_fp32_and_fp32_scores_are_gpt2lm_score(tiny_lm, ru
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(STRIDES)))
-def test_fp32_strided_score_of_a_long_text_is_gpt2lm_on_the_capacity_windows(tiny_lm, long_text, runtime_results,
-                                                                              case):
+def test_fp32_strided_score_of_a_long_text_is_gpt2lm_on_the_capacity_windows(tiny_lm, long_text, runtime_results, case):
     # The export scores in windows of its capacity (its cache's columns), not of the model's context.
     result, ids = runtime_results["long_scores"][case], tiny_lm.tokenizer.encode(long_text)
     assert len(ids) >= 3 * tiny_lm.net.context and CAPACITY < tiny_lm.net.context
-    expected = [scoring.next_token_logprobs(tiny_lm(np.array([ids[begin:end]])), np.array([ids[begin:end]]))[0, -scored:]
-                for begin, end, scored in scoring.windows(len(ids), CAPACITY, STRIDES[case])]
+    expected = [
+        scoring.next_token_logprobs(tiny_lm(np.array([ids[begin:end]])), np.array([ids[begin:end]]))[0, -scored:]
+        for begin, end, scored in scoring.windows(len(ids), CAPACITY, STRIDES[case])
+    ]
     np.testing.assert_allclose(result["token_logprobs"], np.concatenate(expected), rtol=1e-4, atol=1e-4)
 
 
@@ -211,8 +231,10 @@ def test_seeded_sampling_is_reproducible_and_stays_in_the_top_k_top_p_set(tiny_l
 def _left_padded(tiny_lm):
     prompt_ids = [tiny_lm.tokenizer.encode(p) for p in PROMPTS]
     width = max(len(ids) for ids in prompt_ids)
-    return ([[0] * (width - len(ids)) + ids for ids in prompt_ids],
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids])
+    return (
+        [[0] * (width - len(ids)) + ids for ids in prompt_ids],
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
+    )
 
 
 @pytest.mark.slow
@@ -228,7 +250,7 @@ def test_sampled_rows_of_a_ragged_batch_are_those_of_their_prompt_alone(tiny_lm,
     width = max(len(ids) for ids in prompt_ids)
     rows = runtime_results["ragged_sampled"]
     # The first prompt's rows have the seeds of its rows alone (protocol.choice_seed of the seed and the row).
-    assert [row[width:] for row in rows[:2]] == [row[len(prompt_ids[0]):] for row in runtime_results["sampled"][0][:2]]
+    assert [row[width:] for row in rows[:2]] == [row[len(prompt_ids[0]) :] for row in runtime_results["sampled"][0][:2]]
     for i, row in enumerate(rows):
         _assert_in_kept_sets(tiny_lm, prompt_ids[i // 2], row[width:])
 
@@ -243,9 +265,9 @@ def _tokens(steps):
 def test_rows_alone_are_gpt2lm_generate(tiny_lm, runtime_results):
     for row, settings in ((0, GREEDY[0]), (1, GREEDY[1])):
         prompt = tiny_lm.tokenizer.encode(PROMPTS[row])
-        expected = tiny_lm.generate([prompt], **{**settings, "max_new_tokens": 12}).numpy()[0, len(prompt):]
+        expected = tiny_lm.generate([prompt], **{**settings, "max_new_tokens": 12}).numpy()[0, len(prompt) :]
         tokens = _tokens(runtime_results["rows_alone"][row])
-        assert tokens == expected.tolist()[:len(tokens)]
+        assert tokens == expected.tolist()[: len(tokens)]
         assert len(tokens) == 12 or tokens[-1] == tiny_lm.config.eos_token_id
 
 
@@ -261,14 +283,14 @@ def test_rows_that_join_mid_way_or_are_freed_decode_as_alone(runtime_results):
     joining = [_tokens(steps) for steps in runtime_results["rows_joining"]]
     rows = [0, 1, 3, 2, 2]  # the test's schedule: row 1 (slot 1) is freed after 3 steps, row 2 runs again in slot 1
     assert [joining[e] for e in (0, 2, 3, 4)] == [alone[rows[e]] for e in (0, 2, 3, 4)]
-    assert joining[1] == alone[1][:len(joining[1])] and len(joining[1]) <= 3 * STEP_TOKENS
+    assert joining[1] == alone[1][: len(joining[1])] and len(joining[1]) <= 3 * STEP_TOKENS
 
 
 @pytest.mark.slow
 def test_a_row_stops_at_eos(runtime_results):
     eos, steps = runtime_results["rows_eos"]
     alone = _tokens(runtime_results["rows_alone"][0])
-    assert _tokens(steps) == alone[:alone.index(eos) + 1]
+    assert _tokens(steps) == alone[: alone.index(eos) + 1]
     assert [reached for _, reached in steps] == [False] * (len(steps) - 1) + [True]
 
 
@@ -300,25 +322,60 @@ def test_runtime_errors_name_the_fix(exports):
 @pytest.mark.slow
 def test_cli_exports_and_generate_runs_the_export_without_tensorflow(tiny_lm, tiny_lm_dir, tmp_path, capsys):
     output = tmp_path / "cli-export"
-    assert cli.main(["export", "--format", "litert", "--quantize", "none", "--capacity", str(CAPACITY),
-                     str(tiny_lm_dir), str(output)]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--format",
+                "litert",
+                "--quantize",
+                "none",
+                "--capacity",
+                str(CAPACITY),
+                str(tiny_lm_dir),
+                str(output),
+            ]
+        )
+        == 0
+    )
     assert "LiteRT model, none weights; capacity 64 tokens" in capsys.readouterr().out
     script = BLOCK_TENSORFLOW + "from tfgen.cli import main; sys.exit(main(sys.argv[1:]))"
-    run = subprocess.run([sys.executable, "-c", script, "generate", "--model", str(output), "--max-new-tokens", "12",
-                          "--json", PROMPTS[1]], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "generate",
+            "--model",
+            str(output),
+            "--max-new-tokens",
+            "12",
+            "--json",
+            PROMPTS[1],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    )
     assert run.returncode == 0, run.stderr
     record = json.loads(run.stdout)
     assert record["completions"] == [tiny_lm.generate_text(PROMPTS[1], return_full_text=False, max_new_tokens=12)]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--format", "litert", "--quantize", "int2"], "invalid choice: 'int2'"),
-    (["--format", "tflite"], "invalid choice: 'tflite'"),
-    (["--quantize", "int8"], "--quantize is for --format litert"),
-    (["--format", "litert", "--num-beams", "4"], "--num-beams is for --format saved_model"),
-    (["--format", "litert", "--capacity", "4096"], "capacity must be an integer from 2 to the model's context of 128"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--format", "litert", "--quantize", "int2"], "invalid choice: 'int2'"),
+        (["--format", "tflite"], "invalid choice: 'tflite'"),
+        (["--quantize", "int8"], "--quantize is for --format litert"),
+        (["--format", "litert", "--num-beams", "4"], "--num-beams is for --format saved_model"),
+        (
+            ["--format", "litert", "--capacity", "4096"],
+            "capacity must be an integer from 2 to the model's context of 128",
+        ),
+    ],
+)
 def test_cli_export_bad_input_is_one_line_and_exit_2(tiny_lm_dir, tmp_path, capsys, arguments, message):
     assert cli.main(["export", *arguments, str(tiny_lm_dir), str(tmp_path / "out")]) == cli.EXIT_USAGE
     err = capsys.readouterr().err

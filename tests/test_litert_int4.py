@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from test_litert import BLOCK_TENSORFLOW, CAPACITY, PROMPTS, TEXTS
 
+from test_litert import BLOCK_TENSORFLOW, CAPACITY, PROMPTS, TEXTS
 from tfgen import cli, export_litert
 from tfgen.litert import CONFIG_FILE, MODEL_FILE
 
@@ -15,7 +15,9 @@ from tfgen.litert import CONFIG_FILE, MODEL_FILE
 # for the kernels of other CPUs.
 PERPLEXITY_TOLERANCE = 0.10
 
-RUN_INT4 = BLOCK_TENSORFLOW + """
+RUN_INT4 = (
+    BLOCK_TENSORFLOW
+    + """
 import json
 from tfgen.litert import LiteRTLM
 
@@ -26,6 +28,7 @@ print(json.dumps({
     "tensorflow_loaded": "tensorflow" in sys.modules,
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,13 @@ def _tensor_types(path):
 
 @pytest.mark.slow
 def test_int4_export_runs_without_tensorflow_near_fp32(tiny_lm, int4_export, tmp_path):
-    run = subprocess.run([sys.executable, "-c", RUN_INT4, str(int4_export),
-                          json.dumps({"texts": TEXTS, "prompts": PROMPTS})],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", RUN_INT4, str(int4_export), json.dumps({"texts": TEXTS, "prompts": PROMPTS})],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.splitlines()[-1])
     assert not results["tensorflow_loaded"]
@@ -73,8 +80,10 @@ def test_bad_quantize_name_lists_the_choices(tiny_lm, tmp_path):
 
 def test_int4_without_the_quantizer_names_the_install(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ai_edge_quantizer", None)  # import raises ImportError
-    assert cli.main(["export", "--format", "litert", "--quantize", "int4", str(tiny_lm_dir),
-                     str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert (
+        cli.main(["export", "--format", "litert", "--quantize", "int4", str(tiny_lm_dir), str(tmp_path / "out")])
+        == cli.EXIT_USAGE
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install "tfgen[litert]"' in err and "ai-edge-quantizer" in err, err
     assert not (tmp_path / "out").exists()

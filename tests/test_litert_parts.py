@@ -26,11 +26,18 @@ def gptj(gptj_dir):
 def exports(gptj_dir, tmp_path_factory):
     """The tiny GPT-J's checkpoint directory exported whole (fp32) and in parts (fp32, int8, int4)."""
     root = tmp_path_factory.mktemp("litert-gptj")
-    cases = {"whole": ("none", None, 4), "none": ("none", ONE_BLOCK, 4), "int8": ("int8", ONE_BLOCK, [4]),
-             "int4": ("int4", ONE_BLOCK, 4)}
-    return {name: export_litert(gptj_dir, root / name, quantize=quantize, capacity=CAPACITY, rows=rows, chunk=8,
-                                part_bytes=part_bytes)
-            for name, (quantize, part_bytes, rows) in cases.items()}
+    cases = {
+        "whole": ("none", None, 4),
+        "none": ("none", ONE_BLOCK, 4),
+        "int8": ("int8", ONE_BLOCK, [4]),
+        "int4": ("int4", ONE_BLOCK, 4),
+    }
+    return {
+        name: export_litert(
+            gptj_dir, root / name, quantize=quantize, capacity=CAPACITY, rows=rows, chunk=8, part_bytes=part_bytes
+        )
+        for name, (quantize, part_bytes, rows) in cases.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +73,11 @@ def test_parts_run_in_order_with_each_blocks_layers(exports, gptj):
 def test_fp32_parts_generate_gptjlm_tokens_and_the_whole_exports(runtimes, gptj):
     prompt_ids = [gptj.tokenizer.encode(prompt) for prompt in PROMPTS]
     width = max(map(len, prompt_ids))
-    for settings in (dict(max_new_tokens=12, eos_token_id=None),
-                     dict(max_new_tokens=12, eos_token_id=None, repetition_penalty=1.3, no_repeat_ngram_size=2)):
-        expected = [gptj.generate([ids], **settings).numpy()[0, len(ids):].tolist() for ids in prompt_ids]
+    for settings in (
+        dict(max_new_tokens=12, eos_token_id=None),
+        dict(max_new_tokens=12, eos_token_id=None, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    ):
+        expected = [gptj.generate([ids], **settings).numpy()[0, len(ids) :].tolist() for ids in prompt_ids]
         for name in ("whole", "none"):
             together = runtimes[name].generate(prompt_ids, **settings)  # ragged prompts decode as rows together
             assert together[:, width:].tolist() == expected, name
@@ -85,6 +94,8 @@ def test_fp32_parts_score_as_gptjlm(runtimes, gptj):
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_perplexity_is_near_fp32(runtimes, ko_lines, quantize):
     texts = [line for line in ko_lines[::25] if len(line) > 20][:40]
-    perplexity = {name: np.exp(-np.mean(np.concatenate([r["token_logprobs"] for r in runtimes[name].score(texts)])))
-                  for name in ("none", quantize)}
+    perplexity = {
+        name: np.exp(-np.mean(np.concatenate([r["token_logprobs"] for r in runtimes[name].score(texts)])))
+        for name in ("none", quantize)
+    }
     assert abs(perplexity[quantize] / perplexity["none"] - 1) <= TOLERANCE[quantize], perplexity

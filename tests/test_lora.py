@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPTJForCausalLM
 
-from tfgen import CausalLM, GPT2LM, cli, finetune, lora, training
+from tfgen import GPT2LM, CausalLM, cli, finetune, lora, training
 from tfgen.data import lm_batches
 
 PROMPTS = ["안녕하세요", "근육이 커지기 위해서는", "이때", "대한민국의 수도는 서울이며, 가장 큰 도시이다"]
@@ -62,8 +62,9 @@ class Trained:
 
 @pytest.fixture(scope="module", params=["gpt2", "gptj"])
 def trained(request, ko_data_dir):
-    return Trained(request.getfixturevalue({"gpt2": "tiny_lm_dir", "gptj": "gptj_dir"}[request.param]),
-                   _bible_verses(ko_data_dir))
+    return Trained(
+        request.getfixturevalue({"gpt2": "tiny_lm_dir", "gptj": "gptj_dir"}[request.param]), _bible_verses(ko_data_dir)
+    )
 
 
 @pytest.mark.slow
@@ -121,10 +122,12 @@ def test_generate_equals_generate_of_the_merged_checkpoint_loaded_back(trained, 
     ids, mask = lm.tokenizer.encode_batch(PROMPTS)
     tokens = lm.generate(ids, mask, max_new_tokens=10).numpy()
     np.testing.assert_array_equal(reloaded.generate(ids, mask, max_new_tokens=10).numpy(), tokens)
-    assert not np.array_equal(CausalLM.from_pretrained(trained.base_dir).generate(ids, mask, max_new_tokens=10).numpy(),
-                              tokens)
-    np.testing.assert_allclose([r["logprob"] for r in reloaded.score(PROMPTS)], [r["logprob"] for r in lm.score(PROMPTS)],
-                               atol=1e-4)
+    assert not np.array_equal(
+        CausalLM.from_pretrained(trained.base_dir).generate(ids, mask, max_new_tokens=10).numpy(), tokens
+    )
+    np.testing.assert_allclose(
+        [r["logprob"] for r in reloaded.score(PROMPTS)], [r["logprob"] for r in lm.score(PROMPTS)], atol=1e-4
+    )
 
 
 @pytest.mark.slow
@@ -134,11 +137,30 @@ def test_the_peft_adapter_loads_with_peft_and_back_into_tfgen(trained, tmp_path)
     lm = trained.lm
     lm.save_lora_adapter(tmp_path / "adapter", base_model_name_or_path="tiny-base")
     config = json.loads((tmp_path / "adapter" / lora.ADAPTER_CONFIG_FILE).read_text())
-    assert {key: config[key] for key in ("peft_type", "task_type", "r", "lora_alpha", "target_modules",
-                                         "fan_in_fan_out", "base_model_name_or_path", "lora_dropout", "bias")} == {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 8, "target_modules": TARGETS[trained.model_type],
-        "fan_in_fan_out": trained.model_type == "gpt2", "base_model_name_or_path": "tiny-base", "lora_dropout": 0.0,
-        "bias": "none"}
+    assert {
+        key: config[key]
+        for key in (
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "target_modules",
+            "fan_in_fan_out",
+            "base_model_name_or_path",
+            "lora_dropout",
+            "bias",
+        )
+    } == {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": 8,
+        "lora_alpha": 8,
+        "target_modules": TARGETS[trained.model_type],
+        "fan_in_fan_out": trained.model_type == "gpt2",
+        "base_model_name_or_path": "tiny-base",
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
     tensors = load_file(tmp_path / "adapter" / lora.ADAPTER_WEIGHTS_FILE)
     target = TARGETS[trained.model_type][0]
     a, b = (tensors[f"base_model.model.transformer.h.0.attn.{target}.lora_{letter}.weight"] for letter in "AB")
@@ -207,8 +229,26 @@ def novel(ko_lines, tmp_path_factory):
 
 
 def _finetune(model, train, output, *extra):
-    return cli.main(["finetune", "--model", str(model), "--train", str(train), "--output", str(output),
-                     "--batch-size", "8", "--block-size", "32", "--learning-rate", "1e-2", "--epochs", "3", *extra])
+    return cli.main(
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--train",
+            str(train),
+            "--output",
+            str(output),
+            "--batch-size",
+            "8",
+            "--block-size",
+            "32",
+            "--learning-rate",
+            "1e-2",
+            "--epochs",
+            "3",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -225,13 +265,16 @@ def test_finetune_with_lora_rank_checkpoints_and_resumes(tiny_lm_dir, novel, tmp
     with_adapter = CausalLM.from_pretrained(tiny_lm_dir)
     with_adapter.load_lora_adapter(adapter)
     np.testing.assert_allclose(_logits(merged, PROMPTS[3])[1], _logits(with_adapter, PROMPTS[3])[1], atol=1e-4)
-    assert not np.allclose(_logits(merged, PROMPTS[3])[1], _logits(CausalLM.from_pretrained(tiny_lm_dir), PROMPTS[3])[1])
+    assert not np.allclose(
+        _logits(merged, PROMPTS[3])[1], _logits(CausalLM.from_pretrained(tiny_lm_dir), PROMPTS[3])[1]
+    )
 
     # The optimizer state holds Adam's slots of the adapters only (2 per layer, m and v each).
     saved = tf.train.list_variables(str(checkpoint_dir / training.TRAINING_STATE_DIR / "optimizer"))
     width, layers = merged.config.n_embd, merged.config.n_layer
     assert sorted(tuple(shape) for _, shape in saved if shape) == sorted(
-        [(width, 4)] * 2 * layers + [(4, 3 * width)] * 2 * layers), saved
+        [(width, 4)] * 2 * layers + [(4, 3 * width)] * 2 * layers
+    ), saved
 
     assert _finetune(tiny_lm_dir, novel, run, "--lora-rank", "4", "--max-steps", "9", "--resume") == 0
     assert training.read_training_counters(checkpoint_dir)["step"] == 9

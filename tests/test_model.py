@@ -23,8 +23,9 @@ def _pt_logits(directory, ids, mask):
     model = GPT2LMHeadModel.from_pretrained(directory).eval()
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
-        out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(positions))
+        out = model(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
     return out.logits.numpy()
 
 
@@ -170,8 +171,9 @@ def _values(lm):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_tf_model_h5_loads_in_a_dtype_as_the_float32_load_cast_to_it(h5_only_dir, safetensors_only_dir, dtype,
-                                                                      monkeypatch):
+def test_tf_model_h5_loads_in_a_dtype_as_the_float32_load_cast_to_it(
+    h5_only_dir, safetensors_only_dir, dtype, monkeypatch
+):
     fp32 = GPT2LM.from_pretrained(h5_only_dir)
     for ours, theirs in zip(_values(fp32), _values(GPT2LM.from_pretrained(safetensors_only_dir))):
         np.testing.assert_array_equal(ours, theirs)
@@ -183,8 +185,9 @@ def test_tf_model_h5_loads_in_a_dtype_as_the_float32_load_cast_to_it(h5_only_dir
 
 
 @pytest.mark.parametrize("weights", ["h5", "safetensors", "bin"])
-def test_tensors_read_in_many_blocks_load_the_same_weights(weights, h5_only_dir, safetensors_only_dir, tiny_lm,
-                                                           tmp_path, monkeypatch):
+def test_tensors_read_in_many_blocks_load_the_same_weights(
+    weights, h5_only_dir, safetensors_only_dir, tiny_lm, tmp_path, monkeypatch
+):
     directory = {"h5": h5_only_dir, "safetensors": safetensors_only_dir}.get(weights)
     if weights == "bin":
         directory = tmp_path

@@ -60,11 +60,21 @@ def execute(name, env=None, wanted=None):
 
     notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     if wanted:
-        probe = "import json\nprint(" + repr(PROBE_MARK) + " + json.dumps({" + ", ".join(
-            f"{key!r}: {expression}" for key, expression in wanted.items()) + "}, ensure_ascii=False))"
+        probe = (
+            "import json\nprint("
+            + repr(PROBE_MARK)
+            + " + json.dumps({"
+            + ", ".join(f"{key!r}: {expression}" for key, expression in wanted.items())
+            + "}, ensure_ascii=False))"
+        )
         notebook.cells.append(nbformat.v4.new_code_cell(probe))
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     # debugpy (in ipykernel) warns about frozen modules on Python 3.11 unless told not to.
     client.execute(env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1", **(env or {})})
     results = None
@@ -90,12 +100,14 @@ def text_outputs(cell):
     stdout = "".join(o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
     shown = [
         {mime: data for mime, data in o.data.items() if not mime.startswith("image/")}
-        for o in cell.outputs if o.output_type in ("execute_result", "display_data")
+        for o in cell.outputs
+        if o.output_type in ("execute_result", "display_data")
     ]
     return stdout, shown
 
 
 # --- the saved notebooks ---
+
 
 def test_saved_notebooks_ran_top_to_bottom_without_errors():
     """Every notebook is listed here, nbformat 4, saved from one in-order run with no error, plain Python."""
@@ -106,7 +118,8 @@ def test_saved_notebooks_ran_top_to_bottom_without_errors():
         cells = _code_cells(notebook)
         assert cells, f"{name} has no code cells"
         assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1)), (
-            f"{name} was not saved from one top-to-bottom run: python tests/test_notebooks.py {name}")
+            f"{name} was not saved from one top-to-bottom run: python tests/test_notebooks.py {name}"
+        )
         for number, cell in enumerate(notebook.cells):
             where = f"{name} cell {number}"
             if cell.cell_type != "code":
@@ -200,8 +213,11 @@ def _run(runs, name):
 def test_decoding_strategies_notebook(notebook_runs, lm):
     _, results = _run(notebook_runs, "01_decoding_strategies.ipynb")
     # The notebook's greedy ids are what generate gives for the same checkpoint in this process.
-    expected = lm.generate(results["input_ids"], results["attention_mask"], do_sample=False, min_length=10,
-                           max_length=50).numpy().tolist()
+    expected = (
+        lm.generate(results["input_ids"], results["attention_mask"], do_sample=False, min_length=10, max_length=50)
+        .numpy()
+        .tolist()
+    )
     assert results["greedy_ids"] == expected
     assert results["one_beam_is_greedy"] and results["top1_is_greedy"] and results["near_zero_top_p_is_greedy"]
     assert results["same_seed_same_samples"]
@@ -265,7 +281,8 @@ def test_saved_outputs_are_current(notebook_runs, name):
         assert text_outputs(now) == text_outputs(then), (
             f"{name} code cell {number} prints something else now; refresh the notebook: "
             f"python tests/test_notebooks.py {name}\n--- saved:\n{text_outputs(then)[0][-1500:]}\n"
-            f"--- now:\n{text_outputs(now)[0][-1500:]}")
+            f"--- now:\n{text_outputs(now)[0][-1500:]}"
+        )
 
 
 def main(names):

@@ -3,18 +3,35 @@ decoding what they decode without it."""
 
 import numpy as np
 import pytest
-from tiny_model import text_of_tokens
 from transformers import GPT2Config
 
 from tfgen import GPT2LM
 from tfgen.serving.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
 from tfgen.serving.protocol import Sampling
+from tiny_model import text_of_tokens
 
 LAYERS, HEADS, HEAD_DIM = 2, 3, 4
 PREFIX_TOKENS = 200
-SUFFIXES = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
-GREEDY = Sampling(max_tokens=16, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, min_tokens=0)
+SUFFIXES = [
+    "대한민국의 수도는",
+    "영화가 정말",
+    "옛날 옛적에",
+    "오늘 날씨는",
+    "서울은",
+    "이 책은",
+    "우리는",
+    "그는 집에",
+]
+GREEDY = Sampling(
+    max_tokens=16,
+    do_sample=False,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    min_tokens=0,
+)
 _EXPORTS = {}  # the LiteRT export of the long model, made once
 
 
@@ -22,8 +39,9 @@ def kv_of(token_ids):
     """Stand-in keys and values [layers, heads, len, d] that name each column's token and position."""
     columns = np.arange(len(token_ids), dtype=np.float32)
     tokens = np.asarray(token_ids, np.float32)
-    keys = np.broadcast_to(tokens[None, None, :, None] * 1000 + columns[None, None, :, None],
-                           (LAYERS, HEADS, len(token_ids), HEAD_DIM))
+    keys = np.broadcast_to(
+        tokens[None, None, :, None] * 1000 + columns[None, None, :, None], (LAYERS, HEADS, len(token_ids), HEAD_DIM)
+    )
     return keys, -keys
 
 
@@ -34,6 +52,7 @@ def cache_prompt(cache, token_ids):
     def columns_of(start, end):
         asked.append((start, end))
         return tuple(kv[:, :, start:end] for kv in kv_of(token_ids))
+
     cache.add(token_ids, columns_of)
     return asked
 
@@ -112,8 +131,9 @@ def litert_rows(lm, slots, cache, tmp_path_factory):
     from tfgen.litert import LiteRTLM
 
     if "long" not in _EXPORTS:  # exported once for the module
-        _EXPORTS["long"] = LiteRTLM(export_litert(lm, tmp_path_factory.mktemp("litert") / "long", quantize="none",
-                                                 capacity=256, rows=4))
+        _EXPORTS["long"] = LiteRTLM(
+            export_litert(lm, tmp_path_factory.mktemp("litert") / "long", quantize="none", capacity=256, rows=4)
+        )
     return _EXPORTS["long"].decode_rows(slots, prefix_cache=cache)
 
 
@@ -128,7 +148,7 @@ def decoded(rows, slot, count):
             new_ids, done = rows.step(4)[slot]
             ids += new_ids
             length = rows._sent[slot]
-            logprobs = rows._programs.state.value("logprobs")[slot, length - len(ids):length].tolist()
+            logprobs = rows._programs.state.value("logprobs")[slot, length - len(ids) : length].tolist()
         if done:
             break
     rows.free_row(slot)
@@ -160,11 +180,11 @@ def test_rows_reusing_a_200_token_prefix_decode_what_they_do_without_it(make_row
         assert cached_ids == ids
         np.testing.assert_allclose(cached_logprobs, logprobs, atol=1e-4)
     # Rows started together, one of them a prompt equal to a cached prefix, one sharing it only to mid-block.
-    equal, mid_block = prompts[0][:PREFIX_TOKENS - 8], prompts[1][:100] + prompts[2][-5:]
+    equal, mid_block = prompts[0][: PREFIX_TOKENS - 8], prompts[1][:100] + prompts[2][-5:]
     starts = [(0, equal, GREEDY), (1, mid_block, GREEDY), (2, prompts[3], GREEDY)]
     rows, fresh = make_rows(4, cache), make_rows(4)
     assert rows.start_rows(starts) == [176, 96, 192]
     fresh.start_rows(starts)
     first = rows.step(6)
     assert first == fresh.step(6)
-    assert first[2][0] == without[3][0][:len(first[2][0])]
+    assert first[2][0] == without[3][0][: len(first[2][0])]

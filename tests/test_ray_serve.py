@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from starlette.testclient import TestClient
-from test_serve import API_KEY, PROMPTS, _free_port, served_dir
 
+from test_serve import API_KEY, PROMPTS, _free_port, served_dir
 from tfgen import cli
 from tfgen.serving import models
 from tfgen.serving.app import ServerSettings, create_app
@@ -42,16 +42,39 @@ def test_cli_serves_on_ray_until_sigterm(litert_dir, settings, tiny_lm, tmp_path
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tfgen", "serve", "--ray", "--ray-address", "local", "--replicas", "1",
-             "--replica-cpus", "0.5", "--model", str(litert_dir), "--port", str(port), "--api-key", API_KEY],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "tfgen",
+                "serve",
+                "--ray",
+                "--ray-address",
+                "local",
+                "--replicas",
+                "1",
+                "--replica-cpus",
+                "0.5",
+                "--model",
+                str(litert_dir),
+                "--port",
+                str(port),
+                "--api-key",
+                API_KEY,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + READY_SECONDS
         while "replica(s) of" not in log_path.read_text(errors="replace"):
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
-        text = _client(f"http://127.0.0.1:{port}").completions.create(
-            model=settings.model_name, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+        text = (
+            _client(f"http://127.0.0.1:{port}")
+            .completions.create(model=settings.model_name, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=0)
+            .choices[0]
+            .text
+        )
         assert text == tiny_lm.generate_text(PROMPTS[2], return_full_text=False, max_new_tokens=MAX_TOKENS)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -67,9 +90,27 @@ def test_cli_exits_2_when_the_replicas_cannot_load_the_model(litert_dir, tmp_pat
     broken.mkdir()
     for name in ("litert.json", "model.tflite"):
         (broken / name).symlink_to(litert_dir / name)
-    result = subprocess.run([sys.executable, "-m", "tfgen", "serve", "--ray", "--ray-address", "local",
-                             "--replica-cpus", "0.5", "--model", str(broken), "--port", str(_free_port())],
-                            check=False, capture_output=True, text=True, timeout=READY_SECONDS)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tfgen",
+            "serve",
+            "--ray",
+            "--ray-address",
+            "local",
+            "--replica-cpus",
+            "0.5",
+            "--model",
+            str(broken),
+            "--port",
+            str(_free_port()),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=READY_SECONDS,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "tfgen: error: the replicas did not start" in result.stderr
     assert "has no tokenizer files" in result.stdout + result.stderr
@@ -114,8 +155,9 @@ def _client(url, api_key=API_KEY):
 def _raw(url, method, path, body=None, api_key=API_KEY):
     """(status, JSON body, headers) of a request through the proxy, errors included."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    request = urllib.request.Request(url + path, None if body is None else json.dumps(body).encode(), headers,
-                                     method=method)
+    request = urllib.request.Request(
+        url + path, None if body is None else json.dumps(body).encode(), headers, method=method
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read()), response.headers
@@ -129,8 +171,9 @@ def test_16_concurrent_requests_spread_over_both_replicas_and_equal_generate_tex
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(REQUESTS)]
 
     def complete(prompt):
-        raw = client.completions.with_raw_response.create(model=settings.model_name, prompt=prompt,
-                                                          max_tokens=MAX_TOKENS, temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model=settings.model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
         return raw.headers["x-tfgen-replica"], raw.parse().choices[0].text
 
     with ThreadPoolExecutor(REQUESTS) as pool:
@@ -142,11 +185,17 @@ def test_16_concurrent_requests_spread_over_both_replicas_and_equal_generate_tex
 
 @pytest.mark.slow
 def test_stream_through_the_proxy_equals_the_single_server(ray_url, settings, single):
-    chunks = list(_client(ray_url).completions.create(model=settings.model_name, prompt=PROMPTS[0], max_tokens=40,
-                                                      temperature=0, stream=True))
+    chunks = list(
+        _client(ray_url).completions.create(
+            model=settings.model_name, prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=True
+        )
+    )
     assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason in ("stop", "length")
-    alone = single.post("/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                        json={"model": settings.model_name, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0})
+    alone = single.post(
+        "/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": settings.model_name, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0},
+    )
     assert "".join(c.choices[0].text for c in chunks) == alone.json()["choices"][0]["text"]
 
 
@@ -167,8 +216,9 @@ def test_errors_models_and_health_are_the_single_servers(ray_url, settings, sing
         assert (status, answer) == (alone.status_code, alone.json()), (method, path, key)
         assert 400 <= status < 500 and "message" in answer["error"]
     status, listed, _ = _raw(ray_url, "GET", "/v1/models")
-    assert status == 200 and [m["id"] for m in listed["data"]] == [m["id"] for m in single.get(
-        "/v1/models", headers=auth).json()["data"]]
+    assert status == 200 and [m["id"] for m in listed["data"]] == [
+        m["id"] for m in single.get("/v1/models", headers=auth).json()["data"]
+    ]
     status, health, headers = _raw(ray_url, "GET", "/health", api_key=None)
     assert status == 200 and health["status"] == "ok" and health["slots"] == settings.max_batch
     assert headers["x-tfgen-replica"]
@@ -182,10 +232,15 @@ def test_ray_flags_without_ray_installed_exit_2_with_the_install_hint(monkeypatc
     assert err.count("\n") == 1 and "pip install 'tfgen[ray]'" in err
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--replicas", "2"], "--replicas"), (["--ray-address", "auto"], "--ray-address"),
-    (["--ray", "--replicas", "0"], "--replicas"), (["--ray", "--replica-cpus", "-1"], "--replica-cpus"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--replicas", "2"], "--replicas"),
+        (["--ray-address", "auto"], "--ray-address"),
+        (["--ray", "--replicas", "0"], "--replicas"),
+        (["--ray", "--replica-cpus", "-1"], "--replica-cpus"),
+    ],
+)
 def test_bad_ray_flags_exit_2_naming_the_flag(args, named, capsys):
     assert cli.main(["serve", *args]) == 2
     err = capsys.readouterr().err

@@ -36,13 +36,27 @@ class OneTokenTokenizer:
         return types.SimpleNamespace(new_text="가" * len(new_ids))
 
 
-GREEDY = Sampling(max_tokens=4, do_sample=False, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, min_tokens=0)
+GREEDY = Sampling(
+    max_tokens=4,
+    do_sample=False,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    min_tokens=0,
+)
 
 
 def _job(done):
-    return Job(prompt_ids=[1, 2], prompt_text="안녕", sampling=GREEDY, stop=(), deadline=time.monotonic() + 60,
-               emit=lambda kind, value: done.release() if kind == "done" else None)
+    return Job(
+        prompt_ids=[1, 2],
+        prompt_text="안녕",
+        sampling=GREEDY,
+        stop=(),
+        deadline=time.monotonic() + 60,
+        emit=lambda kind, value: done.release() if kind == "done" else None,
+    )
 
 
 def _admissions(arrivals, monkeypatch, quiet, longest):

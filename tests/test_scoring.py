@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from tiny_model import text_of_tokens
-
 from tfgen import GPT2LM, Tokenizer, scoring
+from tiny_model import text_of_tokens
 
 SHORT_CONTEXT = 32  # the context of a cut copy of the tiny GPT-2, for texts of a few contexts
 TEXTS = ["안녕하세요", "가", "근육이 커지기 위해서는 무엇보다 규칙적인 생활습관이 중요하다.", "이때 그는"]
@@ -88,7 +87,7 @@ def _pt_strided_logprob(model, ids, context, stride):
         end = min(begin + context, len(ids))
         input_ids = torch.tensor([ids[begin:end]])
         labels = input_ids.clone()
-        labels[:, :-(end - previous_end)] = -100
+        labels[:, : -(end - previous_end)] = -100
         with torch.no_grad():
             loss = model(input_ids, labels=labels).loss
         total -= loss.item() * int((labels[:, 1:] != -100).sum())  # the loss is the mean over the shifted targets
@@ -98,8 +97,9 @@ def _pt_strided_logprob(model, ids, context, stride):
 
 
 @pytest.mark.parametrize("stride", [5, 21, None])
-def test_strided_score_of_a_long_text_matches_pytorch_perplexity_guide(short_context_lm, short_context_pt_model,
-                                                                       ko_lines, stride):
+def test_strided_score_of_a_long_text_matches_pytorch_perplexity_guide(
+    short_context_lm, short_context_pt_model, ko_lines, stride
+):
     lm = short_context_lm
     text = text_of_tokens(lm.tokenizer, ko_lines, 3 * SHORT_CONTEXT)
     ids = lm.tokenizer.encode(text)
@@ -148,8 +148,8 @@ def test_top_choices_match_pytorch_softmax_and_greedy_generate(tiny_lm, pt_model
         assert [token for token, _ in row["choices"]] == [tokenizer.token_text(i) for i in top.indices]
         np.testing.assert_allclose([p for _, p in row["choices"]], top.values.numpy(), atol=1e-5)
         ids.append(int(top.indices[0]))
-    greedy = tiny_lm.generate(prompt_ids, max_new_tokens=steps, eos_token_id=None).numpy()[0, len(prompt_ids):]
-    assert ids[len(prompt_ids):] == greedy.tolist()
+    greedy = tiny_lm.generate(prompt_ids, max_new_tokens=steps, eos_token_id=None).numpy()[0, len(prompt_ids) :]
+    assert ids[len(prompt_ids) :] == greedy.tolist()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,15 +15,14 @@ import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from transformers import GPT2Config
 
 from test_litert import BLOCK_TENSORFLOW
-from tiny_model import text_of_tokens
-from tfgen import GPT2LM, cli, export_litert
 from test_penalties import reference_greedy
+from tfgen import GPT2LM, cli, export_litert
 from tfgen.serving import chat, protocol
 from tfgen.serving.scheduler import find_stop, settled_text
+from tiny_model import text_of_tokens
 
 API_KEY = "test-key"
 ENGINES = ["xla", "litert"]  # `tfgen serve` on a checkpoint (XLA), and on a LiteRT export without TensorFlow
@@ -32,8 +30,10 @@ SERVE_WITHOUT_TENSORFLOW = BLOCK_TENSORFLOW + "from tfgen.cli import main; sys.e
 STARTUP_SECONDS = 600
 HANGUL = re.compile("[가-힣]")
 INTERVIEW = chat.TEMPLATES_DIR / "interview.jinja"
-CHAT = [{"role": "system", "content": "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!"},
-        {"role": "user", "content": "GPT님, 요즘 바쁘시죠?"}]
+CHAT = [
+    {"role": "system", "content": "요즘 굉장히 핫한 인공지능인 GPT님과 인터뷰를 나눠보겠습니다!"},
+    {"role": "user", "content": "GPT님, 요즘 바쁘시죠?"},
+]
 PROMPTS = ["대한민국의 수도는", "영화가 정말", "옛날 옛적에", "오늘 날씨는", "서울은", "이 책은", "우리는", "그는 집에"]
 
 
@@ -58,8 +58,18 @@ class ServerProcess:
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [python, *(["-c", SERVE_WITHOUT_TENSORFLOW] if without_tensorflow else ["-m", "tfgen"]), "serve", "--model", str(model_dir), "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                python,
+                *(["-c", SERVE_WITHOUT_TENSORFLOW] if without_tensorflow else ["-m", "tfgen"]),
+                "serve",
+                "--model",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
@@ -98,8 +108,9 @@ def served_dir(engine, model_dir, tmp_path_factory):
     if engine == "xla":
         return model_dir
     lm = GPT2LM.from_pretrained(model_dir)
-    return export_litert(lm, tmp_path_factory.mktemp("litert") / model_dir.name, quantize="none",
-                         capacity=lm.net.context)
+    return export_litert(
+        lm, tmp_path_factory.mktemp("litert") / model_dir.name, quantize="none", capacity=lm.net.context
+    )
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -114,8 +125,17 @@ def model_dir(engine, tiny_lm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engine, model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch", "16",
-                            "--api-key", API_KEY, "--chat-template", str(INTERVIEW), without_tensorflow=engine == "litert")
+    process = ServerProcess(
+        model_dir,
+        tmp_path_factory.mktemp("serve") / "server.log",
+        "--max-batch",
+        "16",
+        "--api-key",
+        API_KEY,
+        "--chat-template",
+        str(INTERVIEW),
+        without_tensorflow=engine == "litert",
+    )
     yield process
     process.stop()
 
@@ -150,19 +170,23 @@ def test_greedy_completion_equals_generate_text(client, model_name, tiny_lm):
 
 def test_stream_chunks_join_to_the_completion(client, model_name, tiny_lm):
     prompt = PROMPTS[0]
-    chunks = list(client.completions.create(model=model_name, prompt=prompt, max_tokens=40, temperature=0,
-                                            stream=True))
+    chunks = list(client.completions.create(model=model_name, prompt=prompt, max_tokens=40, temperature=0, stream=True))
     assert len(chunks) > 2  # pieces as they are decoded, then the finish_reason
     assert "".join(c.choices[0].text for c in chunks) == tiny_lm.generate_text(
-        prompt, return_full_text=False, max_new_tokens=40)
+        prompt, return_full_text=False, max_new_tokens=40
+    )
     assert [c.choices[0].finish_reason for c in chunks][-1] in ("stop", "length")
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
 def test_stream_ends_with_done(server, model_name):
     body = json.dumps({"model": model_name, "prompt": PROMPTS[1], "max_tokens": 8, "stream": True}).encode()
-    request = urllib.request.Request(server.url + "/v1/completions", body, method="POST", headers={
-        "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    request = urllib.request.Request(
+        server.url + "/v1/completions",
+        body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         events = [line for line in response.read().decode().splitlines() if line.startswith("data:")]
@@ -171,22 +195,29 @@ def test_stream_ends_with_done(server, model_name):
 
 def test_stop_sequence_cuts_the_text(client, model_name):
     full = _greedy(client, model_name, PROMPTS[0], max_tokens=40).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     response = _greedy(client, model_name, PROMPTS[0], max_tokens=40, stop=[stop])
     assert response.choices[0].text == full[: full.index(stop)]
     assert response.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=40, temperature=0,
-                                         stop=stop, stream=True)
+    streamed = client.completions.create(
+        model=model_name, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
 
 
 def test_prompt_list_n_and_seed(client, model_name):
-    response = client.completions.create(model=model_name, prompt=PROMPTS[:2], n=3, max_tokens=12, temperature=1.0,
-                                         top_p=0.9, extra_body={"top_k": 40})
+    response = client.completions.create(
+        model=model_name, prompt=PROMPTS[:2], n=3, max_tokens=12, temperature=1.0, top_p=0.9, extra_body={"top_k": 40}
+    )
     assert [c.index for c in response.choices] == list(range(6))
     assert all(c.text for c in response.choices)
-    seeded = [[c.text for c in client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7,
-                                                          n=2).choices] for _ in range(2)]
+    seeded = [
+        [
+            c.text
+            for c in client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7, n=2).choices
+        ]
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]  # the request repeats exactly
     assert seeded[0][0] != seeded[0][1]  # its choices differ
     alone = client.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=16, seed=7).choices[0].text
@@ -204,10 +235,21 @@ def test_logprobs_of_greedy_tokens_are_the_best(client, model_name):
 
 
 def test_extras_are_applied(client, model_name, tiny_lm):
-    response = _greedy(client, model_name, PROMPTS[0], max_tokens=30,
-                       extra_body={"no_repeat_ngram_size": 2, "repetition_penalty": 1.3, "min_tokens": 30})
-    expected = tiny_lm.generate_text(PROMPTS[0], return_full_text=False, max_new_tokens=30, no_repeat_ngram_size=2,
-                                     repetition_penalty=1.3, min_new_tokens=30)
+    response = _greedy(
+        client,
+        model_name,
+        PROMPTS[0],
+        max_tokens=30,
+        extra_body={"no_repeat_ngram_size": 2, "repetition_penalty": 1.3, "min_tokens": 30},
+    )
+    expected = tiny_lm.generate_text(
+        PROMPTS[0],
+        return_full_text=False,
+        max_new_tokens=30,
+        no_repeat_ngram_size=2,
+        repetition_penalty=1.3,
+        min_new_tokens=30,
+    )
     assert response.choices[0].text == expected
     assert response.usage.completion_tokens == 30
 
@@ -221,8 +263,16 @@ def test_chat_completion_equals_generate_text_on_the_rendered_prompt(client, mod
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content == expected
     assert response.usage.prompt_tokens == len(tiny_lm.tokenizer.encode(prompt))
-    chunks = list(client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=24, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name,
+            messages=CHAT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
@@ -231,8 +281,12 @@ def test_chat_completion_equals_generate_text_on_the_rendered_prompt(client, mod
 
 
 def test_chat_messages_are_checked(client, model_name):
-    for messages in ([], [{"role": "user"}], [{"role": "tool", "content": "x"}],
-                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+    for messages in (
+        [],
+        [{"role": "user"}],
+        [{"role": "tool", "content": "x"}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    ):
         with pytest.raises(openai.BadRequestError) as raised:
             client.chat.completions.create(model=model_name, messages=messages, max_tokens=2)
         assert raised.value.body["param"] == "messages"
@@ -241,8 +295,16 @@ def test_chat_messages_are_checked(client, model_name):
 
 
 def test_completion_stream_include_usage(client, model_name):
-    chunks = list(client.completions.create(model=model_name, prompt=PROMPTS[:2], max_tokens=6, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=model_name,
+            prompt=PROMPTS[:2],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     final = _greedy(client, model_name, PROMPTS[:2], max_tokens=6)
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == final.usage.model_dump()
     assert all(c.usage is None for c in chunks[:-1])
@@ -252,8 +314,9 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, model_name, tiny_lm):
     text = "나는 오늘 학교에 갔다."
     scored = tiny_lm.score(text)
     for prompt in (text, tiny_lm.tokenizer.encode(text)):
-        response = client.completions.create(model=model_name, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
-                                             temperature=0)
+        response = client.completions.create(
+            model=model_name, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0
+        )
         choice = response.choices[0]
         assert choice.text == tiny_lm.tokenizer.decode(tiny_lm.tokenizer.encode(text))
         assert response.usage.completion_tokens == 0 and choice.finish_reason == "length"
@@ -269,19 +332,25 @@ def test_echo_with_new_tokens_puts_the_prompt_first(client, model_name, tiny_lm)
     plain = _greedy(client, model_name, PROMPTS[1], max_tokens=8, logprobs=1)
     echoed = _greedy(client, model_name, PROMPTS[1], max_tokens=8, logprobs=1, echo=True)
     prompt_tokens = echoed.usage.prompt_tokens
-    assert echoed.choices[0].text == tiny_lm.tokenizer.decode(tiny_lm.tokenizer.encode(PROMPTS[1])) + plain.choices[0].text
+    assert (
+        echoed.choices[0].text == tiny_lm.tokenizer.decode(tiny_lm.tokenizer.encode(PROMPTS[1])) + plain.choices[0].text
+    )
     assert echoed.choices[0].logprobs.token_logprobs[prompt_tokens:] == pytest.approx(
-        plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+        plain.choices[0].logprobs.token_logprobs, abs=1e-5
+    )
     assert len(echoed.choices[0].logprobs.tokens) == prompt_tokens + plain.usage.completion_tokens
-    streamed = client.completions.create(model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0,
-                                         echo=True, stream=True)
+    streamed = client.completions.create(
+        model=model_name, prompt=PROMPTS[1], max_tokens=8, temperature=0, echo=True, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
 
 
 def test_token_id_prompts_equal_text_prompts(client, model_name, tiny_lm):
     ids = [tiny_lm.tokenizer.encode(p) for p in PROMPTS[:2]]
     by_text = _greedy(client, model_name, PROMPTS[:2], max_tokens=10)
-    assert [c.text for c in _greedy(client, model_name, ids, max_tokens=10).choices] == [c.text for c in by_text.choices]
+    assert [c.text for c in _greedy(client, model_name, ids, max_tokens=10).choices] == [
+        c.text for c in by_text.choices
+    ]
     assert _greedy(client, model_name, ids[0], max_tokens=10).choices[0].text == by_text.choices[0].text
 
 
@@ -289,9 +358,11 @@ def test_penalties_and_logit_bias_equal_openai_formula(client, model_name, tiny_
     tokenizer = tiny_lm.tokenizer
     prompt_ids = tokenizer.encode(PROMPTS[0])
     plain = reference_greedy(tiny_lm, prompt_ids, 24)
-    cases = [{"presence_penalty": 0.8, "frequency_penalty": 1.5},
-             {"logit_bias": {str(plain[0]): -100, str(plain[3]): 5.0}},
-             {"frequency_penalty": 2.0, "logit_bias": {str(plain[1]): 3.0}}]
+    cases = [
+        {"presence_penalty": 0.8, "frequency_penalty": 1.5},
+        {"logit_bias": {str(plain[0]): -100, str(plain[3]): 5.0}},
+        {"frequency_penalty": 2.0, "logit_bias": {str(plain[1]): 3.0}},
+    ]
     for case in cases:
         expected = reference_greedy(tiny_lm, prompt_ids, 24, **case)
         assert expected != plain  # big enough to change the text
@@ -300,8 +371,9 @@ def test_penalties_and_logit_bias_equal_openai_formula(client, model_name, tiny_
         assert response.choices[0].text == tokenizer.completion(prompt_ids, expected, ()).new_text
 
 
-def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name, tiny_lm, tiny_lm_dir, tmp_path,
-                                                              monkeypatch):
+def test_lm_eval_local_completions_loglikelihood_equals_score(
+    server, model_name, tiny_lm, tiny_lm_dir, tmp_path, monkeypatch
+):
     """lm-evaluation-harness's `local-completions` model, as it scores a task's answers: echo, max_tokens 1,
     logprobs 1, token-id prompts in batches; its log-likelihoods are the sums of `score`'s token log-probabilities."""
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
@@ -310,15 +382,23 @@ def test_lm_eval_local_completions_loglikelihood_equals_score(server, model_name
 
     tokenizer_dir = hf_tokenizer_dir(tiny_lm_dir, tmp_path)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # what its requests send as `Authorization: Bearer`
-    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=model_name, tokenizer_backend="huggingface",
-                             tokenizer=str(tokenizer_dir), tokenized_requests=True, batch_size=2, max_retries=1,
-                             use_fast_tokenizer=False, add_bos_token=True)  # the tiny tokenizer adds BOS
+    lm = LocalCompletionsAPI(
+        base_url=server.url + "/v1/completions",
+        model=model_name,
+        tokenizer_backend="huggingface",
+        tokenizer=str(tokenizer_dir),
+        tokenized_requests=True,
+        batch_size=2,
+        max_retries=1,
+        use_fast_tokenizer=False,
+        add_bos_token=True,
+    )  # the tiny tokenizer adds BOS
     pairs = [("대한민국의 수도는", " 서울이다."), ("오늘 날씨는", " 정말 좋다."), ("그는 집에", " 갔다.")]
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
     results = lm.loglikelihood(requests, disable_tqdm=True)
     for (context, continuation), (logprob, _) in zip(pairs, results):
         context_tokens = len(tiny_lm.tokenizer.encode(context))  # BOS and the context's tokens
-        expected = sum(tiny_lm.score(context + continuation)["token_logprobs"][context_tokens - 1:])
+        expected = sum(tiny_lm.score(context + continuation)["token_logprobs"][context_tokens - 1 :])
         assert logprob == pytest.approx(expected, abs=1e-4)
 
 
@@ -328,8 +408,9 @@ def hf_tokenizer_dir(model_dir, tmp_path):
     directory = tmp_path / "hf-tokenizer"
     directory.mkdir()
     (directory / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True})
+    )
     return directory
 
 
@@ -345,18 +426,40 @@ def test_wrong_or_missing_key_is_401(server, model_name):
     assert json.loads(raised.value.read())["error"]["type"] == "authentication_error"
 
 
-@pytest.mark.parametrize("bad", [
-    {"max_tokens": 0}, {"max_tokens": "many"}, {"temperature": 2.5}, {"top_p": 0}, {"n": 0},
-    {"logprobs": 9}, {"stop": ["a", "b", "c", "d", "e"]}, {"prompt": ""}, {"prompt": [1, "a"]},
-    {"prompt": [10**7]}, {"prompt": [[1], []]}, {"prompt": [-1]},
-    {"prompt": "긴 문장 " * 200}, {"max_tokens": 500}, {"extra_body": {"top_k": "x"}},
-    {"extra_body": {"no_repeat_ngram_size": 99}}, {"extra_body": {"min_tokens": 50}},
-    {"extra_body": {"unknown_field": 1}}, {"extra_body": {"best_of": 2}},
-    {"stream": True, "logprobs": 1}, {"presence_penalty": 2.5}, {"frequency_penalty": -2.01},
-    {"presence_penalty": "1"}, {"logit_bias": {"abc": 1}}, {"logit_bias": {"5": 101}},
-    {"logit_bias": {"100000": 1}}, {"logit_bias": [1]}, {"stream_options": {"include_usage": True}},
-    {"stream": True, "stream_options": {"include_usage": 1}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_tokens": 0},
+        {"max_tokens": "many"},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"n": 0},
+        {"logprobs": 9},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"prompt": ""},
+        {"prompt": [1, "a"]},
+        {"prompt": [10**7]},
+        {"prompt": [[1], []]},
+        {"prompt": [-1]},
+        {"prompt": "긴 문장 " * 200},
+        {"max_tokens": 500},
+        {"extra_body": {"top_k": "x"}},
+        {"extra_body": {"no_repeat_ngram_size": 99}},
+        {"extra_body": {"min_tokens": 50}},
+        {"extra_body": {"unknown_field": 1}},
+        {"extra_body": {"best_of": 2}},
+        {"stream": True, "logprobs": 1},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -2.01},
+        {"presence_penalty": "1"},
+        {"logit_bias": {"abc": 1}},
+        {"logit_bias": {"5": 101}},
+        {"logit_bias": {"100000": 1}},
+        {"logit_bias": [1]},
+        {"stream_options": {"include_usage": True}},
+        {"stream": True, "stream_options": {"include_usage": 1}},
+    ],
+)
 def test_bad_request_is_400_and_the_server_keeps_serving(client, model_name, bad):
     kwargs = {"model": model_name, "prompt": "안녕하세요", "max_tokens": 4, **bad}
     with pytest.raises(openai.BadRequestError) as raised:
@@ -368,8 +471,12 @@ def test_bad_request_is_400_and_the_server_keeps_serving(client, model_name, bad
 
 def test_malformed_json_gets_openai_error_object(server):
     for body in (b"{not json", b"\xff\xfe", b"[1, 2]"):
-        request = urllib.request.Request(server.url + "/v1/completions", body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        request = urllib.request.Request(
+            server.url + "/v1/completions",
+            body,
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(request, timeout=30)
         assert raised.value.code == 400
@@ -386,8 +493,14 @@ def test_models_health_and_metrics(server, client, model_name):
     assert [m.id for m in client.models.list()] == [model_name]
     assert json.loads(_get(server.url, "/health")[1])["slots"] == 16
     names = {family.name for family in text_string_to_metric_families(_get(server.url, "/metrics")[1])}
-    assert {"tfgen_requests", "tfgen_completion_tokens", "tfgen_queue_depth", "tfgen_busy_slots",
-            "tfgen_time_to_first_token_seconds", "tfgen_request_latency_seconds"} <= names
+    assert {
+        "tfgen_requests",
+        "tfgen_completion_tokens",
+        "tfgen_queue_depth",
+        "tfgen_busy_slots",
+        "tfgen_time_to_first_token_seconds",
+        "tfgen_request_latency_seconds",
+    } <= names
 
 
 def test_prompts_sharing_a_prefix_reuse_it_and_say_so_in_metrics(server, client, model_name, tiny_lm, ko_lines):
@@ -395,8 +508,9 @@ def test_prompts_sharing_a_prefix_reuse_it_and_say_so_in_metrics(server, client,
     before = {name: server.metric(f"tfgen_prefix_cache_{name}_total") for name in ("hits", "misses", "reused_tokens")}
     for suffix in (" 서울은", " 우리는"):
         response = _greedy(client, model_name, prefix + suffix, max_tokens=12)
-        assert response.choices[0].text == tiny_lm.generate_text(prefix + suffix, return_full_text=False,
-                                                                 max_new_tokens=12)
+        assert response.choices[0].text == tiny_lm.generate_text(
+            prefix + suffix, return_full_text=False, max_new_tokens=12
+        )
     after = {name: server.metric(f"tfgen_prefix_cache_{name}_total") for name in before}
     assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 1
     assert after["reused_tokens"] - before["reused_tokens"] >= 64  # the shared 70 tokens' first 4 blocks at least
@@ -431,8 +545,9 @@ def _rss_mb(server):
 
 def test_dropped_stream_frees_its_slot(server, client, model_name):
     cancelled = server.metric("tfgen_finished_rows_total", reason="cancelled")
-    stream = client.completions.create(model=model_name, prompt=PROMPTS[4], max_tokens=100, temperature=0,
-                                       stream=True, extra_body={"min_tokens": 100})
+    stream = client.completions.create(
+        model=model_name, prompt=PROMPTS[4], max_tokens=100, temperature=0, stream=True, extra_body={"min_tokens": 100}
+    )
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()
@@ -449,6 +564,7 @@ def test_200_requests_leave_memory_flat(server, client, model_name):
     def run(count):
         for i in range(count):
             _greedy(client, model_name, PROMPTS[i % len(PROMPTS)], max_tokens=8, stream=i % 2 == 1)
+
     run(20)
     before = _rss_mb(server)
     run(200)
@@ -467,13 +583,20 @@ def long_context_dir(tiny_lm, tmp_path_factory):
 @pytest.mark.slow
 def test_full_queue_is_429_and_sigterm_drains(engine, long_context_dir, tmp_path_factory, tmp_path):
     served = served_dir(engine, long_context_dir, tmp_path_factory)
-    small = ServerProcess(served, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0",
-                          without_tensorflow=engine == "litert")
+    small = ServerProcess(
+        served, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0", without_tensorflow=engine == "litert"
+    )
     model_name = served.name
     try:
         client = small.client()
-        stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=1000, temperature=0,
-                                           stream=True, extra_body={"min_tokens": 1000})
+        stream = client.completions.create(
+            model=model_name,
+            prompt=PROMPTS[0],
+            max_tokens=1000,
+            temperature=0,
+            stream=True,
+            extra_body={"min_tokens": 1000},
+        )
         chunks = iter(stream)
         pieces = [next(chunks).choices[0].text]
         with pytest.raises(openai.RateLimitError) as raised:
@@ -500,9 +623,17 @@ def test_playground_streams_korean_in_chromium(server, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -549,8 +680,12 @@ def test_chat_without_a_template_is_400_naming_the_flag(tiny_lm_dir):
 
 
 def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
-    result = subprocess.run([sys.executable, "-m", "tfgen", "serve", "--model", str(tmp_path / "missing")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tfgen", "serve", "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no model directory" in result.stderr
     for args in (["--max-batch", "0"], ["--max-queue", "-1"], ["--request-timeout", "0"]):
@@ -581,5 +716,7 @@ def test_request_checks_name_the_field():
     with pytest.raises(protocol.APIError) as raised:
         protocol.parse_completion_request({"model": "m", "prompt": "p", "top_p": 1.5}, "m")
     assert raised.value.param == "top_p" and raised.value.status == 400
-    request = protocol.parse_completion_request({"model": "m", "prompt": ["a", "b"], "temperature": 0, "stop": "x"}, "m")
+    request = protocol.parse_completion_request(
+        {"model": "m", "prompt": ["a", "b"], "temperature": 0, "stop": "x"}, "m"
+    )
     assert not request.sampling.do_sample and request.prompts == ("a", "b") and request.stop == ("x",)

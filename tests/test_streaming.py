@@ -13,8 +13,17 @@ from tfgen.cli import main
 PROMPTS = ["이때 😀", "근육이 커지기 위해서는 🎉", "똠양꿍 맛집"]
 GREEDY = dict(max_new_tokens=16)
 SAMPLING = dict(max_new_tokens=16, do_sample=True, seed=5, top_k=0, temperature=1.5)
-EVERY_PROCESSOR = dict(max_new_tokens=16, do_sample=True, seed=2, top_k=20, top_p=0.9, repetition_penalty=1.3,
-                       no_repeat_ngram_size=2, min_new_tokens=10, bad_words_ids=[[7], [11, 12]])
+EVERY_PROCESSOR = dict(
+    max_new_tokens=16,
+    do_sample=True,
+    seed=2,
+    top_k=20,
+    top_p=0.9,
+    repetition_penalty=1.3,
+    no_repeat_ngram_size=2,
+    min_new_tokens=10,
+    bad_words_ids=[[7], [11, 12]],
+)
 
 
 class Collecting(BaseStreamer):
@@ -62,7 +71,7 @@ def test_streamed_tokens_are_the_tokens_generated_without_a_streamer(tiny_lm, se
     np.testing.assert_array_equal(streamed, tiny_lm.generate(ids, mask, **settings).numpy())
     np.testing.assert_array_equal(streamer.puts[0], ids)  # the prompts once, then one [rows] array per step
     assert streamer.ended and all(put.shape == (len(PROMPTS),) for put in streamer.puts[1:])
-    np.testing.assert_array_equal(np.stack(streamer.puts[1:], axis=1), streamed[:, ids.shape[1]:])
+    np.testing.assert_array_equal(np.stack(streamer.puts[1:], axis=1), streamed[:, ids.shape[1] :])
 
 
 def test_a_streamer_with_beam_search_is_a_clear_error(tiny_lm):
@@ -88,7 +97,7 @@ def test_stream_text_never_sends_part_of_a_character(tiny_lm):
     assert sum(tokenizer.id_to_token(i).startswith("<0x") for i in new_ids) >= 8
     prompt_text = tokenizer.decode(prompt_ids)
     pieces = list(tokenizer.text_pieces(prompt_ids, ([token] for token in new_ids), set(), prompt_text))
-    assert "".join(pieces) == tokenizer.decode(prompt_ids + new_ids)[len(prompt_text):]
+    assert "".join(pieces) == tokenizer.decode(prompt_ids + new_ids)[len(prompt_text) :]
     assert not any("\ufffd" in piece for piece in pieces)
     assert {"😀", "🎉"} <= {char for piece in pieces for char in piece}
 
@@ -101,9 +110,14 @@ def test_stream_text_refuses_what_it_cannot_stream(tiny_lm):
 
 
 # Sampled rows depend on the batch they are drawn in, and --stream decodes one prompt at a time: one prompt there.
-@pytest.mark.parametrize("prompts, flags", [(PROMPTS[:2], ["--max-new-tokens", "12"]),
-                                            (PROMPTS[1:2], ["--max-new-tokens", "12", "--do-sample", "--seed", "4"])],
-                         ids=["greedy", "sampling"])
+@pytest.mark.parametrize(
+    "prompts, flags",
+    [
+        (PROMPTS[:2], ["--max-new-tokens", "12"]),
+        (PROMPTS[1:2], ["--max-new-tokens", "12", "--do-sample", "--seed", "4"]),
+    ],
+    ids=["greedy", "sampling"],
+)
 def test_cli_stream_prints_what_the_plain_output_prints(tiny_lm_dir, capsys, prompts, flags):
     argv = ["generate", *prompts, "--model", str(tiny_lm_dir), *flags]
     assert main(argv) == 0
@@ -135,8 +149,9 @@ def test_a_generation_paused_in_another_thread_keeps_its_own_state(tiny_lm):
                 release.wait(600)
 
     result = {}
-    thread = threading.Thread(target=lambda: result.update(out=tiny_lm.generate(ids, streamer=Pausing(),
-                                                                                **GREEDY).numpy()))
+    thread = threading.Thread(
+        target=lambda: result.update(out=tiny_lm.generate(ids, streamer=Pausing(), **GREEDY).numpy())
+    )
     thread.start()
     assert arrived.wait(600)
     np.testing.assert_array_equal(tiny_lm.generate(other, **GREEDY).numpy(), other_expected)

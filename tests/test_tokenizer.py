@@ -98,8 +98,11 @@ def test_tokenizer_json_post_processor_template_is_followed(hf_tokenizer_dir, tm
 
     spec = json.loads((hf_tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = spec["model"]["vocab"]
-    spec["post_processor"] = json.loads(processors.TemplateProcessing(
-        single=template, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]).__getstate__())
+    spec["post_processor"] = json.loads(
+        processors.TemplateProcessing(
+            single=template, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+        ).__getstate__()
+    )
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     shutil.copy(hf_tokenizer_dir / "tokenizer_config.json", tmp_path)
     tok = Tokenizer.from_pretrained(tmp_path)

@@ -32,8 +32,9 @@ def test_masked_loss_equals_a_hand_computation_and_ignores_padding():
 
 
 def test_evaluate_reports_masked_loss_accuracy_and_perplexity(tiny_lm, ko_lines):
-    batches = lm_batches(ko_lines[:16], tiny_lm.tokenizer, block_size=24, batch_size=16, layout="documents",
-                         shuffle_buffer=0)
+    batches = lm_batches(
+        ko_lines[:16], tiny_lm.tokenizer, block_size=24, batch_size=16, layout="documents", shuffle_buffer=0
+    )
     features, labels, weights = next(iter(batches))
     weights = weights.numpy()
     assert 0 < weights.mean() < 1  # the batch has padding
@@ -81,7 +82,10 @@ def test_from_config_takes_vocabulary_and_special_ids_from_the_tokenizer(tiny_lm
     lm = GPT2LM.from_config({"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}, tok)
     assert lm.config.vocab_size == tok.vocab_size and lm.config.n_embd == 32
     assert (lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert lm.tokenizer is tok and lm(tf.constant([[1, 2]])).shape == (1, 2, tok.vocab_size)
 
 
@@ -103,8 +107,9 @@ def test_fit_lowers_the_loss_and_the_checkpoint_reloads_in_transformers(tiny_lm,
     tf_logits = tf_model(ids, attention_mask=mask, position_ids=positions).logits.numpy()
     pt_model = GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
-        pt_logits = pt_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                             position_ids=torch.tensor(positions)).logits.numpy()
+        pt_logits = pt_model(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
     np.testing.assert_allclose(ours, tf_logits[mask == 1], atol=1e-4)
     np.testing.assert_allclose(ours, pt_logits[mask == 1], atol=1e-4)
 
@@ -204,16 +209,21 @@ def test_keras_callbacks_early_stopping_csv_logger_and_tensorboard(tiny_lm, ko_l
         tf.keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
         tf.keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
     ]
-    history = lm.fit(batches.repeat(), steps_per_epoch=3, epochs=10, validation_data=batches.take(2),
-                     callbacks=callbacks, verbose=0)
+    history = lm.fit(
+        batches.repeat(), steps_per_epoch=3, epochs=10, validation_data=batches.take(2), callbacks=callbacks, verbose=0
+    )
     assert len(history.history["loss"]) == 2  # the first epoch sets the mark, the second fails to beat it
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["epoch", "accuracy", "loss", "perplexity", "val_accuracy", "val_loss",
-                                  "val_perplexity"] and len(rows) == 3
+    assert (
+        rows[0].split(",") == ["epoch", "accuracy", "loss", "perplexity", "val_accuracy", "val_loss", "val_perplexity"]
+        and len(rows) == 3
+    )
     from tensorflow.core.util import event_pb2
 
-    tags = {value.tag
-            for path in (tmp_path / "tb" / "train").glob("events.out.tfevents.*")
-            for record in tf.data.TFRecordDataset(str(path))
-            for value in event_pb2.Event.FromString(record.numpy()).summary.value}
+    tags = {
+        value.tag
+        for path in (tmp_path / "tb" / "train").glob("events.out.tfevents.*")
+        for record in tf.data.TFRecordDataset(str(path))
+        for value in event_pb2.Event.FromString(record.numpy()).summary.value
+    }
     assert {"epoch_loss", "epoch_perplexity", "epoch_accuracy"} <= tags

@@ -21,9 +21,19 @@ def _biased_towards_padding(tokenizer):
     """An untrained tiny GPT-2 whose every next-token distribution is the same: the padding ids and ten of the
     tokenizer's pieces equally likely, the last padding id a little more (so greedy picks it)."""
     vocab = tokenizer.vocab_size + PADDING
-    lm = GPT2LM(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id), tokenizer)
+    lm = GPT2LM(
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=64,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        tokenizer,
+    )
     lm(np.array([[1, 2]], np.int32))
     transformer = lm.gpt2.transformer
     # The final LayerNorm outputs its bias alone, e_0 * 1, so a token's logit is its embedding's first feature.
@@ -88,8 +98,9 @@ def test_saved_model_decodes_in_the_graph(padded_lm, tmp_path):
     sequences = out["sequences"].numpy()[0]
     completion = out["completions"].numpy()[0].decode("utf-8")
     assert _padding_ids(sequences, padded_lm.tokenizer)
-    expected = padded_lm.tokenizer.completion(padded_lm.tokenizer.encode(PROMPT), sequences[-24:],
-                                              {padded_lm.config.eos_token_id})
+    expected = padded_lm.tokenizer.completion(
+        padded_lm.tokenizer.encode(PROMPT), sequences[-24:], {padded_lm.config.eos_token_id}
+    )
     assert completion == expected.new_text != ""
 
 
@@ -108,8 +119,12 @@ print(json.dumps({"greedy": lm.generate_text(sys.argv[2], max_new_tokens=8),
 @pytest.mark.slow
 def test_litert_runtime_decodes(padded_lm, tmp_path):
     directory = export_litert(padded_lm, tmp_path / "litert", quantize="none", capacity=40)
-    run = subprocess.run([sys.executable, "-c", LITERT_RUN, str(directory), PROMPT, json.dumps(SAMPLING)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LITERT_RUN, str(directory), PROMPT, json.dumps(SAMPLING)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ids 1000 to 1063 have no token" in run.stderr  # warned once, on loading
     result = json.loads(run.stdout)
@@ -125,8 +140,9 @@ def test_server_answers_200(padded_dir, tmp_path):
     server = ServerProcess(padded_dir, tmp_path / "server.log", "--max-batch", "2")
     try:
         client = server.client()
-        response = client.completions.create(model=padded_dir.name, prompt=PROMPT, max_tokens=12, temperature=0,
-                                             logprobs=2)
+        response = client.completions.create(
+            model=padded_dir.name, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2
+        )
         assert response.choices[0].text == "" and response.usage.completion_tokens == 12
         assert response.choices[0].logprobs.tokens == [""] * 12
         sampled = client.completions.create(model=padded_dir.name, prompt=PROMPT, max_tokens=24, seed=3)

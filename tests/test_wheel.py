@@ -82,6 +82,7 @@ def test_litert_runs_from_the_wheel_where_tensorflow_is_absent(wheel, tiny_lm, t
     export = export_litert(tiny_lm, tmp_path / "litert", quantize="int8", capacity=64)
     tfgen = python.parent / "tfgen"
     assert _run(tfgen, "--version", cwd=tmp_path).stdout.strip() == f"tfgen {__version__}"
-    out = _run(tfgen, "generate", "대한민국의 수도는", "--model", export, "--max-new-tokens", "8", "--json",
-               cwd=tmp_path).stdout
+    out = _run(
+        tfgen, "generate", "대한민국의 수도는", "--model", export, "--max-new-tokens", "8", "--json", cwd=tmp_path
+    ).stdout
     assert json.loads(out)

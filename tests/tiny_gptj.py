@@ -36,10 +36,11 @@ def train_tiny_gptj(tokenizer_dir, lines, steps=150, length=32, seed=0):
     """A 2-layer, 64-wide GPT-J (rotary_dim 8 of head_dim 16) after `steps` Adam steps of PyTorch training."""
     torch.manual_seed(seed)
     vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
-    ids = {name: KOGPT_SPECIAL_TOKENS.index(token) for name, token in
-           [("bos_token_id", "[BOS]"), ("eos_token_id", "[EOS]"), ("pad_token_id", "[PAD]")]}
-    config = GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2,
-                        n_head=4, rotary_dim=8, **ids)
+    ids = {
+        name: KOGPT_SPECIAL_TOKENS.index(token)
+        for name, token in [("bos_token_id", "[BOS]"), ("eos_token_id", "[EOS]"), ("pad_token_id", "[PAD]")]
+    }
+    config = GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **ids)
     model = GPTJForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     rows = _token_rows(tokenizer_dir, lines, length)

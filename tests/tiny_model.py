@@ -81,7 +81,6 @@ def long_text(tiny_lm, ko_lines):
     return text_of_tokens(tiny_lm.tokenizer, ko_lines, 3 * tiny_lm.net.context)
 
 
-
 def load_recording_assigns(load, monkeypatch):
     """(the model `load()` returns, the dtype of every value checkpoint.read_weights assigned to a variable)."""
     from tfgen import checkpoint

@@ -74,7 +74,11 @@ def _cache_base(environ):
     setting = environ.get(COMPILE_CACHE_VARIABLE)
     if setting is not None and setting.strip().lower() in ("off", "0", "false", "no", ""):
         return None
-    return Path(setting).expanduser() if setting else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
+    return (
+        Path(setting).expanduser()
+        if setting
+        else Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfgen"
+    )
 
 
 def xnnpack_cache_file(model_file, environ=os.environ):
@@ -141,8 +145,10 @@ _STARTUP_NOISE = re.compile(
 # one it wrote; the failed text parse is logged at error level although the entry then loads. On Intel hosts XLA also
 # records the compiler's tuning flags prefer-no-scatter/-gather among the target's features, and the loader then
 # reports them as features the host lacks: they are not CPU features (a real mismatch is still reported).
-CACHE_READ_NOISE = re.compile(r"text_format\.cc.*Error parsing text-format tensorflow\.XlaSerializedCacheEntry"
-                              r"|cpu_aot_loader\.cc.*Target machine feature \+prefer-no-(scatter|gather) is not +supported")
+CACHE_READ_NOISE = re.compile(
+    r"text_format\.cc.*Error parsing text-format tensorflow\.XlaSerializedCacheEntry"
+    r"|cpu_aot_loader\.cc.*Target machine feature \+prefer-no-(scatter|gather) is not +supported"
+)
 
 
 @contextlib.contextmanager
@@ -208,8 +214,11 @@ class _DropLoadNoise(logging.Filter):
     """transformers warns that its TF classes leave in v5 (tfgen pins <5 on purpose), and reports at warning
     level that loading a complete tf_model.h5 went well; missing or unused weights are still reported."""
 
-    _DROPPED = ("TensorFlow and JAX classes are deprecated", "All model checkpoint layers were used",
-                "All the layers of TFGPT2LMHeadModel were initialized")
+    _DROPPED = (
+        "TensorFlow and JAX classes are deprecated",
+        "All model checkpoint layers were used",
+        "All the layers of TFGPT2LMHeadModel were initialized",
+    )
 
     def filter(self, record):
         message = record.getMessage()

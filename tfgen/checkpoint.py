@@ -52,8 +52,18 @@ def weights_to_fetch(filenames):
 
 
 # safetensors' dtype names; BF16 as ml_dtypes' bfloat16 (numpy has none; TensorFlow's tf.bfloat16 is the same type).
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 # How many bytes of a tensor are read at a time when it is cast into its variable (see _assign).
 _BLOCK_BYTES = 1 << 25
 
@@ -171,7 +181,7 @@ def tf_name(tf_variable_name):
     """A TF variable's name from its model's layers on, as transformers' h5 files match them:
     'tfgpt2lm_head_model_1/transformer/h_._0/ln_1/gamma:0' -> 'transformer/h_._0/ln_1/gamma:0'."""
     layers = re.search(r"(^|/)(transformer|lm_head)/", tf_variable_name)
-    return tf_variable_name[layers.end(1):] if layers else tf_variable_name
+    return tf_variable_name[layers.end(1) :] if layers else tf_variable_name
 
 
 def pytorch_name(tf_variable_name):
@@ -179,7 +189,9 @@ def pytorch_name(tf_variable_name):
     'transformer.h.0.ln_1.weight', 'tfgptj_for_causal_lm/lm_head/kernel:0' -> 'lm_head.weight'."""
     name = re.sub(r"h_\._(\d+)", r"h.\1", tf_name(tf_variable_name).split(":")[0])
     parts = name.split("/")
-    parts[-1] = {"gamma": "weight", "beta": "bias", "embeddings": "weight", "kernel": "weight"}.get(parts[-1], parts[-1])
+    parts[-1] = {"gamma": "weight", "beta": "bias", "embeddings": "weight", "kernel": "weight"}.get(
+        parts[-1], parts[-1]
+    )
     return ".".join(parts)
 
 
@@ -230,9 +242,11 @@ def _stored_tensors(path):
 
         with h5py.File(path, "r") as file:
             # Keras' h5 layout: a group per top-level layer, its weights' full TF names in the weight_names attribute.
-            yield {tf_name(weight): file[layer][weight]
-                   for layer in _h5_strings(file.attrs["layer_names"])
-                   for weight in _h5_strings(file[layer].attrs["weight_names"])}
+            yield {
+                tf_name(weight): file[layer][weight]
+                for layer in _h5_strings(file.attrs["layer_names"])
+                for weight in _h5_strings(file[layer].attrs["weight_names"])
+            }
     else:
         yield _SafetensorsFile(path).stored() if path.suffix == ".safetensors" else TorchCheckpoint(path)
 
@@ -273,11 +287,18 @@ def read_weights(variables, path, rename=None):
     names = {variable.name: _checkpoint_name(name_of(variable.name), everything) for variable in variables}
     missing = [name_of(variable.name) for variable in variables if names[variable.name] is None]
     if missing:
-        raise ValueError(f"{path} lacks the weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-                         "does config.json's model_type belong to these weights?")
+        raise ValueError(
+            f"{path} lacks the weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+            "does config.json's model_type belong to these weights?"
+        )
     total = sum(file.stat().st_size for file, _ in files)
-    with tqdm(total=total, unit="B", unit_scale=True, disable=None,
-              desc=f"Loading {len(files)} checkpoint shard{'s' if len(files) > 1 else ''}") as progress:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        disable=None,
+        desc=f"Loading {len(files)} checkpoint shard{'s' if len(files) > 1 else ''}",
+    ) as progress:
         for number, (file, held) in enumerate(files, 1):
             progress.set_postfix_str(f"shard {number}/{len(files)}")
             with _stored_tensors(file) as tensors:
@@ -298,9 +319,12 @@ def _assign(variable, stored, transposed, where):
     shape = variable.shape.as_list()
     expected = shape[::-1] if transposed else shape
     stored_shape = list(stored.shape)
-    if int(np.prod(stored_shape)) != int(np.prod(shape)) or (len(stored_shape) == len(shape) and stored_shape != expected):
-        raise ValueError(f"{where} has shape {stored_shape}, the model expects {expected}; "
-                         "does config.json belong to these weights?")
+    if int(np.prod(stored_shape)) != int(np.prod(shape)) or (
+        len(stored_shape) == len(shape) and stored_shape != expected
+    ):
+        raise ValueError(
+            f"{where} has shape {stored_shape}, the model expects {expected}; does config.json belong to these weights?"
+        )
     value = np.empty(shape, variable.dtype.as_numpy_dtype)
     rows = value.T if transposed else value.reshape(stored_shape)  # a view of value in the stored tensor's layout
     if not stored_shape:
@@ -308,7 +332,7 @@ def _assign(variable, stored, transposed, where):
     else:
         step = max(1, _BLOCK_BYTES // max(1, stored.nbytes // stored_shape[0]))
         for start in range(0, stored_shape[0], step):
-            rows[start:start + step] = stored[start:start + step]  # numpy casts into the variable's dtype
+            rows[start : start + step] = stored[start : start + step]  # numpy casts into the variable's dtype
     variable.assign(value)
     return stored.nbytes
 
@@ -316,7 +340,7 @@ def _assign(variable, stored, transposed, where):
 def _checkpoint_name(name, weights):
     if name in weights:
         return name
-    bare = name[len(_BASE_MODEL_PREFIX):] if name.startswith(_BASE_MODEL_PREFIX) else None
+    bare = name[len(_BASE_MODEL_PREFIX) :] if name.startswith(_BASE_MODEL_PREFIX) else None
     return bare if bare in weights else None
 
 

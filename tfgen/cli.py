@@ -40,7 +40,9 @@ def _read_texts(args_texts, noun="prompt"):
         try:
             texts = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as error:
-            raise UsageError(f"standard input is not UTF-8 (bad byte at offset {error.start}); convert it to UTF-8") from None
+            raise UsageError(
+                f"standard input is not UTF-8 (bad byte at offset {error.start}); convert it to UTF-8"
+            ) from None
         if not texts:
             raise UsageError(f"no {noun}: give {noun}s as arguments or one per line on standard input")
     for i, text in enumerate(texts, 1):
@@ -88,8 +90,10 @@ def _generate(args):
     kwargs = _generation_kwargs(args)
     resolve_options(1, **kwargs)  # fail on bad settings before loading the model
     if args.stream and (args.json or args.num_beams > 1 or args.num_return_sequences > 1):
-        raise UsageError("--stream prints one sequence per prompt as it is decoded; drop --json, --num-beams "
-                         "and --num-return-sequences, or drop --stream")
+        raise UsageError(
+            "--stream prints one sequence per prompt as it is decoded; drop --json, --num-beams "
+            "and --num-return-sequences, or drop --stream"
+        )
     lm = _load_model(args.model)
     if args.stream:
         for prompt in prompts:
@@ -98,7 +102,7 @@ def _generate(args):
             print(flush=True)
         return
     for start in range(0, len(prompts), _BATCH):
-        batch = prompts[start:start + _BATCH]
+        batch = prompts[start : start + _BATCH]
         for prompt, completions in zip(batch, lm.complete(batch, **kwargs)):
             if args.json:
                 record = {
@@ -135,11 +139,24 @@ def _finetune(args):
     from tfgen.finetune import FinetuneSettings, finetune
 
     settings = FinetuneSettings(
-        model=args.model, train=args.train, valid=args.valid, output=args.output, valid_fraction=args.valid_fraction,
-        epochs=args.epochs, batch_size=args.batch_size, block_size=args.block_size,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
-        save_steps=args.save_steps, layout=args.layout, document=args.document,
-        mixed_precision=args.mixed_precision, jit_compile=_XLA[args.xla], resume=args.resume, seed=args.seed,
+        model=args.model,
+        train=args.train,
+        valid=args.valid,
+        output=args.output,
+        valid_fraction=args.valid_fraction,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps,
+        save_steps=args.save_steps,
+        layout=args.layout,
+        document=args.document,
+        mixed_precision=args.mixed_precision,
+        jit_compile=_XLA[args.xla],
+        resume=args.resume,
+        seed=args.seed,
         lora_rank=args.lora_rank,
     )
     finetune(settings)
@@ -156,16 +173,19 @@ def _train_tokenizer(args):
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"{output} already exists and is not an empty directory; choose a new --output")
     with atomic_directory(output) as staging:
-        tokenizer = train_sentencepiece(read_documents(args.files, args.document), staging, args.vocab_size,
-                                        model_type=args.model_type)
+        tokenizer = train_sentencepiece(
+            read_documents(args.files, args.document), staging, args.vocab_size, model_type=args.model_type
+        )
     print(f"{output}: SentencePiece {args.model_type} tokenizer, {tokenizer.vocab_size} pieces")
 
 
 def _export(args):
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise UsageError(f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
-                         "or pass --overwrite to replace it")
+        raise UsageError(
+            f"{output} already exists and is not an empty directory; choose a new OUTPUT_DIR "
+            "or pass --overwrite to replace it"
+        )
     if args.format == "saved_model" and (args.rows, args.chunk) != (None, None):
         raise UsageError("--rows and --chunk are for --format litert; a SavedModel decodes any number of rows")
     if args.format == "litert" and args.num_beams is not None:
@@ -189,14 +209,23 @@ def _export_litert(model, output, args):
     from tfgen.litert import read_config
 
     part_bytes = PART_BYTES if args.part_mb is None else args.part_mb * 2**20
-    export_litert(model, output, quantize=args.quantize or "int8", capacity=args.capacity,
-                  rows=args.rows or DEFAULT_ROWS, chunk=args.chunk or DEFAULT_CHUNK, part_bytes=part_bytes)
+    export_litert(
+        model,
+        output,
+        quantize=args.quantize or "int8",
+        capacity=args.capacity,
+        rows=args.rows or DEFAULT_ROWS,
+        chunk=args.chunk or DEFAULT_CHUNK,
+        part_bytes=part_bytes,
+    )
     config = read_config(output)
     parts = len(config["parts"])
-    print(f"{output}: LiteRT model{f' in {parts} parts' if parts > 1 else ''}, {config['quantize']} weights; "
-          f"capacity {config['capacity']} tokens "
-          f"(prompt + new), up to {config['row_tiers'][-1]} rows at once; run it with `tfgen generate --model "
-          f"{output}`, `tfgen serve --model {output}` or tfgen.litert.LiteRTLM")
+    print(
+        f"{output}: LiteRT model{f' in {parts} parts' if parts > 1 else ''}, {config['quantize']} weights; "
+        f"capacity {config['capacity']} tokens "
+        f"(prompt + new), up to {config['row_tiers'][-1]} rows at once; run it with `tfgen generate --model "
+        f"{output}`, `tfgen serve --model {output}` or tfgen.litert.LiteRTLM"
+    )
 
 
 def _export_saved_model(lm, output, args):
@@ -208,8 +237,10 @@ def _export_saved_model(lm, output, args):
         serving = "prompts -> completions, sequences"
     else:
         serving = "input_ids, attention_mask -> sequences (text in and out needs a SentencePiece tokenizer)"
-    print(f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({num_beams} "
-          f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)")
+    print(
+        f"{output}: TF SavedModel; serving_default: {serving}; generate_ids; generate_beam ({num_beams} "
+        f"beams); capacity {args.capacity or lm.config.n_positions} tokens (prompt + new)"
+    )
 
 
 def _serve(args):
@@ -225,8 +256,11 @@ def _serve(args):
         flag = "--" + next(iter(ray_options)).replace("_", "-")
         raise UsageError(f"{flag} is for --ray; add --ray to serve on Ray Serve")
     settings = ServerSettings(
-        model_name=served_model_name(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-        api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None, request_timeout=args.request_timeout,
+        model_name=served_model_name(args.model),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("TFGEN_API_KEY") or None,
+        request_timeout=args.request_timeout,
         prefix_cache_tokens=args.prefix_cache_tokens,
     )
     if args.ray:
@@ -243,8 +277,9 @@ def _serve_on_ray(args, settings, ray_options):
         from tfgen.serving.ray import serve_on_ray
     except ImportError as error:
         raise UsageError(f"tfgen serve --ray needs Ray Serve ({error}): pip install 'tfgen[ray]'") from None
-    serve_on_ray(args.model, args.host, args.port, settings, chat_template=args.chat_template,
-                 **ray_options)  # its defaults for the options not given
+    serve_on_ray(
+        args.model, args.host, args.port, settings, chat_template=args.chat_template, **ray_options
+    )  # its defaults for the options not given
 
 
 def _int_from(low, what):
@@ -253,6 +288,7 @@ def _int_from(low, what):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be a {what} integer, got {text}")
         return value
+
     parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
     return parse
 
@@ -262,34 +298,49 @@ _non_negative_int = _int_from(0, "non-negative")
 
 
 def _add_model_argument(parser):
-    parser.add_argument("--model", default="ko-mini",
-                        help="checkpoint directory, hub id (e.g. skt/kogpt2-base-v2) or embedded model "
-                             "(default: ko-mini, tfgen's own small Korean GPT-2)")
+    parser.add_argument(
+        "--model",
+        default="ko-mini",
+        help="checkpoint directory, hub id (e.g. skt/kogpt2-base-v2) or embedded model "
+        "(default: ko-mini, tfgen's own small Korean GPT-2)",
+    )
 
 
 def _add_generate(subparsers):
     p = subparsers.add_parser("generate", help="continue prompts with a GPT-2 model")
-    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="text to continue; none: one prompt per line from stdin")
+    p.add_argument(
+        "prompts", nargs="*", metavar="PROMPT", help="text to continue; none: one prompt per line from stdin"
+    )
     _add_model_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens when sampling (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this probability (1: off)")
-    p.add_argument("--num-return-sequences", type=int, default=1,
-                   help="sequences per prompt: sampled, or the best beams (at most --num-beams)")
+    p.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        help="sequences per prompt: sampled, or the best beams (at most --num-beams)",
+    )
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
-    p.add_argument("--early-stopping", choices=list(_EARLY_STOPPING), default="false",
-                   help="when beam search stops, as transformers' early_stopping")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam scores are divided by length to this power")
+    p.add_argument(
+        "--early-stopping",
+        choices=list(_EARLY_STOPPING),
+        default="false",
+        help="when beam search stops, as transformers' early_stopping",
+    )
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam scores are divided by length to this power")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already present (1: off)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0: off)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS before this many new tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
-    p.add_argument("--stream", action="store_true",
-                   help="print each completion as it is decoded (one prompt at a time; not with beams)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each completion as it is decoded (one prompt at a time; not with beams)",
+    )
     p.set_defaults(run=_generate)
 
 
@@ -297,11 +348,19 @@ def _add_score(subparsers):
     p = subparsers.add_parser("score", help="per-token probabilities and perplexity of texts")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="text to score; none: one text per line from stdin")
     _add_model_argument(p)
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per text per line: text, tokens, token_logprobs, logprob, perplexity")
-    p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
-                   help="a text longer than the model's context is scored in windows of the context, each N "
-                        "tokens after the one before (less than the context; default: half the context)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per text per line: text, tokens, token_logprobs, logprob, perplexity",
+    )
+    p.add_argument(
+        "--stride",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="a text longer than the model's context is scored in windows of the context, each N "
+        "tokens after the one before (less than the context; default: half the context)",
+    )
     p.set_defaults(run=_score)
 
 
@@ -310,8 +369,12 @@ def _add_finetune(subparsers):
     _add_model_argument(p)
     p.add_argument("--train", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to train on")
     p.add_argument("--valid", nargs="+", metavar="FILE", help="UTF-8 text files to validate on after each epoch")
-    p.add_argument("--valid-fraction", type=float, default=0.0,
-                   help="without --valid: hold out this fraction of the training documents for validation")
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        help="without --valid: hold out this fraction of the training documents for validation",
+    )
     p.add_argument("--output", required=True, help="run directory: checkpoint/, training_log.csv, loss.png")
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -319,19 +382,43 @@ def _add_finetune(subparsers):
     p.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate of AdamW")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the steps)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps in all")
-    p.add_argument("--save-steps", type=_positive_int, default=None,
-                   help="also checkpoint every this many steps (default: after each epoch)")
-    p.add_argument("--layout", choices=["packed", "documents"], default="packed",
-                   help="packed: documents joined into full blocks; documents: one padded document per row")
-    p.add_argument("--document", choices=["line", "paragraph"], default="line",
-                   help="a document is a line, or a paragraph of lines ended by a blank line")
-    p.add_argument("--mixed-precision", action="store_true",
-                   help="bfloat16 on CPUs that have it, float16 with loss scaling on GPUs")
-    p.add_argument("--xla", choices=list(_XLA), default="auto",
-                   help="compile the train step with XLA (auto: on GPUs and TPUs; on CPUs it measured no faster)")
-    p.add_argument("--lora-rank", type=_positive_int, default=None, metavar="R",
-                   help="train only rank-R LoRA adapters on the attention projections (the base stays frozen); "
-                        "checkpoint/ gets merged weights, checkpoint/adapter/ the adapter in PEFT's layout")
+    p.add_argument(
+        "--save-steps",
+        type=_positive_int,
+        default=None,
+        help="also checkpoint every this many steps (default: after each epoch)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["packed", "documents"],
+        default="packed",
+        help="packed: documents joined into full blocks; documents: one padded document per row",
+    )
+    p.add_argument(
+        "--document",
+        choices=["line", "paragraph"],
+        default="line",
+        help="a document is a line, or a paragraph of lines ended by a blank line",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="bfloat16 on CPUs that have it, float16 with loss scaling on GPUs",
+    )
+    p.add_argument(
+        "--xla",
+        choices=list(_XLA),
+        default="auto",
+        help="compile the train step with XLA (auto: on GPUs and TPUs; on CPUs it measured no faster)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=_positive_int,
+        default=None,
+        metavar="R",
+        help="train only rank-R LoRA adapters on the attention projections (the base stays frozen); "
+        "checkpoint/ gets merged weights, checkpoint/adapter/ the adapter in PEFT's layout",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for the data order and dropout")
     p.set_defaults(run=_finetune)
@@ -345,36 +432,69 @@ def _add_tokenizer(subparsers):
     train.add_argument("--vocab-size", type=_positive_int, required=True)
     train.add_argument("--output", required=True, help="new directory for tokenizer.model and its config files")
     train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
-    train.add_argument("--document", choices=["line", "paragraph"], default="line",
-                       help="a training sentence is a line, or a paragraph of lines ended by a blank line")
+    train.add_argument(
+        "--document",
+        choices=["line", "paragraph"],
+        default="line",
+        help="a training sentence is a line, or a paragraph of lines ended by a blank line",
+    )
     train.set_defaults(run=_train_tokenizer)
 
 
 def _add_export(subparsers):
-    p = subparsers.add_parser("export", help="write a TF SavedModel that serves generation (strings in, strings out), "
-                                             "or a LiteRT model that runs without TensorFlow")
-    p.add_argument("model", metavar="MODEL_DIR_OR_NAME",
-                   help="checkpoint directory, hub id or embedded model (ko-mini)")
+    p = subparsers.add_parser(
+        "export",
+        help="write a TF SavedModel that serves generation (strings in, strings out), "
+        "or a LiteRT model that runs without TensorFlow",
+    )
+    p.add_argument(
+        "model", metavar="MODEL_DIR_OR_NAME", help="checkpoint directory, hub id or embedded model (ko-mini)"
+    )
     p.add_argument("output", metavar="OUTPUT_DIR", help="new directory for the export")
-    p.add_argument("--format", choices=["saved_model", "litert"], default="saved_model",
-                   help="saved_model: a TF SavedModel; litert: model.tflite, the tokenizer and litert.json, "
-                        "for tfgen.litert.LiteRTLM (pip install \"tfgen[litert]\")")
-    p.add_argument("--quantize", choices=["int8", "int4", "fp16", "none"], default=None,
-                   help="LiteRT weights: int8 (default), int4 (blockwise; needs ai-edge-quantizer, "
-                        "pip install \"tfgen[litert]\"), fp16 or none (float32)")
-    p.add_argument("--capacity", type=_positive_int, default=None,
-                   help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
-                        "context for a SavedModel, 256 or the context for LiteRT)")
-    p.add_argument("--rows", type=_positive_int, default=None,
-                   help="LiteRT: the most rows decoded at once, `tfgen serve --max-batch` at most (default 16)")
-    p.add_argument("--chunk", type=_positive_int, default=None,
-                   help="LiteRT: prompt tokens prefilled per call (default 32)")
-    p.add_argument("--part-mb", type=_positive_int, default=None,
-                   help="LiteRT: the float32 weights of one part in MiB (default 256): the model is read from the "
-                        "checkpoint and converted a part at a time, so the export's memory grows with this, not "
-                        "with the model")
-    p.add_argument("--num-beams", type=_positive_int, default=None,
-                   help="beam count of the SavedModel's generate_beam signature (default 4)")
+    p.add_argument(
+        "--format",
+        choices=["saved_model", "litert"],
+        default="saved_model",
+        help="saved_model: a TF SavedModel; litert: model.tflite, the tokenizer and litert.json, "
+        'for tfgen.litert.LiteRTLM (pip install "tfgen[litert]")',
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "fp16", "none"],
+        default=None,
+        help="LiteRT weights: int8 (default), int4 (blockwise; needs ai-edge-quantizer, "
+        'pip install "tfgen[litert]"), fp16 or none (float32)',
+    )
+    p.add_argument(
+        "--capacity",
+        type=_positive_int,
+        default=None,
+        help="most tokens a request may use, longest prompt plus max_new_tokens (default: the model's "
+        "context for a SavedModel, 256 or the context for LiteRT)",
+    )
+    p.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=None,
+        help="LiteRT: the most rows decoded at once, `tfgen serve --max-batch` at most (default 16)",
+    )
+    p.add_argument(
+        "--chunk", type=_positive_int, default=None, help="LiteRT: prompt tokens prefilled per call (default 32)"
+    )
+    p.add_argument(
+        "--part-mb",
+        type=_positive_int,
+        default=None,
+        help="LiteRT: the float32 weights of one part in MiB (default 256): the model is read from the "
+        "checkpoint and converted a part at a time, so the export's memory grows with this, not "
+        "with the model",
+    )
+    p.add_argument(
+        "--num-beams",
+        type=_positive_int,
+        default=None,
+        help="beam count of the SavedModel's generate_beam signature (default 4)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something")
     p.set_defaults(run=_export)
 
@@ -385,6 +505,7 @@ def _float_where(accepts, what):
         if not accepts(value):  # NaN is refused too
             raise argparse.ArgumentTypeError(f"must be a {what} number, got {text}")
         return value
+
     parse.__name__ = "float"  # argparse names the type in "invalid float value"
     return parse
 
@@ -396,35 +517,73 @@ _non_negative_float = _float_where(lambda value: value >= 0, "non-negative")
 def _add_serve(subparsers):
     from tfgen.serving.prefix_cache import BLOCK_TOKENS, DEFAULT_TOKENS
 
-    p = subparsers.add_parser("serve", help="an OpenAI-compatible completions and chat server with a playground page at /")
+    p = subparsers.add_parser(
+        "serve", help="an OpenAI-compatible completions and chat server with a playground page at /"
+    )
     _add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=16, help="decode slots: rows decoded together")
-    p.add_argument("--max-queue", type=_non_negative_int, default=64,
-                   help="rows that may wait for a slot; beyond it requests get 429 with Retry-After")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)")
-    p.add_argument("--request-timeout", type=_positive_float, default=120.0,
-                   help="seconds a request may take from arrival; past it its text ends (finish_reason length)")
-    p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja2 chat template for /v1/chat/completions (default: the model's `chat_template` in "
-                        "tokenizer_config.json; an example: tfgen/serving/templates/interview.jinja)")
-    p.add_argument("--prefix-cache-tokens", type=_non_negative_int, default=DEFAULT_TOKENS,
-                   help="prompt prefixes whose keys and values are kept for requests that start alike, in tokens "
-                        f"(blocks of {BLOCK_TOKENS}, least recently used dropped; 0: off; default {DEFAULT_TOKENS})")
+    p.add_argument(
+        "--max-queue",
+        type=_non_negative_int,
+        default=64,
+        help="rows that may wait for a slot; beyond it requests get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/ (default: $TFGEN_API_KEY; unset: no key)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds a request may take from arrival; past it its text ends (finish_reason length)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja2 chat template for /v1/chat/completions (default: the model's `chat_template` in "
+        "tokenizer_config.json; an example: tfgen/serving/templates/interview.jinja)",
+    )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=_non_negative_int,
+        default=DEFAULT_TOKENS,
+        help="prompt prefixes whose keys and values are kept for requests that start alike, in tokens "
+        f"(blocks of {BLOCK_TOKENS}, least recently used dropped; 0: off; default {DEFAULT_TOKENS})",
+    )
     ray = p.add_argument_group("scale-out on Ray Serve (pip install 'tfgen[ray]')")
-    ray.add_argument("--ray", action="store_true",
-                     help="serve N replicas of the server, each with its own model, behind Ray Serve's HTTP proxy")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve N replicas of the server, each with its own model, behind Ray Serve's HTTP proxy",
+    )
     ray.add_argument("--replicas", type=_positive_int, default=None, metavar="N", help="replicas (default 1)")
-    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                     help="the Ray cluster to join, as ray.init takes it (auto: the one `ray start` runs on this "
-                          "machine; local: always a new one; default: $RAY_ADDRESS, else the one `ray start` runs "
-                          "here, else a new one)")
-    ray.add_argument("--replica-cpus", type=_non_negative_float, default=None, metavar="CPUS",
-                     help="CPUs Ray reserves per replica (default 1)")
-    ray.add_argument("--replica-gpus", type=_non_negative_float, default=None, metavar="GPUS",
-                     help="GPUs Ray reserves per replica (default 0)")
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="the Ray cluster to join, as ray.init takes it (auto: the one `ray start` runs on this "
+        "machine; local: always a new one; default: $RAY_ADDRESS, else the one `ray start` runs "
+        "here, else a new one)",
+    )
+    ray.add_argument(
+        "--replica-cpus",
+        type=_non_negative_float,
+        default=None,
+        metavar="CPUS",
+        help="CPUs Ray reserves per replica (default 1)",
+    )
+    ray.add_argument(
+        "--replica-gpus",
+        type=_non_negative_float,
+        default=None,
+        metavar="GPUS",
+        help="GPUs Ray reserves per replica (default 0)",
+    )
     p.set_defaults(run=_serve)
 
 

@@ -87,7 +87,8 @@ def file_documents(paths, document="line"):
     """
     paths = [str(p) for p in paths]
     return tf.data.Dataset.from_generator(
-        lambda: _groups(read_documents(paths, document), ENCODE_GROUP), output_signature=tf.TensorSpec([None], tf.string)
+        lambda: _groups(read_documents(paths, document), ENCODE_GROUP),
+        output_signature=tf.TensorSpec([None], tf.string),
     ).unbatch()
 
 
@@ -171,8 +172,9 @@ def _to_example(ids, mask):
     return features, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
 
-def lm_batches(documents, tokenizer, block_size, batch_size, layout="packed", shuffle_buffer=10_000, seed=None,
-               drop_remainder=True):
+def lm_batches(
+    documents, tokenizer, block_size, batch_size, layout="packed", shuffle_buffer=10_000, seed=None, drop_remainder=True
+):
     """Batches of `(features, labels, weights)` for `fit` from documents (a dataset or list of strings).
 
     Documents are shuffled within `shuffle_buffer` (0: keep their order)
@@ -191,7 +193,9 @@ def lm_batches(documents, tokenizer, block_size, batch_size, layout="packed", sh
     else:
         rows = _packed_rows(_encoded_groups(documents, tokenizer), block_size + 1)
     batches = rows.map(_with_mask).padded_batch(
-        batch_size, padded_shapes=([block_size + 1], [block_size + 1]), padding_values=(tokenizer.padding_id, 0),
+        batch_size,
+        padded_shapes=([block_size + 1], [block_size + 1]),
+        padding_values=(tokenizer.padding_id, 0),
         drop_remainder=drop_remainder,
     )
     return batches.map(_to_example).prefetch(tf.data.AUTOTUNE)
@@ -200,4 +204,3 @@ def lm_batches(documents, tokenizer, block_size, batch_size, layout="packed", sh
 def count_batches(batches):
     """The number of batches in one pass over a finite dataset (goes through it once)."""
     return int(batches.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
-

@@ -84,12 +84,15 @@ def check_output_dir(output, resume):
         raise NotADirectoryError(f"--output {output} is a file; give a directory")
     if resume:
         if not (output / RUN_FILE).is_file():
-            raise FileNotFoundError(f"--resume: {output} holds no fine-tuning run to resume; drop --resume to start one")
+            raise FileNotFoundError(
+                f"--resume: {output} holds no fine-tuning run to resume; drop --resume to start one"
+            )
         training.read_training_counters(output / CHECKPOINT_DIR)
     elif output.exists() and any(output.iterdir()):
         if (output / RUN_FILE).is_file():
-            raise FileExistsError(f"{output} holds an earlier fine-tuning run; pass --resume to continue it, "
-                                  "or choose another --output")
+            raise FileExistsError(
+                f"{output} holds an earlier fine-tuning run; pass --resume to continue it, or choose another --output"
+            )
         raise FileExistsError(f"{output} is not empty and is not a fine-tuning run; choose a new or empty --output")
 
 
@@ -97,10 +100,14 @@ def check_same_lora_rank(output, lora_rank):
     """A run resumes with the LoRA rank it started with (none for full fine-tuning)."""
     started = json.loads((Path(output) / RUN_FILE).read_text(encoding="utf-8")).get("lora_rank")
     if started != lora_rank:
+
         def describe(rank):
             return f"--lora-rank {rank}" if rank else "full fine-tuning (no --lora-rank)"
-        raise ValueError(f"the run in {output} was started with {describe(started)}; resume it with the same, "
-                         f"not {describe(lora_rank)}")
+
+        raise ValueError(
+            f"the run in {output} was started with {describe(started)}; resume it with the same, "
+            f"not {describe(lora_rank)}"
+        )
 
 
 def _load_model(settings, output):
@@ -138,8 +145,15 @@ def _validation_batches(settings, documents, tokenizer):
         documents, valid = data.split_validation(documents, settings.valid_fraction)
     else:
         return documents, None
-    batches = data.lm_batches(valid, tokenizer, settings.block_size, settings.batch_size, settings.layout,
-                              shuffle_buffer=0, drop_remainder=False)
+    batches = data.lm_batches(
+        valid,
+        tokenizer,
+        settings.block_size,
+        settings.batch_size,
+        settings.layout,
+        shuffle_buffer=0,
+        drop_remainder=False,
+    )
     return documents, batches
 
 
@@ -165,25 +179,32 @@ def _train(settings):
     if lm.tokenizer is None:
         raise ValueError(f"{settings.model} has no tokenizer files; fine-tuning needs the model's tokenizer")
     if not 1 <= settings.block_size <= lm.config.n_positions:
-        raise ValueError(f"--block-size {settings.block_size} is outside the model's context of "
-                         f"{lm.config.n_positions} tokens; use a block size from 1 to {lm.config.n_positions}")
+        raise ValueError(
+            f"--block-size {settings.block_size} is outside the model's context of "
+            f"{lm.config.n_positions} tokens; use a block size from 1 to {lm.config.n_positions}"
+        )
 
     documents = data.file_documents(settings.train, settings.document)
     documents, valid = _validation_batches(settings, documents, lm.tokenizer)
-    train = data.lm_batches(documents, lm.tokenizer, settings.block_size, settings.batch_size, settings.layout,
-                            seed=settings.seed)
+    train = data.lm_batches(
+        documents, lm.tokenizer, settings.block_size, settings.batch_size, settings.layout, seed=settings.seed
+    )
     if settings.verbose:
         print("counting the batches of an epoch (one pass over the text) ...", flush=True)
     steps_per_epoch = data.count_batches(train)
     if steps_per_epoch == 0:
-        raise ValueError(f"the training text makes no full batch of {settings.batch_size} x {settings.block_size} "
-                         "tokens; lower --batch-size or --block-size, or add text")
+        raise ValueError(
+            f"the training text makes no full batch of {settings.batch_size} x {settings.block_size} "
+            "tokens; lower --batch-size or --block-size, or add text"
+        )
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps:
         total_steps = min(total_steps, settings.max_steps)
     warmup = round(0.05 * total_steps) if settings.warmup_steps is None else settings.warmup_steps
-    lm.compile(optimizer=training.adamw(settings.learning_rate, warmup_steps=warmup, total_steps=total_steps),
-               jit_compile=settings.jit_compile)
+    lm.compile(
+        optimizer=training.adamw(settings.learning_rate, warmup_steps=warmup, total_steps=total_steps),
+        jit_compile=settings.jit_compile,
+    )
 
     step = 0
     if settings.resume:
@@ -235,11 +256,19 @@ def plot_losses(output):
     epochs = [row for row in _read_csv(output / LOG_FILE) if row.get("val_loss") not in (None, "", "NA")]
     steps_per_epoch = json.loads((output / RUN_FILE).read_text(encoding="utf-8"))["steps_per_epoch"]
     figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps], alpha=0.5,
-              label="training loss (each step's batch)")
+    axes.plot(
+        [int(r["step"]) for r in steps],
+        [float(r["loss"]) for r in steps],
+        alpha=0.5,
+        label="training loss (each step's batch)",
+    )
     if epochs:
-        axes.plot([(int(r["epoch"]) + 1) * steps_per_epoch for r in epochs], [float(r["val_loss"]) for r in epochs],
-                  "o-", label="validation loss (end of epoch)")
+        axes.plot(
+            [(int(r["epoch"]) + 1) * steps_per_epoch for r in epochs],
+            [float(r["val_loss"]) for r in epochs],
+            "o-",
+            label="validation loss (end of epoch)",
+        )
     axes.set_xlabel("step")
     axes.set_ylabel("cross-entropy (nats per token)")
     axes.legend()

@@ -12,13 +12,18 @@ them into the lowest free slots as rows finish, as the server's scheduler
 does; text goes in and out through `tfgen.Tokenizer`.
 """
 
+from __future__ import annotations
+
 import fcntl
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from tfgen import scoring
 from tfgen._env import native_stderr_without, xnnpack_cache_file
@@ -26,7 +31,7 @@ from tfgen.generation.options import resolve_options
 from tfgen.litert_host import aligned_zeros, host_buffer
 from tfgen.litert_rows import Chain, LiteRTRows, extend_chunks
 from tfgen.serving.protocol import Sampling, choice_seed
-from tfgen.tokenizer import Tokenizer, completion_texts, warn_if_vocabulary_differs
+from tfgen.tokenizer import Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs
 
 MODEL_FILE = "model.tflite"
 CONFIG_FILE = "litert.json"
@@ -52,8 +57,10 @@ def read_config(path):
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; export a model with `tfgen export --format litert`")
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} version {FORMAT_VERSION} config; "
-                         "re-export the model with this tfgen")
+        raise ValueError(
+            f"{path / CONFIG_FILE} is not a {FORMAT} version {FORMAT_VERSION} config; "
+            "re-export the model with this tfgen"
+        )
     return config
 
 
@@ -66,13 +73,14 @@ class LiteRTLM:
     `num_threads`: the CompiledModels' threads (default: the usable cores).
     """
 
-    def __init__(self, path, num_threads=None):
+    def __init__(self, path: str | os.PathLike[str], num_threads: int | None = None) -> None:
         try:
             import ai_edge_litert.compiled_model  # noqa: F401
         except ImportError as error:
             raise ImportError(f"the LiteRT runtime is not installed ({error}); {_INSTALL}") from None
         path = Path(path)
         self.config = read_config(path)
+        self.tokenizer: Tokenizer | None
         try:
             self.tokenizer = Tokenizer.from_pretrained(path)
         except FileNotFoundError:
@@ -88,7 +96,14 @@ class LiteRTLM:
         self._rows = None  # the LiteRTRows of the last call, kept for its cache
         self._scratch = None  # a one-row cache's `extend` call, for scoring
 
-    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False, **kwargs):
+    def generate(
+        self,
+        input_ids: Any,  # array-like [batch, len] or [len]
+        attention_mask: npt.ArrayLike | None = None,
+        return_dict_in_generate: bool = False,
+        output_scores: bool = False,
+        **kwargs: Any,
+    ) -> Any:  # an int32 array; with return_dict_in_generate, a dict of arrays
         """Token ids [batch * num_return_sequences, len + new], as GPT2LM.generate returns them (a numpy array).
 
         Prompts of different lengths come padded with an attention_mask (either
@@ -101,7 +116,7 @@ class LiteRTLM:
         input_ids, prompts = self._prompts(input_ids, attention_mask)
         options = self._options(input_ids.shape[1], max(len(ids) for ids in prompts), kwargs)
         rows = [prompt for prompt in prompts for _ in range(options.num_return_sequences)]
-        results = [([], []) for _ in rows]
+        results: list[tuple[list[int], list[float]]] = [([], []) for _ in rows]
         for row, tokens in self._decode_rows(rows, options, BLOCK):
             results[row][0].extend(tokens.ids)
             results[row][1].extend(tokens.logprobs)
@@ -109,29 +124,35 @@ class LiteRTLM:
         new = np.full([len(rows), steps], options.pad_token_id, np.int32)
         logprobs = np.zeros([len(rows), steps], np.float32)
         for row, (tokens, row_logprobs) in enumerate(results):
-            new[row, :len(tokens)] = tokens
-            logprobs[row, :len(tokens)] = row_logprobs
+            new[row, : len(tokens)] = tokens
+            logprobs[row, : len(tokens)] = row_logprobs
         sequences = np.concatenate([np.repeat(input_ids, options.num_return_sequences, axis=0), new], axis=1)
         if not return_dict_in_generate:
             return sequences
         return {"sequences": sequences, "token_logprobs": logprobs if output_scores else None}
 
-    def complete(self, prompts, **kwargs):
+    def complete(self, prompts: Iterable[str], **kwargs: Any) -> list[list[Completion]]:
         """For each prompt, a list of num_return_sequences `tfgen.tokenizer.Completion`s (all decoded together)."""
-        self._need_tokenizer()
-        prompt_ids = [self.tokenizer.encode(prompt) for prompt in prompts]
+        tokenizer = self._need_tokenizer()
+        prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
         eos_ids = set(np.atleast_1d(kwargs.get("eos_token_id", self.config["eos_token_id"]) or []).tolist())
         sequences = self.generate(prompt_ids, **kwargs)
         width, returned = max(len(ids) for ids in prompt_ids), len(sequences) // len(prompt_ids)
-        return [[self.tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned:(i + 1) * returned]]
-                for i, ids in enumerate(prompt_ids)]
+        return [
+            [tokenizer.completion(ids, row[width:], eos_ids) for row in sequences[i * returned : (i + 1) * returned]]
+            for i, ids in enumerate(prompt_ids)
+        ]
 
-    def generate_text(self, prompts, return_full_text=True, **kwargs):
+    def generate_text(
+        self, prompts: str | Sequence[str], return_full_text: bool = True, **kwargs: Any
+    ) -> str | list[str] | list[list[str]]:
         """As GPT2LM.generate_text: a string per prompt (a list of them when num_return_sequences > 1)."""
         single = isinstance(prompts, str)
-        return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
+        return completion_texts(
+            self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs), return_full_text, single
+        )
 
-    def stream_text(self, prompt, **kwargs):
+    def stream_text(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Yields the new text of one prompt piece by piece, as each token is decoded (no EOS text).
 
         A piece that ends inside a character spelled in several byte tokens
@@ -139,28 +160,30 @@ class LiteRTLM:
         """
         if kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("stream_text streams one sequence; use generate_text for num_return_sequences > 1")
-        self._need_tokenizer()
-        prompt_ids = self.tokenizer.encode(prompt)
+        tokenizer = self._need_tokenizer()
+        prompt_ids = tokenizer.encode(prompt)
         options = self._options(len(prompt_ids), len(prompt_ids), kwargs)
         pieces = (tokens.ids for _, tokens in self._decode_rows([prompt_ids], options, 1))
-        yield from self.tokenizer.text_pieces(prompt_ids, pieces, options.eos_token_ids)
+        yield from tokenizer.text_pieces(prompt_ids, pieces, options.eos_token_ids)
 
-    def score(self, texts, stride=None):
+    def score(self, texts: str | Iterable[str], stride: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """As GPT2LM.score: per text, `tokens`, `token_logprobs`, `logprob` and `perplexity` (a str gives one dict).
 
         A text longer than the export's capacity (or the model's context, if less) is scored in windows of it
         (`scoring.windows`; stride default: half the window).
         """
         if isinstance(texts, str):
-            return self.score([texts], stride)[0]
-        self._need_tokenizer()
+            return cast("list[dict[str, Any]]", self.score([texts], stride))[0]
+        tokenizer = self._need_tokenizer()
         texts = list(texts)
-        rows = [self.tokenizer.encode(text) for text in texts]
+        rows = [tokenizer.encode(text) for text in texts]
         scoring.check_lengths(texts, map(len, rows))
         window, name = min((self.config["context"], "the model's context"), (self.capacity, "the export's capacity"))
         spans = [scoring.windows(len(ids), window, stride, name) for ids in rows]
-        return [scoring.summarize([self.tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
-                for ids, row_spans in zip(rows, spans)]
+        return [
+            scoring.summarize([tokenizer.token_text(t) for t in ids], self._token_logprobs(ids, row_spans))
+            for ids, row_spans in zip(rows, spans)
+        ]
 
     def _token_logprobs(self, ids, spans):
         """The log-probability of each token of `ids` after the first: each window's scored ones, in order."""
@@ -171,9 +194,10 @@ class LiteRTLM:
             scores.append(logprobs[np.arange(len(window) - 1), window[1:]][-scored:])
         return np.concatenate(scores)
 
-    def _need_tokenizer(self):
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer; pass token ids to generate() instead")
+        return self.tokenizer
 
     def _options(self, prompt_width, longest_prompt, kwargs):
         kwargs = dict(kwargs)
@@ -194,8 +218,12 @@ class LiteRTLM:
 
     def _prompts(self, input_ids, attention_mask):
         """input_ids as a [batch, width] array (a list of ragged lists padded on the right) and each row's real ids."""
-        if attention_mask is None and isinstance(input_ids, (list, tuple)) and input_ids \
-                and all(isinstance(ids, (list, tuple, np.ndarray)) for ids in input_ids):
+        if (
+            attention_mask is None
+            and isinstance(input_ids, (list, tuple))
+            and input_ids
+            and all(isinstance(ids, (list, tuple, np.ndarray)) for ids in input_ids)
+        ):
             width = max(len(ids) for ids in input_ids)
             attention_mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in input_ids]
             input_ids = [list(ids) + [self.config["pad_token_id"] or 0] * (width - len(ids)) for ids in input_ids]
@@ -204,7 +232,9 @@ class LiteRTLM:
             input_ids = input_ids[None]
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {input_ids.shape}")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
+        mask = (
+            np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask).reshape(input_ids.shape)
+        )
         prompts = [ids[m > 0].tolist() for ids, m in zip(input_ids, mask)]
         if not all(prompts):
             raise ValueError("every prompt needs a token at least (an attention_mask row is all zeros)")
@@ -215,8 +245,16 @@ class LiteRTLM:
         `tfgen.serving.rows` describes, ending rows at `eos_ids` (default: the model's EOS), taking prompt prefixes
         from `prefix_cache` (a `tfgen.serving.prefix_cache.PrefixCache`; None: none)."""
         eos_ids = np.atleast_1d(self.config["eos_token_id"] if eos_ids is None else eos_ids).tolist()
-        return LiteRTRows(self._chain, self._chain.parts[-1], self.capacity, tuple(self.config["row_tiers"]),
-                          eos_ids, self.config["pad_token_id"] or 0, slots, prefix_cache)
+        return LiteRTRows(
+            self._chain,
+            self._chain.parts[-1],
+            self.capacity,
+            tuple(self.config["row_tiers"]),
+            eos_ids,
+            self.config["pad_token_id"] or 0,
+            slots,
+            prefix_cache,
+        )
 
     def next_token_logprobs(self, ids, start):
         """log-softmax of the logits at positions start..len(ids)-2 of one text: a [len(ids) - 1 - start, vocab] array."""
@@ -229,8 +267,14 @@ class LiteRTLM:
         if self._scratch is None:
             layers, heads, capacity, head_dim = self._chain.cache_shape
             keys, values = (aligned_zeros([layers, 1, heads, capacity, head_dim]) for _ in range(2))
-            self._scratch = self._chain.bind("extend", aligned_zeros([1, self._chain.chunk], np.int32),
-                                             aligned_zeros([1], np.int32), keys, values, slice(0, 1))
+            self._scratch = self._chain.bind(
+                "extend",
+                aligned_zeros([1, self._chain.chunk], np.int32),
+                aligned_zeros([1], np.int32),
+                keys,
+                values,
+                slice(0, 1),
+            )
         logits = np.concatenate(list(extend_chunks(self._scratch, ids)))
         shifted = logits - logits.max(axis=-1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -247,7 +291,7 @@ class LiteRTLM:
         try:
             while queue or row_of:
                 starts = []
-                for slot in [slot for slot in range(rows.slots) if slot not in row_of][:len(queue)]:
+                for slot in [slot for slot in range(rows.slots) if slot not in row_of][: len(queue)]:
                     row, prompt = queue.pop()
                     row_of[slot] = row
                     starts.append((slot, prompt, _sampling(options, choice_seed(options.seed, row))))
@@ -314,7 +358,16 @@ class BoundSignature:
 
 def _sampling(options, seed):
     """One row's `Sampling` from generate's resolved options."""
-    return Sampling(max_tokens=options.max_new_tokens, do_sample=options.do_sample, temperature=options.temperature,
-                    top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
-                    no_repeat_ngram_size=options.no_repeat_ngram_size, min_tokens=options.min_new_steps, seed=seed,
-                    presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
+    return Sampling(
+        max_tokens=options.max_new_tokens,
+        do_sample=options.do_sample,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        repetition_penalty=options.repetition_penalty,
+        no_repeat_ngram_size=options.no_repeat_ngram_size,
+        min_tokens=options.min_new_steps,
+        seed=seed,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+    )

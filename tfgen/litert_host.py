@@ -23,8 +23,11 @@ _CAPSULE_NAME = ctypes.create_string_buffer(b"LiteRtTensorBuffer")  # the wrappe
 
 
 class _Layout(ctypes.Structure):  # LiteRtLayout: rank:7 and has_strides:1 in one word, then dims and strides
-    _fields_ = [("rank", ctypes.c_uint32), ("dimensions", ctypes.c_int32 * _MAX_RANK),
-                ("strides", ctypes.c_uint32 * _MAX_RANK)]
+    _fields_ = [
+        ("rank", ctypes.c_uint32),
+        ("dimensions", ctypes.c_int32 * _MAX_RANK),
+        ("strides", ctypes.c_uint32 * _MAX_RANK),
+    ]
 
 
 class _RankedTensorType(ctypes.Structure):  # LiteRtRankedTensorType
@@ -44,8 +47,13 @@ def _load():
         library = ctypes.CDLL(os.path.join(os.path.dirname(ai_edge_litert.__file__), "libLiteRt.so"))
         create = library.LiteRtCreateTensorBufferFromHostMemory
         create.restype = ctypes.c_int
-        create.argtypes = [ctypes.POINTER(_RankedTensorType), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                           ctypes.POINTER(ctypes.c_void_p)]
+        create.argtypes = [
+            ctypes.POINTER(_RankedTensorType),
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+        ]
         capsule = ctypes.pythonapi.PyCapsule_New
         capsule.restype = ctypes.py_object
         capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
@@ -59,16 +67,22 @@ def aligned_zeros(shape, dtype=np.float32):
     size = int(np.prod(shape)) * dtype.itemsize
     raw = np.zeros(size + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
-    return raw[start:start + size].view(dtype).reshape(shape)
+    return raw[start : start + size].view(dtype).reshape(shape)
 
 
 def host_buffer(array):
     """A LiteRT TensorBuffer of `array`'s shape and dtype over its memory (no copy), released with the buffer."""
     create, new_capsule, destroy, TensorBuffer = _load()
-    if array.dtype not in _ELEMENT_TYPES or not array.flags.c_contiguous or array.ctypes.data % ALIGNMENT \
-            or not 1 <= array.ndim <= _MAX_RANK:
-        raise ValueError(f"a host buffer needs a C-contiguous, {ALIGNMENT}-byte aligned float32 or int32 array of "
-                         f"rank 1 to {_MAX_RANK}, got {array.dtype} {array.shape}")
+    if (
+        array.dtype not in _ELEMENT_TYPES
+        or not array.flags.c_contiguous
+        or array.ctypes.data % ALIGNMENT
+        or not 1 <= array.ndim <= _MAX_RANK
+    ):
+        raise ValueError(
+            f"a host buffer needs a C-contiguous, {ALIGNMENT}-byte aligned float32 or int32 array of "
+            f"rank 1 to {_MAX_RANK}, got {array.dtype} {array.shape}"
+        )
     dimensions = (ctypes.c_int32 * _MAX_RANK)(*array.shape)
     tensor_type = _RankedTensorType(_ELEMENT_TYPES[array.dtype], _Layout(array.ndim, dimensions))
     handle = ctypes.c_void_p()
@@ -80,8 +94,10 @@ def host_buffer(array):
     details = buffer.get_tensor_details()
     if list(details["shape"]) != list(array.shape):  # another LiteRtRankedTensorType layout than this one
         destroy(capsule)
-        raise RuntimeError(f"this ai-edge-litert made a host buffer of shape {details['shape']} for "
-                           f"{list(array.shape)}; tfgen's zero-copy buffers need ai-edge-litert 2.3")
+        raise RuntimeError(
+            f"this ai-edge-litert made a host buffer of shape {details['shape']} for "
+            f"{list(array.shape)}; tfgen's zero-copy buffers need ai-edge-litert 2.3"
+        )
     buffer.array = array  # the memory it borrows
     weakref.finalize(buffer, destroy, capsule)
     return buffer

@@ -31,10 +31,16 @@ from tfgen.serving.protocol import logit_bias_row, row_settings
 
 MAX_EOS_IDS = 8  # the length of next_token's eos_ids input (padded with -1)
 # The row settings the model takes ([rows] inputs of `next_token_R`), at their neutral values.
-SETTINGS = {"temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
-            "repetition_penalty": (np.float32, 1.0), "no_repeat_ngram_size": (np.int32, 0),
-            "min_new_steps": (np.int32, 0), "presence_penalty": (np.float32, 0.0),
-            "frequency_penalty": (np.float32, 0.0)}
+SETTINGS = {
+    "temperature": (np.float32, 0.0),
+    "top_k": (np.int32, 0),
+    "top_p": (np.float32, 1.0),
+    "repetition_penalty": (np.float32, 1.0),
+    "no_repeat_ngram_size": (np.int32, 0),
+    "min_new_steps": (np.int32, 0),
+    "presence_penalty": (np.float32, 0.0),
+    "frequency_penalty": (np.float32, 0.0),
+}
 
 
 class RowTokens(NamedTuple):
@@ -59,8 +65,9 @@ class Chain:
         self.parts, self.layers = parts, layers
         cache = next(part.input_details("extend") for part, (start, stop) in zip(parts, layers) if stop > start)
         self.cache_shape = [layers[-1][1], *cache["key_cache_0"]["shape"][1:]]  # [layers, heads, capacity, head_dim]
-        self.chunk = next(details["shape"][1] for name, details in parts[0].input_details("extend").items()
-                          if name == "token")
+        self.chunk = next(
+            details["shape"][1] for name, details in parts[0].input_details("extend").items() if name == "token"
+        )
 
     def bind(self, name, token, positions, keys, values, rows):
         """A `ChainCall` of `name` ("extend" or "decode_R") over the int32 arrays `token` [R, n] and `positions` [R]
@@ -70,16 +77,24 @@ class Chain:
         new_values = aligned_zeros(new_keys.shape)
         taken, calls = {"token": token}, []  # the first part takes tokens, the others the hidden states before
         for part, (start, stop) in zip(self.parts, self.layers):
-            caches = {f"{kind}_cache_{layer - start}": cache[layer, rows] for layer in range(start, stop)
-                      for kind, cache in (("key", keys), ("value", values))}
+            caches = {
+                f"{kind}_cache_{layer - start}": cache[layer, rows]
+                for layer in range(start, stop)
+                for kind, cache in (("key", keys), ("value", values))
+            }
             outputs = {"keys": new_keys[start:stop], "values": new_values[start:stop]} if stop > start else {}
             given = "hidden" if "hidden" in part.output_details(name) else "logits"  # logits: the last part
             details = part.output_details(name)[given]
             outputs[given] = aligned_zeros(details["shape"], details["dtype"])
             calls.append(part.bind(name, {**taken, "positions": positions, **caches}, outputs))
             taken = {"hidden": outputs[given]}
-        return ChainCall(calls, token, positions, (keys, values, rows),
-                         {"logits": outputs["logits"], "keys": new_keys, "values": new_values})
+        return ChainCall(
+            calls,
+            token,
+            positions,
+            (keys, values, rows),
+            {"logits": outputs["logits"], "keys": new_keys, "values": new_values},
+        )
 
 
 class ChainCall:
@@ -103,12 +118,12 @@ def extend_chunks(extend, ids, start=0):
     keys, values, rows = extend.cache
     for begin in range(0, len(ids), chunk):
         count, column = min(chunk, len(ids) - begin), start + begin
-        extend.token[0, :count] = ids[begin:begin + count]
+        extend.token[0, :count] = ids[begin : begin + count]
         extend.token[0, count:] = ids[-1]
         extend.positions[0] = column
         out = extend()
-        keys[:, rows.start, :, column:column + count] = out["keys"][:, 0, :, :count]
-        values[:, rows.start, :, column:column + count] = out["values"][:, 0, :, :count]
+        keys[:, rows.start, :, column : column + count] = out["keys"][:, 0, :, :count]
+        values[:, rows.start, :, column : column + count] = out["values"][:, 0, :, :count]
         yield out["logits"][:count].copy()
 
 
@@ -148,21 +163,33 @@ class LiteRTRows:
         self._logit_bias = aligned_zeros([rows, vocab])  # the `logit_bias` input: a row's bias per token
         eos = aligned_zeros([MAX_EOS_IDS], np.int32)
         eos[:] = -1
-        eos[:len(self.eos_ids)] = self.eos_ids
+        eos[: len(self.eos_ids)] = self.eos_ids
         # Each tier's signatures, bound once: their inputs are the first `tier` rows of the cache and the state
         # (views: the model reads them where they are, no copy).
         self._decoders, self._choosers = {}, {}
         for tier in self.tiers:
-            self._decoders[tier] = chain.bind(f"decode_{tier}", aligned_zeros([tier, 1], np.int32),
-                                              aligned_zeros([tier], np.int32), self._keys, self._values,
-                                              slice(0, tier))
+            self._decoders[tier] = chain.bind(
+                f"decode_{tier}",
+                aligned_zeros([tier, 1], np.int32),
+                aligned_zeros([tier], np.int32),
+                self._keys,
+                self._values,
+                slice(0, tier),
+            )
             self._choosers[tier] = chooser.bind(
                 f"next_token_{tier}",
-                {"logits": self._logits[:tier], "sequence": self._sequence[:tier], "lengths": self._lengths[:tier],
-                 "steps": self._steps[:tier], "uniform": aligned_zeros([tier, 1]), "eos_ids": eos,
-                 "logit_bias": self._logit_bias[:tier],
-                 **{name: value[:tier] for name, value in self._settings.items()}},
-                {"token": aligned_zeros([tier], np.int32), "logprob": aligned_zeros([tier])})
+                {
+                    "logits": self._logits[:tier],
+                    "sequence": self._sequence[:tier],
+                    "lengths": self._lengths[:tier],
+                    "steps": self._steps[:tier],
+                    "uniform": aligned_zeros([tier, 1]),
+                    "eos_ids": eos,
+                    "logit_bias": self._logit_bias[:tier],
+                    **{name: value[:tier] for name, value in self._settings.items()},
+                },
+                {"token": aligned_zeros([tier], np.int32), "logprob": aligned_zeros([tier])},
+            )
         self._extenders = {}  # slot -> its `extend` call, bound on first use
         self._generators = {}  # slot -> its numpy Generator, for sampling rows
         self._started = set()  # until free_row
@@ -179,8 +206,10 @@ class LiteRTRows:
             if slot in self._started or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
             if not 1 <= len(prompt_ids) <= self.capacity - sampling.max_tokens:
-                raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
-                                 f"capacity {self.capacity} (or the prompt is empty)")
+                raise ValueError(
+                    f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
+                    f"capacity {self.capacity} (or the prompt is empty)"
+                )
         reused = []
         for slot, prompt_ids, sampling in starts:
             count, keys, values = self.prefix_cache.take(prompt_ids)
@@ -262,8 +291,13 @@ class LiteRTRows:
         the slot's."""
         if slot not in self._extenders:
             self._extenders[slot] = self._chain.bind(
-                "extend", aligned_zeros([1, self._chain.chunk], np.int32), aligned_zeros([1], np.int32), self._keys,
-                self._values, slice(slot, slot + 1))
+                "extend",
+                aligned_zeros([1, self._chain.chunk], np.int32),
+                aligned_zeros([1], np.int32),
+                self._keys,
+                self._values,
+                slice(slot, slot + 1),
+            )
         *_, last_chunk = extend_chunks(self._extenders[slot], prompt_ids[start:], start)
         self._logits[slot] = last_chunk[-1]
 

@@ -80,8 +80,9 @@ class Adapters(tf.keras.layers.Layer):
         for layer, module in zip(targets, self.module_names):
             n_in, n_out = kernel_of(layer).shape
             bound = 1.0 / np.sqrt(n_in)
-            a = self.add_weight(f"{module}.lora_A", [n_in, self.rank],
-                                initializer=tf.keras.initializers.RandomUniform(-bound, bound))
+            a = self.add_weight(
+                f"{module}.lora_A", [n_in, self.rank], initializer=tf.keras.initializers.RandomUniform(-bound, bound)
+            )
             b = self.add_weight(f"{module}.lora_B", [self.rank, n_out], initializer="zeros")
             self.pairs.append((a, b))
 
@@ -125,8 +126,11 @@ class Adapters(tf.keras.layers.Layer):
 
     def peft_variables(self):
         """[(PEFT key, variable)] of every A and B: 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight'."""
-        return [(f"{_PEFT_PREFIX}{module}.lora_{letter}.weight", variable)
-                for module, pair in zip(self.module_names, self.pairs) for letter, variable in zip("AB", pair)]
+        return [
+            (f"{_PEFT_PREFIX}{module}.lora_{letter}.weight", variable)
+            for module, pair in zip(self.module_names, self.pairs)
+            for letter, variable in zip("AB", pair)
+        ]
 
     def peft_tensors(self):
         """{PEFT key: float32 array in torch Linear layout ([r, in] for A, [out, r] for B)}."""
@@ -146,8 +150,10 @@ class Adapters(tf.keras.layers.Layer):
         for field in ("r", "lora_alpha", "target_modules"):
             found = sorted(config[field]) if field == "target_modules" else config[field]
             if found != expected[field]:
-                raise ValueError(f"{Path(directory) / ADAPTER_CONFIG_FILE} has {field} {config[field]!r}, these "
-                                 f"adapters {expected[field]!r}; enable LoRA with the adapter's settings")
+                raise ValueError(
+                    f"{Path(directory) / ADAPTER_CONFIG_FILE} has {field} {config[field]!r}, these "
+                    f"adapters {expected[field]!r}; enable LoRA with the adapter's settings"
+                )
         path = Path(directory) / ADAPTER_WEIGHTS_FILE
         with safe_open(str(path), framework="numpy") as tensors:
             keys = set(tensors.keys())
@@ -156,8 +162,10 @@ class Adapters(tf.keras.layers.Layer):
                     raise ValueError(f"{path} lacks {key}; is it an adapter of this model?")
                 value = tensors.get_tensor(key).T
                 if list(value.shape) != variable.shape.as_list():
-                    raise ValueError(f"{path}: {key} has shape {list(value.shape)[::-1]}, this model expects "
-                                     f"{variable.shape.as_list()[::-1]}; is it an adapter of this model?")
+                    raise ValueError(
+                        f"{path}: {key} has shape {list(value.shape)[::-1]}, this model expects "
+                        f"{variable.shape.as_list()[::-1]}; is it an adapter of this model?"
+                    )
                 variable.assign(value.astype(np.float32))
 
 
@@ -177,8 +185,10 @@ def read_peft_config(directory):
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path} is a {config.get('peft_type')!r} adapter; tfgen loads LoRA adapters only")
     if config.get("use_rslora") or config.get("use_dora") or config.get("bias", "none") != "none":
-        raise ValueError(f"{path} uses rsLoRA, DoRA or trained biases, which tfgen does not apply; "
-                         "use a plain LoRA adapter (use_rslora false, use_dora false, bias \"none\")")
+        raise ValueError(
+            f"{path} uses rsLoRA, DoRA or trained biases, which tfgen does not apply; "
+            'use a plain LoRA adapter (use_rslora false, use_dora false, bias "none")'
+        )
     if isinstance(config.get("target_modules"), str):
         raise ValueError(f"{path} gives target_modules as a pattern; tfgen needs a list of module names")
     return config

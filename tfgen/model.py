@@ -1,27 +1,38 @@
 """CausalLM and its families' classes (GPT2LM, GPTJLM): Keras models around transformers' TF models, with their
 tokenizer and compiled generate."""
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfgen import checkpoint, families, lora
 from tfgen.generation.decode import Decoder, drain
 from tfgen.generation.options import resolve_options
-from tfgen.tokenizer import (  # noqa: F401  (Completion: complete()'s result type)
-    Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs)
+from tfgen.tokenizer import Completion, Tokenizer, completion_texts, warn_if_vocabulary_differs
 from tfgen.training import MaskedLMLoss, adamw, default_metrics, global_policy, xla_pays_off
 
 # What from_pretrained fetches from a hub repository besides the one weights file it reads.
-_HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "*.model", "*.spiece"]
+_HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "*.model",
+    "*.spiece",
+]
 
 
 @dataclasses.dataclass
@@ -29,8 +40,8 @@ class GenerationOutput:
     """generate(..., return_dict_in_generate=True): sequences, and with output_scores their scores."""
 
     sequences: tf.Tensor
-    token_logprobs: tf.Tensor = None
-    sequences_scores: tf.Tensor = None
+    token_logprobs: tf.Tensor | None = None
+    sequences_scores: tf.Tensor | None = None
 
 
 _SAVE_INSTEAD = (
@@ -38,11 +49,12 @@ _SAVE_INSTEAD = (
     "tfgen.export_saved_model(lm, directory) or `tfgen export MODEL DIRECTORY` for a TF SavedModel that serves "
     "generation, lm.save('model.keras') for a Keras file, or save_weights for the weights alone"
 )
+PathLike = str | os.PathLike[str]
 EMBEDDED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = "ko-mini"
 
 
-def default_model_path():
+def default_model_path() -> Path:
     """The directory of tfgen's embedded Korean model, ko-mini (HF layout: config, weights, tokenizer)."""
     return EMBEDDED_MODELS_DIR / DEFAULT_MODEL
 
@@ -52,7 +64,7 @@ def _is_hub_id(name):
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and not os.path.splitext(name)[1]
 
 
-def resolve_model_dir(name_or_path):
+def resolve_model_dir(name_or_path: PathLike) -> Path:
     """A local checkpoint directory, an embedded model's name ("ko-mini"), or a hub id fetched into HF's cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -62,7 +74,9 @@ def resolve_model_dir(name_or_path):
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory that holds config.json")
     if not _is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2")
+        raise FileNotFoundError(
+            f"no model directory at {path}; pass a checkpoint directory, an embedded model (ko-mini) or a hub id such as skt/kogpt2-base-v2"
+        )
     try:
         return _hub_snapshot(str(name_or_path))
     except Exception as error:  # the hub client raises many types for "offline"
@@ -127,22 +141,25 @@ class CausalLM(tf.keras.Model):
     `CausalLM.from_pretrained` picks the class from config.json's model_type.
     """
 
-    family = None  # the tfgen.families class; set by each subclass
-    model_attribute = None  # where the wrapped transformers model is kept (lm.gpt2, lm.gptj)
-    _by_model_type = {}
+    # The tfgen.families class (a families.Family subclass), set by each subclass; Any, as the base's None is
+    # never used where a family's attributes are read.
+    family: ClassVar[Any] = None
+    model_attribute: ClassVar[Any] = None  # where the wrapped transformers model is kept (lm.gpt2, lm.gptj)
+    _by_model_type: ClassVar[dict[str, type[CausalLM]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "family" in cls.__dict__:  # a family's own class, not a user's subclass of it
             CausalLM._by_model_type[cls.family.model_type] = cls
 
-    def __init__(self, model_or_config, tokenizer=None, **kwargs):
+    def __init__(self, model_or_config: Any, tokenizer: Tokenizer | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if type(self) is CausalLM:
             raise TypeError("CausalLM is the base class; use CausalLM.from_pretrained, GPT2LM or GPTJLM")
         family = self.family
-        model = (model_or_config if isinstance(model_or_config, family.transformers_class)
-                 else family.build(model_or_config))
+        model = (
+            model_or_config if isinstance(model_or_config, family.transformers_class) else family.build(model_or_config)
+        )
         setattr(self, self.model_attribute, model)
         self.net = family(model)
         self.tokenizer = tokenizer
@@ -151,10 +168,10 @@ class CausalLM(tf.keras.Model):
         self(tf.zeros([1, 1], tf.int32))  # builds the weights, so summary() and saving work at once
 
     @property
-    def config(self):
+    def config(self) -> Any:
         return self.net.config
 
-    def call(self, input_ids, attention_mask=None, training=False):
+    def call(self, input_ids: Any, attention_mask: Any = None, training: bool = False) -> tf.Tensor:
         """Float32 logits [batch, len, vocab] (also under mixed precision).
 
         Takes ids and a mask, or a dict with those keys (Keras-style inputs).
@@ -164,7 +181,14 @@ class CausalLM(tf.keras.Model):
         # Keras' build_from_config (loading a .keras file) calls with float zeros.
         return self.net.logits(tf.cast(input_ids, tf.int32), attention_mask, training)
 
-    def compile(self, optimizer=None, loss=None, weighted_metrics=None, jit_compile="auto", **kwargs):
+    def compile(
+        self,
+        optimizer: Any = None,
+        loss: Any = None,
+        weighted_metrics: Any = None,
+        jit_compile: bool | Literal["auto"] = "auto",
+        **kwargs: Any,
+    ) -> None:
         """Keras compile with language-model defaults.
 
         optimizer: `training.adamw()` (AdamW, lr 5e-5, no decay on LayerNorm and
@@ -187,7 +211,7 @@ class CausalLM(tf.keras.Model):
         return self.config.to_dict()
 
     @classmethod
-    def from_config(cls, config, tokenizer=None):
+    def from_config(cls, config: Any, tokenizer: Tokenizer | None = None) -> CausalLM:
         """A new, randomly initialised model, for training from scratch.
 
         `config` is the family's config (`GPT2Config`, `GPTJConfig`) or a dict of its
@@ -203,7 +227,7 @@ class CausalLM(tf.keras.Model):
         return cls(config, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype="float32", **special_tokens):
+    def from_pretrained(cls, name_or_path: PathLike, dtype: str = "float32", **special_tokens: str) -> CausalLM:
         """Loads an HF-layout checkpoint directory (or hub id) and the tokenizer stored beside it.
 
         Weights are read from the first of model.safetensors, its sharded index,
@@ -229,8 +253,10 @@ class CausalLM(tf.keras.Model):
         if cls.family is None:
             cls = CausalLM._by_model_type[family.model_type]
         elif cls.family is not family:
-            raise ValueError(f"{directory} holds a {model_type} model, which {cls.__name__} cannot load; "
-                             f"use tfgen.CausalLM.from_pretrained, which picks the class from config.json")
+            raise ValueError(
+                f"{directory} holds a {model_type} model, which {cls.__name__} cannot load; "
+                f"use tfgen.CausalLM.from_pretrained, which picks the class from config.json"
+            )
         try:
             tokenizer = Tokenizer.from_pretrained(directory, **special_tokens)
         except FileNotFoundError:
@@ -244,11 +270,13 @@ class CausalLM(tf.keras.Model):
                 setattr(lm.config, f"{key}_id", getattr(tokenizer, f"{key}_id"))
         return lm
 
-    def with_dtype(self, dtype):
+    def with_dtype(self, dtype: str) -> CausalLM:
         """A copy with its weights and computation in `dtype`, e.g. "bfloat16" (half the memory; logits stay float32)."""
         if self.lora is not None:
-            raise ValueError("with_dtype copies the base weights only, not LoRA adapters; save_pretrained the model "
-                             "(merged weights) and load that with CausalLM.from_pretrained(directory, dtype=...)")
+            raise ValueError(
+                "with_dtype copies the base weights only, not LoRA adapters; save_pretrained the model "
+                "(merged weights) and load that with CausalLM.from_pretrained(directory, dtype=...)"
+            )
         with _policy(dtype):
             copy = type(self)(self.family.config_class(**self.config.to_dict()), self.tokenizer)
         for target, source in zip(copy.net.weights, self.net.weights):
@@ -262,11 +290,15 @@ class CausalLM(tf.keras.Model):
         an error that names what to use instead.
         """
         if self.lora is not None:
-            raise NotImplementedError("a model with LoRA adapters is saved with save_pretrained (merged weights) or "
-                                      "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file")
+            raise NotImplementedError(
+                "a model with LoRA adapters is saved with save_pretrained (merged weights) or "
+                "save_lora_adapter (the adapter in PEFT's layout), not as a Keras file"
+            )
         if save_format not in (None, "keras") or not str(filepath).endswith(".keras"):
-            raise NotImplementedError(f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
-                                      f"not {str(filepath)!r}; {_SAVE_INSTEAD}")
+            raise NotImplementedError(
+                f"{type(self).__name__}.save writes only the Keras format (a path ending in .keras), "
+                f"not {str(filepath)!r}; {_SAVE_INSTEAD}"
+            )
         super().save(filepath, overwrite=overwrite, save_format=save_format, **kwargs)
 
     def save_assets(self, directory):
@@ -286,7 +318,7 @@ class CausalLM(tf.keras.Model):
             raise NotImplementedError(f"{type(self).__name__} cannot be saved as a Keras SavedModel; {_SAVE_INSTEAD}")
         return super()._trackable_children(save_type, **kwargs)
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: PathLike) -> None:
         """Writes config, tf_model.h5, a PyTorch-layout model.safetensors and the tokenizer, atomically.
 
         With LoRA enabled the weights are merged (W + (alpha / r) A B in each
@@ -295,17 +327,19 @@ class CausalLM(tf.keras.Model):
         with checkpoint.atomic_directory(directory) as staging:
             self.write_checkpoint_files(staging)
 
-    def write_checkpoint_files(self, directory):
+    def write_checkpoint_files(self, directory: PathLike) -> None:
         """save_pretrained's files, written into an existing directory (not atomically)."""
         directory = Path(directory)
-        merged = self.lora.merged_into_base(self.net.lora_layers()) if self.lora is not None else contextlib.nullcontext()
+        merged = (
+            self.lora.merged_into_base(self.net.lora_layers()) if self.lora is not None else contextlib.nullcontext()
+        )
         with merged:
             self.net.model.save_pretrained(directory, safe_serialization=False)
             checkpoint.write_safetensors(self.net.model.weights, directory / checkpoint.SAFETENSORS_FILE)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
-    def enable_lora(self, rank, alpha=None):
+    def enable_lora(self, rank: int, alpha: float | None = None) -> None:
         """Freezes every weight and adds trainable rank-`rank` LoRA adapters on the attention projections.
 
         The targets are PEFT's defaults: GPT-2's fused q/k/v projection
@@ -322,11 +356,15 @@ class CausalLM(tf.keras.Model):
 
     def _check_lora_can_be_enabled(self):
         if self.lora is not None:
-            raise ValueError(f"LoRA is already enabled on this model (rank {self.lora.rank}); enable it once, or "
-                             "load the model again for other settings")
+            raise ValueError(
+                f"LoRA is already enabled on this model (rank {self.lora.rank}); enable it once, or "
+                "load the model again for other settings"
+            )
         if self._is_compiled:
-            raise ValueError("enable_lora must come before compile(): compile sets up the optimizer for the "
-                             "trainable weights; call lm.enable_lora(rank) and then lm.compile()")
+            raise ValueError(
+                "enable_lora must come before compile(): compile sets up the optimizer for the "
+                "trainable weights; call lm.enable_lora(rank) and then lm.compile()"
+            )
 
     def _use_adapters(self, adapters):
         self.net.model.trainable = False
@@ -334,7 +372,7 @@ class CausalLM(tf.keras.Model):
         self.lora = self.net.adapters = adapters
         self.decoder = Decoder(self.net)  # programs traced before would run without the adapters
 
-    def save_lora_adapter(self, directory, base_model_name_or_path=None):
+    def save_lora_adapter(self, directory: PathLike, base_model_name_or_path: str | None = None) -> None:
         """Writes the LoRA adapter alone in PEFT's layout (adapter_config.json, adapter_model.safetensors), atomically.
 
         `PeftModel.from_pretrained(base, directory)` and `load_lora_adapter`
@@ -345,7 +383,7 @@ class CausalLM(tf.keras.Model):
         with checkpoint.atomic_directory(directory) as staging:
             self.lora.write(staging, base_model_name_or_path or self.config.name_or_path)
 
-    def load_lora_adapter(self, directory):
+    def load_lora_adapter(self, directory: PathLike) -> None:
         """Reads a PEFT LoRA adapter (as `save_lora_adapter` or PEFT writes it) onto this base model.
 
         Enables LoRA with the adapter's rank and alpha first, unless it is enabled with the same.
@@ -359,8 +397,38 @@ class CausalLM(tf.keras.Model):
         adapters.read(directory)
         self._use_adapters(adapters)
 
-    def generate(self, input_ids, attention_mask=None, return_dict_in_generate=False, output_scores=False,
-                 streamer=None, **kwargs):
+    @overload
+    def generate(
+        self,
+        input_ids: npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None = None,
+        return_dict_in_generate: Literal[False] = False,
+        output_scores: bool = False,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> tf.Tensor: ...
+
+    @overload
+    def generate(
+        self,
+        input_ids: npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None = None,
+        *,
+        return_dict_in_generate: Literal[True],
+        output_scores: bool = False,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> GenerationOutput: ...
+
+    def generate(
+        self,
+        input_ids: npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None = None,
+        return_dict_in_generate: bool = False,
+        output_scores: bool = False,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> tf.Tensor | GenerationOutput:
         """Token ids [batch * num_return_sequences, len + new], as transformers' generate returns them.
 
         With return_dict_in_generate, a `GenerationOutput`; output_scores adds
@@ -384,16 +452,20 @@ class CausalLM(tf.keras.Model):
         """
         input_ids, attention_mask, options = self._checked(input_ids, attention_mask, kwargs)
         if streamer is not None and options.num_beams > 1:
-            raise ValueError("a streamer cannot be used with beam search (num_beams > 1); stream with greedy "
-                             "decoding or sampling, or drop the streamer")
+            raise ValueError(
+                "a streamer cannot be used with beam search (num_beams > 1); stream with greedy "
+                "decoding or sampling, or drop the streamer"
+            )
         repeats = 1 if options.num_beams > 1 else options.num_return_sequences  # beam search returns several itself
         input_ids, attention_mask = np.repeat(input_ids, repeats, axis=0), np.repeat(attention_mask, repeats, axis=0)
         if streamer is None:
             out = self.decoder(input_ids, attention_mask, options)
         else:
             streamer.put(input_ids)
-            out = drain(self.decoder.stream(input_ids, attention_mask, options),
-                         lambda block: [streamer.put(column) for column in block.T])
+            out = drain(
+                self.decoder.stream(input_ids, attention_mask, options),
+                lambda block: [streamer.put(column) for column in block.T],
+            )
             streamer.end()
         if not return_dict_in_generate:
             return tf.constant(out["sequences"])
@@ -427,7 +499,7 @@ class CausalLM(tf.keras.Model):
     def _eos_ids(self, kwargs):
         return set(np.atleast_1d(kwargs.get("eos_token_id", self.config.eos_token_id) or []).tolist())
 
-    def complete(self, prompts, **kwargs):
+    def complete(self, prompts: Iterable[str], **kwargs: Any) -> list[list[Completion]]:
         """For each prompt, a list of num_return_sequences `Completion`s."""
         tokenizer = self._text_tokenizer()
         input_ids, attention_mask = tokenizer.encode_batch(list(prompts))
@@ -439,11 +511,15 @@ class CausalLM(tf.keras.Model):
         for i, mask in enumerate(attention_mask):
             prompt_ids = input_ids[i][mask == 1].tolist()
             prompt_text = tokenizer.decode(prompt_ids)
-            results.append([tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
-                            for row in sequences[i * repeats:(i + 1) * repeats]])
+            results.append(
+                [
+                    tokenizer.completion(prompt_ids, row[width:], eos_ids, prompt_text)
+                    for row in sequences[i * repeats : (i + 1) * repeats]
+                ]
+            )
         return results
 
-    def stream_text(self, prompt, return_full_text=False, **kwargs):
+    def stream_text(self, prompt: str, return_full_text: bool = False, **kwargs: Any) -> Iterator[str]:
         """Generates from one prompt, yielding the new text in pieces as it is decoded.
 
         The pieces join to exactly what `generate_text(prompt,
@@ -453,11 +529,15 @@ class CausalLM(tf.keras.Model):
         generate()'s settings, for one returned sequence and without beams.
         """
         if not isinstance(prompt, str):
-            raise ValueError(f"stream_text takes one prompt string, got {type(prompt).__name__}; "
-                             "use generate_text for several prompts")
+            raise ValueError(
+                f"stream_text takes one prompt string, got {type(prompt).__name__}; "
+                "use generate_text for several prompts"
+            )
         if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1:
-            raise ValueError("stream_text makes one sequence without beams; use generate_text for "
-                             "num_return_sequences > 1 or num_beams > 1")
+            raise ValueError(
+                "stream_text makes one sequence without beams; use generate_text for "
+                "num_return_sequences > 1 or num_beams > 1"
+            )
         tokenizer = self._text_tokenizer()
         prompt_ids = tokenizer.encode(prompt)
         prompt_text = tokenizer.decode(prompt_ids)
@@ -466,21 +546,25 @@ class CausalLM(tf.keras.Model):
         pieces = tokenizer.text_pieces(prompt_ids, (block[0] for block in blocks), self._eos_ids(kwargs), prompt_text)
         return itertools.chain([prompt_text], pieces) if return_full_text else pieces
 
-    def _text_tokenizer(self):
+    def _text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids to generate() instead")
         return self.tokenizer
 
-    def generate_text(self, prompts, return_full_text=True, **kwargs):
+    def generate_text(
+        self, prompts: str | Sequence[str], return_full_text: bool = True, **kwargs: Any
+    ) -> str | list[str] | list[list[str]]:
         """Generates from a string or a list of strings.
 
         Returns a string per prompt (a list of them when num_return_sequences > 1);
         a single prompt gives a single result, a list gives a list.
         """
         single = isinstance(prompts, str)
-        return completion_texts(self.complete([prompts] if single else prompts, **kwargs), return_full_text, single)
+        return completion_texts(
+            self.complete([prompts] if isinstance(prompts, str) else prompts, **kwargs), return_full_text, single
+        )
 
-    def score(self, texts, stride=None):
+    def score(self, texts: str | Iterable[str], stride: int | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """How likely the model finds each text (a str gives one dict, a list a list of dicts).
 
         Each dict has `tokens` (the `Tokenizer.token_text` of each id of
@@ -497,7 +581,7 @@ class CausalLM(tf.keras.Model):
             return scoring.score(self, [texts], stride)[0]
         return scoring.score(self, list(texts), stride)
 
-    def top_choices(self, prompt, steps=8, k=5):
+    def top_choices(self, prompt: str, steps: int = 8, k: int = 5) -> list[dict[str, Any]]:
         """Greedy decoding laid open: one dict per step with `input` (the text so far) and `choices`.
 
         `choices` are the k likeliest next tokens as (token_text, probability),

@@ -88,17 +88,22 @@ def score(lm, texts, stride=None):
     tokenizer = _tokenizer(lm)
     rows = [tokenizer.encode(text) for text in texts]
     check_lengths(texts, map(len, rows))
-    spans = [(row, ids[begin:end], scored) for row, ids in enumerate(rows)
-             for begin, end, scored in windows(len(ids), lm.net.context, stride)]
+    spans = [
+        (row, ids[begin:end], scored)
+        for row, ids in enumerate(rows)
+        for begin, end, scored in windows(len(ids), lm.net.context, stride)
+    ]
     token_logprobs = [[] for _ in rows]
     for start in range(0, len(spans), BATCH):
-        batch = spans[start:start + BATCH]
+        batch = spans[start : start + BATCH]
         ids, mask = tokenizer.left_pad([window for _, window, _ in batch])
         logprobs = next_token_logprobs(lm(ids, mask), ids).numpy()
         for (row, _, scored), window_logprobs in zip(batch, logprobs):
             token_logprobs[row].extend(window_logprobs[-scored:])
-    return [summarize([tokenizer.token_text(t) for t in ids], row_logprobs)
-            for ids, row_logprobs in zip(rows, token_logprobs)]
+    return [
+        summarize([tokenizer.token_text(t) for t in ids], row_logprobs)
+        for ids, row_logprobs in zip(rows, token_logprobs)
+    ]
 
 
 def top_choices(lm, prompt, steps, k):

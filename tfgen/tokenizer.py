@@ -5,11 +5,15 @@ skt/kogpt2-base-v2 ships a ``tokenizer.json``. Both are wrapped behind one
 interface. This module does not import TensorFlow.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import io
 import itertools
 import json
+import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +126,7 @@ class _HuggingFace:
         # Decoders such as Metaspace drop the word-start space of a text's first token; the token's text
         # is what it adds after another token.
         twice = self.tok.decode([token_id, token_id], skip_special_tokens=False)
-        text = twice[len(alone):] if twice.startswith(alone) and len(twice) > len(alone) else alone
+        text = twice[len(alone) :] if twice.startswith(alone) and len(twice) > len(alone) else alone
         if INCOMPLETE in text and INCOMPLETE not in self.id_to_token(token_id):  # only part of a character
             if self._byte_level:
                 return _bytes_text(bytes(_BYTE_LEVEL_BYTES[c] for c in self.id_to_token(token_id)))
@@ -170,6 +174,18 @@ class Tokenizer:
     nothing). The two attributes are None when the post-processor decides.
     """
 
+    # Set in __init__ for each of _SPECIAL_TOKEN_KEYS: the token and its id, None where the tokenizer has none.
+    bos_token: str | None
+    eos_token: str | None
+    unk_token: str | None
+    pad_token: str | None
+    mask_token: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    unk_token_id: int | None
+    pad_token_id: int | None
+    mask_token_id: int | None
+
     def __init__(self, backend, special_tokens, added_tokens=None):
         self._backend = backend
         self._vocab_size = backend.vocab_size  # read once: tokenizers' get_vocab_size builds the whole vocabulary
@@ -177,8 +193,10 @@ class Tokenizer:
             token = special_tokens.get(key)
             token_id = None if token is None else backend.token_to_id(token)
             if token is not None and token_id is None:
-                raise ValueError(f"{key} {token!r} is not in the vocabulary; name a token the tokenizer has "
-                                 f"(see its tokenizer.json or SentencePiece model)")
+                raise ValueError(
+                    f"{key} {token!r} is not in the vocabulary; name a token the tokenizer has "
+                    f"(see its tokenizer.json or SentencePiece model)"
+                )
             setattr(self, key, token)
             setattr(self, f"{key}_id", token_id)
         ids = {"add_bos_token": self.bos_token_id, "add_eos_token": self.eos_token_id}
@@ -186,18 +204,22 @@ class Tokenizer:
             added = {key: bool(added_tokens.get(key)) for key in _ADD_TOKEN_KEYS}
             for key, token_id in ids.items():
                 if added[key] and token_id is None:
-                    raise ValueError(f"tokenizer_config.json sets {key}, but the tokenizer has no such token; "
-                                     "name it (bos_token / eos_token) or unset the switch")
+                    raise ValueError(
+                        f"tokenizer_config.json sets {key}, but the tokenizer has no such token; "
+                        "name it (bos_token / eos_token) or unset the switch"
+                    )
         else:  # the backend's rule, where the token exists
-            added = {key: add if add is None else add and ids[key] is not None
-                     for key, add in backend.default_added_tokens().items()}
+            added = {
+                key: add if add is None else add and ids[key] is not None
+                for key, add in backend.default_added_tokens().items()
+            }
         self.add_bos_token, self.add_eos_token = added["add_bos_token"], added["add_eos_token"]
         self.all_special_ids = frozenset(
             i for i in (self.bos_token_id, self.eos_token_id, self.pad_token_id) if i is not None
         )
 
     @classmethod
-    def from_file(cls, path, **special_tokens):
+    def from_file(cls, path: str | os.PathLike[str], **special_tokens: str) -> Tokenizer:
         """Load a SentencePiece ``.model``/``.spiece`` file or a ``tokenizer.json``.
 
         Special tokens come from ``special_tokens`` (``bos_token="</s>"``,
@@ -211,14 +233,15 @@ class Tokenizer:
         """
         unknown = sorted(set(special_tokens) - set(_SPECIAL_TOKEN_KEYS))
         if unknown:
-            raise TypeError(f"unknown special token argument(s) {', '.join(unknown)}; "
-                            f"expected {', '.join(_SPECIAL_TOKEN_KEYS)}")
+            raise TypeError(
+                f"unknown special token argument(s) {', '.join(unknown)}; expected {', '.join(_SPECIAL_TOKEN_KEYS)}"
+            )
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"no tokenizer file at {path} (expected a SentencePiece *.model/*.spiece "
-                "file or a tokenizer.json)"
+                f"no tokenizer file at {path} (expected a SentencePiece *.model/*.spiece file or a tokenizer.json)"
             )
+        backend: _SentencePiece | _HuggingFace
         if path.suffix in _SP_SUFFIXES:
             backend = _SentencePiece(path)
         elif path.suffix == ".json":
@@ -238,7 +261,7 @@ class Tokenizer:
         return cls(backend, {**tokens, **special_tokens}, added_tokens)
 
     @classmethod
-    def from_pretrained(cls, directory, **special_tokens):
+    def from_pretrained(cls, directory: str | os.PathLike[str], **special_tokens: str) -> Tokenizer:
         """Load the tokenizer saved in ``directory``.
 
         A SentencePiece model is preferred over ``tokenizer.json``:
@@ -254,19 +277,16 @@ class Tokenizer:
         sp_files = sorted(p for p in directory.iterdir() if p.suffix in _SP_SUFFIXES)
         if len(sp_files) > 1:
             names = ", ".join(p.name for p in sp_files)
-            raise ValueError(
-                f"{directory} holds several SentencePiece models ({names}); use Tokenizer.from_file"
-            )
+            raise ValueError(f"{directory} holds several SentencePiece models ({names}); use Tokenizer.from_file")
         if sp_files:
             return cls.from_file(sp_files[0], **special_tokens)
         if (directory / "tokenizer.json").is_file():
             return cls.from_file(directory / "tokenizer.json", **special_tokens)
         raise FileNotFoundError(
-            f"no tokenizer file in {directory} "
-            "(expected tokenizer.model, *.model, *.spiece or tokenizer.json)"
+            f"no tokenizer file in {directory} (expected tokenizer.model, *.model, *.spiece or tokenizer.json)"
         )
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the tokenizer file, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
         A SentencePiece model is written as ``tokenizer.model``, a Hugging Face
@@ -286,7 +306,7 @@ class Tokenizer:
         _write_json(directory / "special_tokens_map.json", special_map)
 
     @property
-    def vocab_size(self):
+    def vocab_size(self) -> int:
         return self._vocab_size
 
     def sentencepiece_model(self):
@@ -298,7 +318,7 @@ class Tokenizer:
         """The id that pads batches: the pad token's, else the EOS token's, else 0."""
         return next((i for i in (self.pad_token_id, self.eos_token_id) if i is not None), 0)
 
-    def encode(self, text, add_special_tokens=True):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens``, the BOS/EOS the files say (see the class)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
@@ -323,15 +343,15 @@ class Tokenizer:
         attention_mask = np.zeros((len(rows), length), dtype=np.int32)
         for row, ids in enumerate(rows):
             if ids:
-                input_ids[row, -len(ids):] = ids
-                attention_mask[row, -len(ids):] = 1
+                input_ids[row, -len(ids) :] = ids
+                attention_mask[row, -len(ids) :] = 1
         return input_ids, attention_mask
 
     def knows(self, token_id):
         """Whether ``token_id`` is in the vocabulary (a model's embedding may have more rows than it)."""
         return 0 <= token_id < self._vocab_size
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list or 1-D array); BOS/EOS/pad are dropped if ``skip_special_tokens``.
 
         Ids the vocabulary lacks spell nothing, as in transformers' fast tokenizers.
@@ -353,7 +373,7 @@ class Tokenizer:
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids
         prompt_text = self.decode(prompt_ids) if prompt_text is None else prompt_text
         text = self.decode(list(prompt_ids) + new_ids)
-        new_text = text[len(prompt_text):] if text.startswith(prompt_text) else self.decode(new_ids)
+        new_text = text[len(prompt_text) :] if text.startswith(prompt_text) else self.decode(new_ids)
         return Completion(text, new_text, new_ids)
 
     def text_pieces(self, prompt_ids, id_blocks, eos_ids, prompt_text=None):
@@ -368,15 +388,15 @@ class Tokenizer:
             new_ids.extend(int(t) for t in block)
             text = self.completion(prompt_ids, new_ids, eos_ids, prompt_text).new_text.rstrip(INCOMPLETE)
             if text.startswith(sent) and len(text) > len(sent):
-                yield text[len(sent):]
+                yield text[len(sent) :]
                 sent = text
         final = self.completion(prompt_ids, new_ids, eos_ids, prompt_text).new_text
         if not final.startswith(sent):  # SentencePiece and byte-fallback decoders only ever add text at the end
             raise RuntimeError(f"the tokenizer's text changed from {sent!r} to {final!r} as tokens were added")
         if final != sent:
-            yield final[len(sent):]
+            yield final[len(sent) :]
 
-    def decode_batch(self, rows, skip_special_tokens=True):
+    def decode_batch(self, rows: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         """:meth:`decode` for each row of ``rows``."""
         return [self.decode(row, skip_special_tokens) for row in rows]
 
@@ -403,12 +423,17 @@ def warn_if_vocabulary_differs(tokenizer, model_vocab_size, model_path):
     if tokenizer is None or tokenizer.vocab_size == model_vocab_size:
         return
     if tokenizer.vocab_size < model_vocab_size:
-        effect = (f"ids {tokenizer.vocab_size} to {model_vocab_size - 1} have no token and decode to nothing, "
-                  "as in transformers")
+        effect = (
+            f"ids {tokenizer.vocab_size} to {model_vocab_size - 1} have no token and decode to nothing, "
+            "as in transformers"
+        )
     else:
         effect = f"token ids from {model_vocab_size} on have no embedding row; the model cannot read them"
-    warnings.warn(f"{model_path}: the model's vocabulary has {model_vocab_size} ids, its tokenizer's "
-                  f"{tokenizer.vocab_size}: {effect}", stacklevel=3)
+    warnings.warn(
+        f"{model_path}: the model's vocabulary has {model_vocab_size} ids, its tokenizer's "
+        f"{tokenizer.vocab_size}: {effect}",
+        stacklevel=3,
+    )
 
 
 def _byte_level_alphabet():
@@ -430,9 +455,9 @@ def _bytes_text(data):
             parts.append(data.decode("utf-8"))
             break
         except UnicodeDecodeError as error:
-            parts.append(data[:error.start].decode("utf-8"))
-            parts.extend(f"<0x{byte:02X}>" for byte in data[error.start:error.end])
-            data = data[error.end:]
+            parts.append(data[: error.start].decode("utf-8"))
+            parts.extend(f"<0x{byte:02X}>" for byte in data[error.start : error.end])
+            data = data[error.end :]
     return "".join(parts)
 
 
@@ -454,8 +479,9 @@ def _write_json(path, obj):
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def train_sentencepiece(texts, directory, vocab_size, model_type="unigram", character_coverage=0.9995,
-                        input_sentence_size=2_000_000):
+def train_sentencepiece(
+    texts, directory, vocab_size, model_type="unigram", character_coverage=0.9995, input_sentence_size=2_000_000
+):
     """Trains a KoGPT2-v1-style SentencePiece tokenizer on an iterable of texts and saves it in `directory`.
 
     Ids: <unk> 0, <s> 1, </s> 2, <pad> 3. Identity normalisation, kept

@@ -119,7 +119,8 @@ def _unpickle(data, path):
         raise
     except Exception as error:  # e.g. a storage type called as a function, a truncated file
         raise pickle.UnpicklingError(
-            f"{path}: not a PyTorch state dict pickle ({type(error).__name__}: {error})") from None
+            f"{path}: not a PyTorch state dict pickle ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _tensor_refs(obj, path):
@@ -225,7 +226,8 @@ class TorchCheckpoint(Mapping):
         if ref.offset == 0 and storage.size == np.prod(ref.shape) and ref.stride == _contiguous_strides(ref.shape):
             return storage.reshape(ref.shape)  # the usual case: the tensor is its whole storage
         view = np.lib.stride_tricks.as_strided(
-            storage[ref.offset:], shape=ref.shape, strides=[s * ref.dtype.itemsize for s in ref.stride])
+            storage[ref.offset :], shape=ref.shape, strides=[s * ref.dtype.itemsize for s in ref.stride]
+        )
         return np.array(view, order="C")
 
     def __iter__(self):

@@ -105,8 +105,9 @@ def mixed_precision_policy():
         return "mixed_float16"
     if _cpu_has_bfloat16():
         return "mixed_bfloat16"
-    raise ValueError("mixed precision: this machine has no GPU and its CPU has no bfloat16 instructions; "
-                     "train in float32")
+    raise ValueError(
+        "mixed precision: this machine has no GPU and its CPU has no bfloat16 instructions; train in float32"
+    )
 
 
 def _cpu_has_bfloat16():
@@ -193,7 +194,9 @@ def restore_training_state(lm, directory):
     counters = read_training_counters(directory)
     with lm.distribute_strategy.scope():
         lm.optimizer.build(lm.trainable_variables)
-    status = tf.train.Checkpoint(optimizer=lm.optimizer).read(str(Path(directory) / TRAINING_STATE_DIR / _OPTIMIZER_PREFIX))
+    status = tf.train.Checkpoint(optimizer=lm.optimizer).read(
+        str(Path(directory) / TRAINING_STATE_DIR / _OPTIMIZER_PREFIX)
+    )
     status.assert_existing_objects_matched()
     return counters
 

@@ -45,12 +45,16 @@ weights by ai-edge-quantizer, see tfgen.export.quantize), "fp16" (float16
 weights, float computation) or "none" (float32).
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
@@ -64,14 +68,24 @@ from tfgen.litert import CONFIG_FILE, FORMAT, FORMAT_VERSION, MODEL_FILE
 from tfgen.litert_rows import MAX_EOS_IDS
 from tfgen.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from tfgen.model import CausalLM
+
 QUANTIZATIONS = ("int8", "int4", "fp16", "none")
 DEFAULT_CAPACITY = 256
 DEFAULT_ROWS = 16  # as `tfgen serve --max-batch`'s default
 DEFAULT_CHUNK = 32  # prompt tokens per `extend` call
 
 
-def export_litert(model, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS, chunk=DEFAULT_CHUNK,
-                  part_bytes=model_parts.PART_BYTES):
+def export_litert(
+    model: CausalLM | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    quantize: str = "int8",
+    capacity: int | None = None,
+    rows: int | Sequence[int] = DEFAULT_ROWS,
+    chunk: int = DEFAULT_CHUNK,
+    part_bytes: int | None = model_parts.PART_BYTES,
+) -> str | os.PathLike[str]:
     """Writes a model as a LiteRT model directory at `path`, atomically; returns `path`.
 
     model: a `CausalLM` (GPT2LM or GPTJLM, with its tokenizer), or a checkpoint
@@ -93,8 +107,9 @@ def export_litert(model, path, quantize="int8", capacity=None, rows=DEFAULT_ROWS
     context = config.n_positions
     capacity = min(DEFAULT_CAPACITY, context) if capacity is None else capacity
     if not isinstance(capacity, int) or not 2 <= capacity <= context:
-        raise ValueError(f"capacity must be an integer from 2 to the model's context of {context} tokens, "
-                         f"got {capacity!r}")
+        raise ValueError(
+            f"capacity must be an integer from 2 to the model's context of {context} tokens, got {capacity!r}"
+        )
     tiers = row_tiers(rows) if isinstance(rows, int) else tuple(sorted(set(rows)))
     if not tiers or not all(isinstance(tier, int) and tier >= 1 for tier in tiers):
         raise ValueError(f"rows must be a positive integer or a list of them, got {rows!r}")
@@ -217,8 +232,11 @@ class PartModule(tf.Module):
         config = stage.net.config
         width = config.n_embd
         cache_shape = [config.n_head, capacity, width // config.n_head]
-        cache = [(f"{kind}_cache_{layer}", tf.float32, cache_shape)
-                 for layer in range(len(stage.blocks)) for kind in ("key", "value")]
+        cache = [
+            (f"{kind}_cache_{layer}", tf.float32, cache_shape)
+            for layer in range(len(stage.blocks))
+            for kind in ("key", "value")
+        ]
 
         def steps(rows, tokens):
             taken = ("token", tf.int32, [tokens]) if stage.part.first else ("hidden", tf.float32, [tokens, width])
@@ -228,15 +246,27 @@ class PartModule(tf.Module):
         for rows in tiers:
             self._signatures[f"decode_{rows}"] = tf.function(self._step, input_signature=steps(rows, 1))
         if stage.part.last:
-            choice = [("logits", tf.float32, [config.vocab_size]), ("sequence", tf.int32, [capacity]),
-                      ("lengths", tf.int32, []), ("steps", tf.int32, []), ("temperature", tf.float32, []),
-                      ("top_k", tf.int32, []), ("top_p", tf.float32, []), ("repetition_penalty", tf.float32, []),
-                      ("no_repeat_ngram_size", tf.int32, []), ("min_new_steps", tf.int32, []),
-                      ("presence_penalty", tf.float32, []), ("frequency_penalty", tf.float32, []),
-                      ("logit_bias", tf.float32, [config.vocab_size]), ("uniform", tf.float32, [1])]
+            choice = [
+                ("logits", tf.float32, [config.vocab_size]),
+                ("sequence", tf.int32, [capacity]),
+                ("lengths", tf.int32, []),
+                ("steps", tf.int32, []),
+                ("temperature", tf.float32, []),
+                ("top_k", tf.int32, []),
+                ("top_p", tf.float32, []),
+                ("repetition_penalty", tf.float32, []),
+                ("no_repeat_ngram_size", tf.int32, []),
+                ("min_new_steps", tf.int32, []),
+                ("presence_penalty", tf.float32, []),
+                ("frequency_penalty", tf.float32, []),
+                ("logit_bias", tf.float32, [config.vocab_size]),
+                ("uniform", tf.float32, [1]),
+            ]
             for rows in tiers:
-                self._signatures[f"next_token_{rows}"] = tf.function(self._next_token, input_signature=[
-                    *_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")])
+                self._signatures[f"next_token_{rows}"] = tf.function(
+                    self._next_token,
+                    input_signature=[*_row_specs(rows, choice), tf.TensorSpec([MAX_EOS_IDS], tf.int32, name="eos_ids")],
+                )
 
     def signatures(self):
         return self._signatures
@@ -247,8 +277,9 @@ class PartModule(tf.Module):
         n = taken.shape[1]
         columns = positions[:, None] + tf.range(n)[None]
         hidden = net.embed(taken, columns) if part.first else taken
-        hidden, new = net.transform(hidden, columns, blocks, list(zip(cache[::2], cache[1::2])),
-                                    attend=attend_beside_cache)
+        hidden, new = net.transform(
+            hidden, columns, blocks, list(zip(cache[::2], cache[1::2])), attend=attend_beside_cache
+        )
         out = {"keys": tf.stack([k for k, _ in new]), "values": tf.stack([v for _, v in new])} if new else {}
         if part.last:  # [rows * n, vocab]: a decode step's [rows, vocab], an extend's [chunk, vocab]
             out["logits"] = net.head(tf.reshape(hidden, [-1, net.config.n_embd]))
@@ -256,14 +287,34 @@ class PartModule(tf.Module):
             out["hidden"] = hidden
         return out
 
-    def _next_token(self, logits, sequence, lengths, steps, temperature, top_k, top_p, repetition_penalty,
-                    no_repeat_ngram_size, min_new_steps, presence_penalty, frequency_penalty, logit_bias, uniform,
-                    eos_ids):
+    def _next_token(
+        self,
+        logits,
+        sequence,
+        lengths,
+        steps,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        min_new_steps,
+        presence_penalty,
+        frequency_penalty,
+        logit_bias,
+        uniform,
+        eos_ids,
+    ):
         settings = {
-            "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-            "eos_ids": eos_ids, "min_new_steps": min_new_steps, "presence_penalty": presence_penalty,
-            "frequency_penalty": frequency_penalty, "logit_bias": logit_bias,
-            "bad_words": tf.zeros([0, 1], tf.int32), "bad_word_lengths": tf.zeros([0], tf.int32),
+            "repetition_penalty": repetition_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "eos_ids": eos_ids,
+            "min_new_steps": min_new_steps,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "logit_bias": logit_bias,
+            "bad_words": tf.zeros([0, 1], tf.int32),
+            "bad_word_lengths": tf.zeros([0], tf.int32),
         }
         scores = processors.process(logits, sequence, lengths, steps, settings)
         token, logprob = decode.choose_at(scores, temperature, top_k, top_p, uniform)

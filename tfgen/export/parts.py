@@ -50,8 +50,9 @@ def plan(config, part_bytes=PART_BYTES):
     if size + embedding_bytes(config) > part_bytes and config.n_layer > cuts[-1]:
         cuts.append(config.n_layer)  # the head on its own
     ends = cuts[1:] + [config.n_layer]
-    return [Part(start, stop, index == 0, index == len(cuts) - 1)
-            for index, (start, stop) in enumerate(zip(cuts, ends))]
+    return [
+        Part(start, stop, index == 0, index == len(cuts) - 1) for index, (start, stop) in enumerate(zip(cuts, ends))
+    ]
 
 
 def part_weights(net, part, blocks):
@@ -64,7 +65,7 @@ def part_weights(net, part, blocks):
 
 def layers_in_memory(lm, part):
     """(family, blocks, variables) of a part of a loaded `CausalLM`: its own layers (LoRA adapters included)."""
-    return lm.net, list(lm.net.model.transformer.h[part.start:part.stop]), lm.net.weights
+    return lm.net, list(lm.net.model.transformer.h[part.start : part.stop]), lm.net.weights
 
 
 def load_part(family, config, weights_path, part):

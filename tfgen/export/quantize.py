@@ -41,8 +41,9 @@ def quantize_int4(float_model):
     ops = (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP)
     make = getattr(recipe, RECIPE)
     model_recipe = sum((make(operation_name=op) for op in ops), [])
-    result = quantizer.Quantizer(float_model, model_recipe).quantize(enable_progress_bar=False,
-                                                                     enable_progress_report=False)
+    result = quantizer.Quantizer(float_model, model_recipe).quantize(
+        enable_progress_bar=False, enable_progress_report=False
+    )
     return share_identical_buffers(result.quantized_model)
 
 

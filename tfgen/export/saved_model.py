@@ -18,14 +18,21 @@ attention_mask -> sequences) and `generate_beam` (beam search with
 optional keyword arguments.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import inspect
+import os
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from tfgen import checkpoint
 from tfgen.generation import decode
 from tfgen.generation.options import MAX_NGRAM_SIZE, RULES, resolve_options
+
+if TYPE_CHECKING:  # tfgen.model imports TensorFlow's Keras models; only the annotation needs it
+    from tfgen.model import CausalLM
 
 DEFAULT_NUM_BEAMS = 4
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -47,10 +54,15 @@ BEAM_SETTINGS = {
     "length_penalty": (tf.float32, 1.0),
 }
 TEXT_INPUTS = {"prompts": tf.TensorSpec([None], tf.string)}
-ID_INPUTS = {"input_ids": tf.TensorSpec([None, None], tf.int32), "attention_mask": tf.TensorSpec([None, None], tf.int32)}
+ID_INPUTS = {
+    "input_ids": tf.TensorSpec([None, None], tf.int32),
+    "attention_mask": tf.TensorSpec([None, None], tf.int32),
+}
 
 
-def export_saved_model(lm, path, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
+def export_saved_model(
+    lm: CausalLM, path: str | os.PathLike[str], capacity: int | None = None, num_beams: int = DEFAULT_NUM_BEAMS
+) -> str | os.PathLike[str]:
     """Writes `lm` as a TF SavedModel at `path`, atomically; returns `path`.
 
     capacity: the most tokens a request may use, longest prompt plus
@@ -71,7 +83,9 @@ def serving_module(lm, capacity=None, num_beams=DEFAULT_NUM_BEAMS):
     if not 2 <= capacity <= context:
         raise ValueError(f"capacity must be from 2 to the model's context of {context} tokens, got {capacity!r}")
     if not isinstance(num_beams, int) or num_beams < 2:
-        raise ValueError(f"num_beams must be an integer >= 2 (the beam-search signature's beam count), got {num_beams!r}")
+        raise ValueError(
+            f"num_beams must be an integer >= 2 (the beam-search signature's beam count), got {num_beams!r}"
+        )
     return _ServingModule(lm, capacity, num_beams)
 
 
@@ -84,8 +98,10 @@ class _ServingModule(tf.Module):
             1, max_new_tokens=1, eos_token_id=lm.config.eos_token_id, pad_token_id=lm.config.pad_token_id, seed=0
         )
         # One-shot programs over CausalLM.generate's state functions, compiled by XLA per request shape.
-        self.programs = {strategy: tf.function(decode.program(lm.net, strategy, num_beams), jit_compile=True)
-                         for strategy in ("greedy", "sample", "beam")}
+        self.programs = {
+            strategy: tf.function(decode.program(lm.net, strategy, num_beams), jit_compile=True)
+            for strategy in ("greedy", "sample", "beam")
+        }
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, capacity - 1)
         sampling = {**SAMPLING_SETTINGS, "max_new_tokens": (tf.int32, max_new_tokens)}
         beam = {**BEAM_SETTINGS, "max_new_tokens": (tf.int32, max_new_tokens)}
@@ -95,9 +111,12 @@ class _ServingModule(tf.Module):
             self.generate_beam = _signature_function("generate_beam", ID_INPUTS, beam, self._beam_ids)
             return
         self.text = TextCodec(lm.tokenizer, model, self.options.eos_token_ids)
-        self.generate_text = _signature_function("generate_text", TEXT_INPUTS, sampling,
-                                                 self.text.with_text(self._sampled_ids))
-        self.generate_beam = _signature_function("generate_beam", TEXT_INPUTS, beam, self.text.with_text(self._beam_ids))
+        self.generate_text = _signature_function(
+            "generate_text", TEXT_INPUTS, sampling, self.text.with_text(self._sampled_ids)
+        )
+        self.generate_beam = _signature_function(
+            "generate_beam", TEXT_INPUTS, beam, self.text.with_text(self._beam_ids)
+        )
 
     def signature_functions(self):
         """The SavedModel's signatures: serving_default takes text where the tokenizer allows, ids otherwise."""
@@ -141,12 +160,19 @@ def _request_checks(attention_mask, settings, do_sample, capacity):
     rules = [
         (tf.size(lengths) > 0, "no prompts: send at least one"),
         (tf.reduce_all(lengths > 0), "a prompt has no tokens; give each prompt some text"),
-        (longest + max_new <= capacity, tf.strings.format(
-            "the longest prompt ({} tokens) plus max_new_tokens ({}) exceeds the capacity of "
-            f"{capacity} tokens; shorten the prompt, lower max_new_tokens, or export with a larger capacity",
-            [longest, max_new])),
+        (
+            longest + max_new <= capacity,
+            tf.strings.format(
+                "the longest prompt ({} tokens) plus max_new_tokens ({}) exceeds the capacity of "
+                f"{capacity} tokens; shorten the prompt, lower max_new_tokens, or export with a larger capacity",
+                [longest, max_new],
+            ),
+        ),
         (max_new >= 1, _rule("max_new_tokens", max_new)),
-        (tf.logical_or(tf.logical_not(do_sample), settings["temperature"] > 0), _rule("temperature", settings["temperature"])),
+        (
+            tf.logical_or(tf.logical_not(do_sample), settings["temperature"] > 0),
+            _rule("temperature", settings["temperature"]),
+        ),
         (tf.logical_and(settings["top_p"] > 0, settings["top_p"] <= 1), _rule("top_p", settings["top_p"])),
         (settings["top_k"] >= 0, _rule("top_k", settings["top_k"])),
         (settings["repetition_penalty"] > 0, _rule("repetition_penalty", settings["repetition_penalty"])),
@@ -180,8 +206,10 @@ class TextCodec(tf.Module):
         """Left-padded (input_ids, attention_mask) of `prompts`, as `Tokenizer.encode_batch` gives them."""
         pieces = self.sentencepiece.tokenize(prompts)
         rows = tf.shape(prompts)[0]
-        parts = [tf.RaggedTensor.from_tensor(tf.tile(tf.constant(ids, tf.int32, [1, len(ids)]), [rows, 1]))
-                 for ids in (self.prefix, self.suffix)]
+        parts = [
+            tf.RaggedTensor.from_tensor(tf.tile(tf.constant(ids, tf.int32, [1, len(ids)]), [rows, 1]))
+            for ids in (self.prefix, self.suffix)
+        ]
         pieces = tf.concat([parts[0], pieces, parts[1]], axis=1)
         lengths = tf.cast(pieces.row_lengths(), tf.int32)
         width = tf.reduce_max(tf.concat([lengths, [0]], axis=0))
@@ -193,7 +221,7 @@ class TextCodec(tf.Module):
     def completions(self, input_ids, attention_mask, sequences):
         """The new text of each row, as `CausalLM.complete`'s `new_text`: through the first EOS, specials and ids
         past the vocabulary dropped."""
-        new = sequences[:, tf.shape(input_ids)[1]:]
+        new = sequences[:, tf.shape(input_ids)[1] :]
         before_end = tf.cumsum(tf.cast(_is_any(new, self.eos_ids), tf.int32), axis=1, exclusive=True) == 0
         prompt = tf.ragged.boolean_mask(input_ids, tf.logical_and(attention_mask > 0, self._plain(input_ids)))
         new = tf.ragged.boolean_mask(new, tf.logical_and(before_end, self._plain(new)))
@@ -201,15 +229,18 @@ class TextCodec(tf.Module):
         text = self.sentencepiece.detokenize(tf.concat([prompt, new], axis=1))
         start = tf.minimum(tf.strings.length(prompt_text), tf.strings.length(text))
         continues = tf.strings.substr(text, tf.zeros_like(start), start) == prompt_text
-        return tf.where(continues, tf.strings.substr(text, start, tf.strings.length(text)),
-                        self.sentencepiece.detokenize(new))
+        return tf.where(
+            continues, tf.strings.substr(text, start, tf.strings.length(text)), self.sentencepiece.detokenize(new)
+        )
 
     def with_text(self, generate_ids):
         """A signature body taking prompts, from one taking ids: adds `completions` to its outputs."""
+
         def generate(inputs, request):
             input_ids, attention_mask = self.encode(inputs["prompts"])
             out = generate_ids({"input_ids": input_ids, "attention_mask": attention_mask}, request)
             return {"completions": self.completions(input_ids, attention_mask, out["sequences"]), **out}
+
         return generate
 
     def _plain(self, ids):

@@ -10,8 +10,10 @@ FAMILIES = {family.model_type: family for family in (GPT2, GPTJ)}
 def family_of(model_type, where="config.json"):
     """The `Family` class of a config's model_type; ValueError listing the supported ones."""
     if model_type not in FAMILIES:
-        raise ValueError(f"{where} has model_type {model_type!r}, which tfgen does not support; "
-                         f"supported model types: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"{where} has model_type {model_type!r}, which tfgen does not support; "
+            f"supported model types: {', '.join(sorted(FAMILIES))}"
+        )
     return FAMILIES[model_type]
 
 

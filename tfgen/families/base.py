@@ -32,9 +32,13 @@ def read_after(variable, tensor):
 def matrices_read_after(layer, hidden):
     """Inside, the matrices of `layer` and its sublayers (bfloat16 or float16, or a mixed policy's float32 ones) are read
     through `read_after`, in the layer's compute dtype."""
-    swapped = [(owner, name, getattr(owner, name)) for owner in (layer, *layer.submodules)
-               if isinstance(owner, tf.keras.layers.Layer)
-               for name in MATRIX_NAMES if isinstance(getattr(owner, name, None), tf.Variable)]
+    swapped = [
+        (owner, name, getattr(owner, name))
+        for owner in (layer, *layer.submodules)
+        if isinstance(owner, tf.keras.layers.Layer)
+        for name in MATRIX_NAMES
+        if isinstance(getattr(owner, name, None), tf.Variable)
+    ]
     try:
         for owner, name, variable in swapped:
             # Past Keras' tracking: a value, for now. Cast as Keras casts a variable for a mixed policy's layer
@@ -117,8 +121,9 @@ class Family:
         dtype and the LoRA settings (see `tfgen.generation.program_store`)."""
         adapters = self.adapters
         lora = None if adapters is None else [adapters.rank, adapters.alpha, adapters.module_names]
-        return json.dumps([type(self).__name__, self.config.to_dict(), self.compute_dtype, lora], default=str,
-                          sort_keys=True)
+        return json.dumps(
+            [type(self).__name__, self.config.to_dict(), self.compute_dtype, lora], default=str, sort_keys=True
+        )
 
     def empty_cache(self, rows, capacity):
         return kv_cache.empty_cache(self.config, rows, capacity, self.compute_dtype)
@@ -127,9 +132,12 @@ class Family:
         """Float32 logits [batch, len, vocab] of the wrapped model (positions from a left-padded mask)."""
         if attention_mask is None:
             return tf.cast(self.model(input_ids, training=training).logits, tf.float32)
-        logits = self.model(input_ids, attention_mask=attention_mask,
-                            position_ids=kv_cache.positions_from_mask(tf.cast(attention_mask, tf.int32)),
-                            training=training).logits
+        logits = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=kv_cache.positions_from_mask(tf.cast(attention_mask, tf.int32)),
+            training=training,
+        ).logits
         return tf.cast(logits, tf.float32)
 
     def blocks(self, token_ids, columns, cache, attend=kv_cache.attend):

@@ -1,6 +1,8 @@
 """GPT-2 (`TFGPT2LMHeadModel`): learned positions, fused q/k/v projection (Conv1D), LayerNorm before attention
 and before the MLP, head tied to the token embeddings."""
 
+import functools
+
 import tensorflow as tf
 from transformers import GPT2Config, TFGPT2LMHeadModel
 
@@ -25,11 +27,13 @@ class GPT2(Family):
         new_cache = []
         for block, (cache_k, cache_v) in zip(blocks, cache):
             with self.weights_after(block, h):
-                q, k, v = (kv_cache.split_heads(x, n_head)
-                           for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1))
+                q, k, v = (
+                    kv_cache.split_heads(x, n_head)
+                    for x in tf.split(self.project(block.attn.c_attn, block.ln_1(h)), 3, axis=-1)
+                )
                 a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
                 h = h + self.project(block.attn.c_proj, a)
-                h = h + self.project(lambda x: block.mlp(x, training=False), block.ln_2(h))
+                h = h + self.project(functools.partial(block.mlp, training=False), block.ln_2(h))
             new_cache.append((cache_k, cache_v))
         return h, new_cache
 

@@ -14,8 +14,10 @@ def rotary_tables(positions, rotary_dim):
     inverse_frequency = 1.0 / (10000.0 ** (tf.range(0, rotary_dim, 2, dtype=tf.float32) / rotary_dim))
     # expand_dims, not [..., None]: LiteRT's builtin STRIDED_SLICE cannot add an axis to a tensor of unknown shape.
     angles = tf.expand_dims(tf.cast(positions, tf.float32), -1) * inverse_frequency  # [rows, len, rotary_dim / 2]
-    return (tf.expand_dims(tf.repeat(tf.sin(angles), 2, axis=-1), 1),
-            tf.expand_dims(tf.repeat(tf.cos(angles), 2, axis=-1), 1))
+    return (
+        tf.expand_dims(tf.repeat(tf.sin(angles), 2, axis=-1), 1),
+        tf.expand_dims(tf.repeat(tf.cos(angles), 2, axis=-1), 1),
+    )
 
 
 def rotate_every_two(x):
@@ -50,8 +52,10 @@ class GPTJ(Family):
             with self.weights_after(block, h):
                 x = block.ln_1(h)
                 attn = block.attn
-                q, k, v = (kv_cache.split_heads(self.project(projection, x), config.n_head)
-                           for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
+                q, k, v = (
+                    kv_cache.split_heads(self.project(projection, x), config.n_head)
+                    for projection in (attn.q_proj, attn.k_proj, attn.v_proj)
+                )
                 q, k = apply_rotary(q, sin, cos, rotary_dim), apply_rotary(k, sin, cos, rotary_dim)
                 a, cache_k, cache_v = attend(q, k, v, cache_k, cache_v, columns)
                 h = h + self.project(attn.out_proj, a) + self.project(block.mlp, x)

@@ -98,7 +98,9 @@ def search(net, state, settings, num_beams, num_return_sequences):
         just_finished = tf.logical_and(hits, top_beams_mask[None, :])
         scores = top_scores / tf.cast(step + 1, tf.float32) ** settings["length_penalty"]
         full = tf.logical_and(tf.reduce_all(state["is_finished"], axis=-1, keepdims=True), early_true)
-        blocked = tf.logical_or(tf.logical_or(full, tf.logical_not(state["unsatisfied"])), tf.logical_not(just_finished))
+        blocked = tf.logical_or(
+            tf.logical_or(full, tf.logical_not(state["unsatisfied"])), tf.logical_not(just_finished)
+        )
         scores += tf.cast(blocked, tf.float32) * NEVER_SCORE
         merged_scores = tf.concat([state["finished_scores"], scores], axis=1)
         best = tf.math.top_k(merged_scores, num_beams).indices
@@ -118,8 +120,12 @@ def search(net, state, settings, num_beams, num_return_sequences):
             all_hit=tf.reduce_all(hits),
         )
         new_state["unsatisfied"] = _stop_heuristic_unsatisfied(
-            state["unsatisfied"], new_state["running_scores"], new_state["finished_scores"],
-            new_state["is_finished"], step + 1, settings,
+            state["unsatisfied"],
+            new_state["running_scores"],
+            new_state["finished_scores"],
+            new_state["is_finished"],
+            step + 1,
+            settings,
         )
         rows_parent = tf.reshape(_gather_beams(parent, survivors) + tf.range(batch)[:, None] * num_beams, [rows])
         return new_state, rows_parent
@@ -140,6 +146,7 @@ def search(net, state, settings, num_beams, num_return_sequences):
 
     state, rows_parent = select(state, logits, tf.constant(0))
     _, state, _ = tf.while_loop(not_done, advance, (tf.constant(1), state, reorder(cache, rows_parent)))
+
     def best(name):
         value = state[name][:, :num_return_sequences]
         return tf.reshape(value, [batch * num_return_sequences, *dims(value)[2:]])

@@ -27,11 +27,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfgen import _env
-from tfgen.generation import beam_search, program_store, sampling, state as decode_state
+from tfgen.generation import beam_search, program_store, sampling
+from tfgen.generation import state as decode_state
 from tfgen.generation.shapes import dims, per_row
 
 BUCKET = 32
-CHUNK = 16  # prompt columns per prefill iteration (a 16-column matmul costs little more per column than a wider one here)
+CHUNK = (
+    16  # prompt columns per prefill iteration (a 16-column matmul costs little more per column than a wider one here)
+)
 # Capacities (prompt + new tokens) the engine compiles for; the model's context caps them.
 TIERS = (128, 256, 512, 1024)
 STREAM_BLOCKS = (1, 4)  # a streamed generation's steps per advance call: the first, then every later one
@@ -39,9 +42,18 @@ MAX_STATES = 4  # decode states (and their programs) kept, the least recently us
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 # The settings a call may give per row ([rows] instead of a scalar), with their dtypes; `draw_index` (which of
 # its step's draws a sampling row takes, see sampling.row_draws) is given only per row, and defaults to the row's index.
-ROW_SETTINGS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "seed": np.int64,
-                "draw_index": np.int32, "repetition_penalty": np.float32, "no_repeat_ngram_size": np.int32,
-                "min_new_steps": np.int32, "presence_penalty": np.float32, "frequency_penalty": np.float32}
+ROW_SETTINGS = {
+    "temperature": np.float32,
+    "top_k": np.int32,
+    "top_p": np.float32,
+    "seed": np.int64,
+    "draw_index": np.int32,
+    "repetition_penalty": np.float32,
+    "no_repeat_ngram_size": np.int32,
+    "min_new_steps": np.int32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+}
 
 
 def round_up(n, multiple=BUCKET):
@@ -115,6 +127,7 @@ def chooser(strategy):
         draw_index = settings["draw_index"] if "draw_index" in settings else tf.range(rows)
         uniform = sampling.row_draws(per_row(settings["seed"], rows, tf.int64), steps, draw_index)
         return choose_at(scores, settings["temperature"], settings["top_k"], settings["top_p"], uniform)
+
     return sample
 
 
@@ -136,8 +149,12 @@ def token_results(state):
     """What a greedy or sampling run leaves, in the form `caller_layout` takes (the new tokens' log-probabilities by step)."""
     capacity = dims(state["tokens"])[1]
     logprobs = decode_state.new_columns(state["logprobs"], state["prompt_lengths"], state["lengths"], 0, capacity, 0.0)
-    return {"sequences": state["tokens"], "prompt_lengths": state["prompt_lengths"], "lengths": state["lengths"],
-            "token_logprobs": logprobs}
+    return {
+        "sequences": state["tokens"],
+        "prompt_lengths": state["prompt_lengths"],
+        "lengths": state["lengths"],
+        "token_logprobs": logprobs,
+    }
 
 
 def program(net, strategy, num_beams=1, num_return_sequences=1):
@@ -172,8 +189,10 @@ def caller_layout(input_ids, results, pad_id):
     steps = tf.reduce_max(lengths - prompt_lengths)
     new = decode_state.new_columns(results["sequences"], prompt_lengths, lengths, 0, steps, pad_id)
     repeats = tf.shape(new)[0] // tf.shape(input_ids)[0]
-    out = {"sequences": tf.concat([tf.repeat(input_ids, repeats, axis=0), new], axis=1),
-           "token_logprobs": results["token_logprobs"][:, :steps]}
+    out = {
+        "sequences": tf.concat([tf.repeat(input_ids, repeats, axis=0), new], axis=1),
+        "token_logprobs": results["token_logprobs"][:, :steps],
+    }
     if "sequences_scores" in results:
         out["sequences_scores"] = results["sequences_scores"]
     return out
@@ -218,6 +237,7 @@ def _quiet_first_call(compiled):
         first[0] = False
         with _env.native_stderr_without(_env.CACHE_READ_NOISE):
             return compiled(*args)
+
     return call
 
 
@@ -232,6 +252,7 @@ class _Programs:
 
         def layout(input_ids):
             return caller_layout(input_ids, token_results(self.state.read()), pad_id)
+
         # One graph call instead of a dozen eager ops after each generate; any prompt width, so it traces once.
         # Not XLA and not counted among the compiled programs' traces.
         self.layout = tf.function(layout, autograph=False, input_signature=[tf.TensorSpec([None, None], tf.int32)])
@@ -241,8 +262,10 @@ class _Programs:
         """The prefill call over columns 0..width-2 of the rows where `writing` [rows] holds (a prompt of `width`
         tokens: its last one is fed by the first step)."""
         if width > 1:
+
             def prefill(columns, writing):
                 self.state.write(decode_state.prefill_columns(self.net, self.state.read(), columns, CHUNK, writing))
+
             self._compiled("prefill", prefill)(tf.constant(width - 1), tf.constant(writing))
 
     def prefill_rows(self, rows, starts, ends, span):
@@ -255,17 +278,25 @@ class _Programs:
             chunk = max(1, CHUNK // len(rows))
 
             def prefill_rows(rows, starts, ends):
-                self.state.write(decode_state.prefill_rows(self.net, self.state.read(), rows, starts, ends, chunk,
-                                                           span))
+                self.state.write(
+                    decode_state.prefill_rows(self.net, self.state.read(), rows, starts, ends, chunk, span)
+                )
+
             self._compiled(("prefill_rows", span, len(rows)), prefill_rows)(
-                *(tf.constant(values, tf.int32) for values in (rows, starts, ends)))
+                *(tf.constant(values, tf.int32) for values in (rows, starts, ends))
+            )
 
     def _compiled(self, key, function):
         """The compiled program of `function` under `key`: traced (or loaded from the program store) on first use."""
         if key not in self._functions:
             state = self.state
-            program = program_store.Program(function, self._variables, self._description,
-                                            [key, state.rows, state.capacity, state.pad_id], self._on_made)
+            program = program_store.Program(
+                function,
+                self._variables,
+                self._description,
+                [key, state.rows, state.capacity, state.pad_id],
+                self._on_made,
+            )
             self._functions[key] = _quiet_first_call(program)
         return self._functions[key]
 
@@ -280,16 +311,20 @@ class _Programs:
 
         def advance(num_steps, settings):
             state = self.state.read()
-            first = decode_state.advance(self.net, decode_state.first_rows(state, rows), num_steps, settings, choose,
-                                         span)
+            first = decode_state.advance(
+                self.net, decode_state.first_rows(state, rows), num_steps, settings, choose, span
+            )
             self.state.write(decode_state.with_first_rows(state, first))
             return {name: first[name] for name in ("tokens", "lengths", "finished")}  # what the host reads
+
         return self._compiled((strategy, span, rows), advance)
 
     def beam(self, num_beams, num_return_sequences):
         """The program (settings) -> beam_search.search's results, from the prefilled state."""
+
         def beam(settings):
             return beam_search.search(self.net, self.state.read(), settings, num_beams, num_return_sequences)
+
         return self._compiled(("beam", num_beams, num_return_sequences), beam)
 
 
@@ -358,8 +393,9 @@ class Decoder:
         longest = int(prompt_lengths.max())
         capacity = capacity_tier(longest + options.max_new_tokens, self.net.context)
         with self._held(len(prompts), capacity, pad_id) as programs:
-            out = yield from self._run(programs, strategy, input_ids, prompts[:, :longest], prompt_lengths, options,
-                                       streaming)
+            out = yield from self._run(
+                programs, strategy, input_ids, prompts[:, :longest], prompt_lengths, options, streaming
+            )
         return {
             "sequences": out["sequences"].numpy(),
             "token_logprobs": out["token_logprobs"].numpy(),
@@ -374,11 +410,13 @@ class Decoder:
         programs.prefill_columns(prompts.shape[1], np.ones(state.rows, bool))
         settings = settings_tensors(options)
         if strategy == "beam":
-            return caller_layout(input_ids, programs.beam(options.num_beams, options.num_return_sequences)(settings),
-                                 pad_id)
+            return caller_layout(
+                input_ids, programs.beam(options.num_beams, options.num_return_sequences)(settings), pad_id
+            )
         advance = programs.advance(strategy)
-        blocks = iter(STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming
-                      else [options.max_new_tokens])
+        blocks = iter(
+            STREAM_BLOCKS[:1] + STREAM_BLOCKS[1:] * options.max_new_tokens if streaming else [options.max_new_tokens]
+        )
         starts, emitted, finished = prompt_lengths, 0, False
         while not finished:
             now = {name: value.numpy() for name, value in advance(tf.constant(next(blocks)), settings).items()}
@@ -386,9 +424,11 @@ class Decoder:
             steps = int((now["lengths"] - starts).max())
             if streaming:
                 columns = starts[:, None] + np.arange(emitted, steps)[None, :]
-                yield np.where(columns < now["lengths"][:, None],
-                               np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
-                               pad_id)
+                yield np.where(
+                    columns < now["lengths"][:, None],
+                    np.take_along_axis(now["tokens"], np.minimum(columns, state.capacity - 1), axis=1),
+                    pad_id,
+                )
             emitted = steps
         return programs.layout(input_ids)
 

@@ -1,7 +1,11 @@
 """generate()'s settings: transformers' names and defaults, checked once for the API and the CLI."""
 
+from __future__ import annotations
+
 import dataclasses
 import random
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -66,33 +70,35 @@ def _bad_words(bad_words_ids, eos_token_ids):
         isinstance(word, (list, tuple)) and word and all(_is_int(t) and t >= 0 for t in word) for word in bad_words_ids
     ):
         raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids, got {bad_words_ids!r}")
-    return tuple(tuple(int(t) for t in word) for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_token_ids))
+    return tuple(
+        tuple(int(t) for t in word) for word in bad_words_ids if not (len(word) == 1 and word[0] in eos_token_ids)
+    )
 
 
 def resolve_options(
-    prompt_length,
+    prompt_length: int,
     *,
-    max_new_tokens=None,
-    max_length=None,
-    do_sample=False,
-    temperature=1.0,
-    top_k=50,
-    top_p=1.0,
-    num_return_sequences=1,
-    eos_token_id=None,
-    pad_token_id=None,
-    seed=None,
-    num_beams=1,
-    early_stopping=False,
-    length_penalty=1.0,
-    repetition_penalty=1.0,
-    no_repeat_ngram_size=0,
-    min_length=0,
-    min_new_tokens=0,
-    bad_words_ids=None,
-    presence_penalty=0.0,
-    frequency_penalty=0.0,
-):
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 50,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    eos_token_id: int | Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    num_beams: int = 1,
+    early_stopping: bool | Literal["never"] = False,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_length: int = 0,
+    min_new_tokens: int = 0,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+) -> GenerationOptions:
     """Checks generate()'s arguments for prompts `prompt_length` tokens wide; raises ValueError naming the fix."""
     if max_new_tokens is None:
         max_length = DEFAULT_MAX_LENGTH if max_length is None else max_length
@@ -119,9 +125,7 @@ def resolve_options(
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; pick one")
     if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(
-            f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})"
-        )
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
     if num_return_sequences > 1 and num_beams == 1 and not do_sample:
         raise ValueError(
             "greedy decoding returns one sequence per prompt; num_return_sequences > 1 needs do_sample=True "
@@ -135,14 +139,17 @@ def resolve_options(
     if not _is_int(no_repeat_ngram_size) or not 0 <= no_repeat_ngram_size <= MAX_NGRAM_SIZE:
         raise ValueError(RULES["no_repeat_ngram_size"].format(repr(no_repeat_ngram_size)))
     for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-                or not -MAX_OPENAI_PENALTY <= value <= MAX_OPENAI_PENALTY:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+            or not -MAX_OPENAI_PENALTY <= value <= MAX_OPENAI_PENALTY
+        ):
             raise ValueError(RULES[name].format(repr(value)))
     for name, value in (("min_length", min_length), ("min_new_tokens", min_new_tokens)):
         if not _is_int(value or 0) or (value or 0) < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     eos_token_ids = _as_id_tuple(eos_token_id)
-    bad_words_ids = _bad_words(bad_words_ids, eos_token_ids)
+    bad_words = _bad_words(bad_words_ids, eos_token_ids)
     if pad_token_id is None:
         pad_token_id = eos_token_ids[0] if eos_token_ids else 0
     if seed is None:
@@ -163,7 +170,7 @@ def resolve_options(
         repetition_penalty=float(repetition_penalty),
         no_repeat_ngram_size=int(no_repeat_ngram_size),
         min_new_steps=max(int(min_new_tokens or 0), int(min_length or 0) - prompt_length),
-        bad_words_ids=bad_words_ids,
+        bad_words_ids=bad_words,
         presence_penalty=float(presence_penalty),
         frequency_penalty=float(frequency_penalty),
     )

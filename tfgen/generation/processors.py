@@ -98,14 +98,15 @@ def bad_words(scores, sequence, length, words, word_lengths):
     length = _row_lengths(sequence, length)
     prefix_lengths = word_lengths - 1
     offset = tf.range(longest - 1)
-    columns = length[:, None, None] - prefix_lengths[None, :, None] + offset[None, None, :]  # [batch, n_words, longest - 1]
+    columns = (
+        length[:, None, None] - prefix_lengths[None, :, None] + offset[None, None, :]
+    )  # [batch, n_words, longest - 1]
     history = tf.gather(sequence, tf.clip_by_value(columns, 0, width - 1), batch_dims=1)
     in_prefix = offset[None, :] < prefix_lengths[:, None]
     same = tf.logical_or(tf.logical_not(in_prefix)[None], history == words[None, :, : longest - 1])
     matches = tf.logical_and(tf.reduce_all(same, axis=-1), length[:, None] - prefix_lengths[None, :] >= 0)
     last_tokens = tf.gather(words, prefix_lengths, axis=1, batch_dims=1)
-    return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, tf.shape(matches)), matches),
-                    NEG_INF, scores)
+    return tf.where(_mark(scores.shape[-1], tf.broadcast_to(last_tokens, tf.shape(matches)), matches), NEG_INF, scores)
 
 
 def ban_tokens_before(scores, token_ids, generated, min_steps):
@@ -126,8 +127,9 @@ def process(scores, sequence, length, generated, settings):
     OpenAI's logit bias and additive penalties come first, on the model's own logits.
     """
     scores = logit_bias(scores, settings["logit_bias"])
-    scores = presence_frequency_penalty(scores, sequence, length, generated, settings["presence_penalty"],
-                                        settings["frequency_penalty"])
+    scores = presence_frequency_penalty(
+        scores, sequence, length, generated, settings["presence_penalty"], settings["frequency_penalty"]
+    )
     scores = repetition_penalty(scores, sequence, length, settings["repetition_penalty"])
     scores = no_repeat_ngram(scores, sequence, length, settings["no_repeat_ngram_size"])
     scores = bad_words(scores, sequence, length, settings["bad_words"], settings["bad_word_lengths"])

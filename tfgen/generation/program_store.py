@@ -31,7 +31,7 @@ from tfgen import _env
 _HEADER_BYTES = 4  # an entry: the header's length, the header (JSON), the FunctionDefLibrary
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _environment_digest():
     """tfgen's source and the versions of the libraries whose code a trace runs."""
     digest = hashlib.sha256()
@@ -84,8 +84,12 @@ def without_repeated_constants(function):
     kept, first, names = [], {}, {}
     for node in function.node_def:
         if node.op == "Const" and not node.input:
-            key = repr((node.device, sorted((name, attr.SerializeToString(deterministic=True))
-                                            for name, attr in node.attr.items())))
+            key = repr(
+                (
+                    node.device,
+                    sorted((name, attr.SerializeToString(deterministic=True)) for name, attr in node.attr.items()),
+                )
+            )
             if key in first:
                 names[node.name] = first[key]
                 continue
@@ -119,8 +123,10 @@ def trace(function, args, variables, digest):
     for traced in library.function:
         without_repeated_constants(traced)
     library.function[0].attr["_XlaMustCompile"].b = True
-    header = {"captures": [handles[id(t)] for t in concrete.captured_inputs],
-              "outputs": None if outputs is None else sorted(outputs)}
+    header = {
+        "captures": [handles[id(t)] for t in concrete.captured_inputs],
+        "outputs": None if outputs is None else sorted(outputs),
+    }
     return header, library
 
 
@@ -129,10 +135,12 @@ def read(path, arguments, variables):
     try:
         data = Path(path).read_bytes()
         size = int.from_bytes(data[:_HEADER_BYTES], "little")
-        header = json.loads(data[_HEADER_BYTES:_HEADER_BYTES + size])
-        library = function_pb2.FunctionDefLibrary.FromString(data[_HEADER_BYTES + size:])
+        header = json.loads(data[_HEADER_BYTES : _HEADER_BYTES + size])
+        library = function_pb2.FunctionDefLibrary.FromString(data[_HEADER_BYTES + size :])
         inputs = len(library.function[0].signature.input_arg)
-        fits = inputs == arguments + len(header["captures"]) and all(0 <= i < len(variables) for i in header["captures"])
+        fits = inputs == arguments + len(header["captures"]) and all(
+            0 <= i < len(variables) for i in header["captures"]
+        )
     except (OSError, ValueError, KeyError, IndexError, TypeError):  # missing, cut short or from something else
         return None
     return (header, library) if fits else None
@@ -192,4 +200,5 @@ class Program:
         def call(flat_args):
             outputs = runtime.call_function(name, list(flat_args) + handles, count)
             return None if header["outputs"] is None else dict(zip(header["outputs"], outputs))
+
         return call

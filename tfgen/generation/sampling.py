@@ -157,7 +157,9 @@ def sample_top_k_top_p_at(logits, top_k, top_p, uniform):
         kept = _filtered(logits, top_k, top_p)
         token = sample_at(kept, uniform)
         best_token, best_logprob = among_best()
-        return (tf.where(fits[:, 0], best_token, token),
-                tf.where(fits[:, 0], best_logprob, chosen_logprob(kept, token)))
+        return (
+            tf.where(fits[:, 0], best_token, token),
+            tf.where(fits[:, 0], best_logprob, chosen_logprob(kept, token)),
+        )
 
     return tf.cond(tf.reduce_all(fits), among_best, each_row_its_own)

@@ -88,6 +88,7 @@ def prefill(net, state, offset, width, writing):
 def prefill_columns(net, state, columns, chunk, writing):
     """`prefill` of columns 0..columns-1 (a scalar tensor) of the rows where `writing` holds, `chunk` columns at a
     time in a loop: one program for any prompt length, at most chunk-1 columns computed in vain."""
+
     def body(offset, state):
         return offset + chunk, prefill(net, state, offset, chunk, writing)
 
@@ -100,9 +101,11 @@ def prefill_rows(net, state, rows, starts, ends, chunk, span):
     iteration, over the first `span` columns of their cache, within which their prompts lie: the cost of an n-row
     prefill, however many rows the state holds. A row's columns before its start are kept (a prefix whose keys and
     values are there already). A row may be listed twice (the same values are written twice)."""
+
     # A gather, not a slice at a row: XLA takes a slice's start as a constant, compiling a program per row.
     def cut(cache):  # [slots, heads, capacity, d] -> [n, heads, span, d]
         return tf.gather(cache, rows)[:, :, :span]
+
     tokens = tf.gather(state["tokens"], rows)[:, :span]
 
     def body(offset, cache):
@@ -112,11 +115,14 @@ def prefill_rows(net, state, rows, starts, ends, chunk, span):
         return offset + chunk, net.blocks(token_ids, columns, cache)[1]
 
     longest = tf.reduce_max(ends - starts)
-    _, alone = tf.while_loop(lambda offset, cache: offset < longest, body,
-                             (tf.constant(0), [(cut(k), cut(v)) for k, v in state[CACHE]]))
+    _, alone = tf.while_loop(
+        lambda offset, cache: offset < longest, body, (tf.constant(0), [(cut(k), cut(v)) for k, v in state[CACHE]])
+    )
     where = (tf.broadcast_to(tf.range(span)[None, :], [dims(rows)[0], span]), rows)  # their columns 0..span-1
-    cache = [(kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))
-             for (k, v), (new_k, new_v) in zip(state[CACHE], alone)]
+    cache = [
+        (kv_cache.write(k, new_k, *where), kv_cache.write(v, new_v, *where))
+        for (k, v), (new_k, new_v) in zip(state[CACHE], alone)
+    ]
     return {**state, CACHE: cache}
 
 
@@ -162,6 +168,7 @@ def step(net, state, settings, choose, span=None):
 
 def advance(net, state, num_steps, settings, choose, span=None):
     """Up to `num_steps` steps (a scalar tensor), fewer if every row finishes; `span` as in `step`."""
+
     def not_done(i, state):
         return tf.logical_and(i < num_steps, tf.logical_not(tf.reduce_all(state["finished"])))
 
@@ -207,8 +214,10 @@ class DecodeState(tf.Module):
         self.fields = {name: tf.Variable(initial[name], trainable=False) for name in FIELDS}
 
     def read(self):
-        return {CACHE: [(k.read_value(), v.read_value()) for k, v in self.cache],
-                **{name: variable.read_value() for name, variable in self.fields.items()}}
+        return {
+            CACHE: [(k.read_value(), v.read_value()) for k, v in self.cache],
+            **{name: variable.read_value() for name, variable in self.fields.items()},
+        }
 
     def write(self, state):
         for (k, v), (new_k, new_v) in zip(self.cache, state[CACHE]):
@@ -245,9 +254,15 @@ class DecodeState(tf.Module):
         prompts = np.asarray(prompts, np.int32)
         tokens = np.full([self.rows, self.capacity], self.pad_id, np.int32)
         tokens[:, : prompts.shape[1]] = prompts
-        values = {"tokens": tokens, "logprobs": np.zeros(tokens.shape, np.float32), "lengths": prompt_lengths,
-                  "prompt_lengths": prompt_lengths, "limits": limits, "finished": np.zeros(self.rows, bool),
-                  "steps": np.zeros(self.rows, np.int32)}
+        values = {
+            "tokens": tokens,
+            "logprobs": np.zeros(tokens.shape, np.float32),
+            "lengths": prompt_lengths,
+            "prompt_lengths": prompt_lengths,
+            "limits": limits,
+            "finished": np.zeros(self.rows, bool),
+            "steps": np.zeros(self.rows, np.int32),
+        }
         for name, value in values.items():
             self.fields[name].assign(value)
 

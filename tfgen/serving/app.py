@@ -1,12 +1,16 @@
 """The ASGI app: OpenAI's completions and chat completions APIs, models, health, metrics, the playground page."""
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import dataclasses
 import hmac
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,10 +40,10 @@ class ServerSettings:
     max_batch: int = 16  # decode slots
     max_queue: int = 64  # rows waiting beyond the slots
     prefix_cache_tokens: int = DEFAULT_TOKENS  # prompt prefixes' keys and values kept for reuse, in tokens; 0: off
-    api_key: str = None  # None: no authentication
+    api_key: str | None = None  # None: no authentication
     request_timeout: float = 120.0  # seconds from arrival; a row past it ends with finish_reason "length"
     retry_after: int = 1  # seconds, in a 429's Retry-After
-    chat_template: ChatTemplate = None  # None: /v1/chat/completions answers 400
+    chat_template: ChatTemplate | None = None  # None: /v1/chat/completions answers 400
 
 
 def _error_response(error):
@@ -52,25 +56,32 @@ class Server:
     def __init__(self, load, settings):
         self.settings = settings
         self.metrics = Metrics(settings.max_batch)
-        self.engine = Engine(load, settings.max_batch, settings.max_queue, self.metrics,
-                             settings.prefix_cache_tokens)
+        self.engine = Engine(load, settings.max_batch, settings.max_queue, self.metrics, settings.prefix_cache_tokens)
         self.created = int(time.time())
 
     def check_key(self, request):
         if self.settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
-        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        given = header[len("Bearer ") :] if header.startswith("Bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.settings.api_key.encode()):
-            raise APIError("missing or wrong API key: send `Authorization: Bearer KEY` with the server's key",
-                           status=401, error_type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                "missing or wrong API key: send `Authorization: Bearer KEY` with the server's key",
+                status=401,
+                error_type="authentication_error",
+                code="invalid_api_key",
+            )
 
     def check_ready(self):
         if self.engine.failed is not None:
             raise APIError(f"the model failed to load: {self.engine.failed}", status=503, error_type="server_error")
         if not self.engine.ready.is_set():
-            raise APIError("the model is still loading; retry shortly (GET /health says when it is ready)",
-                           status=503, error_type="server_error", headers={"Retry-After": "1"})
+            raise APIError(
+                "the model is still loading; retry shortly (GET /health says when it is ready)",
+                status=503,
+                error_type="server_error",
+                headers={"Retry-After": "1"},
+            )
 
     def jobs_for(self, request, emit):
         """One Job per (prompt, choice), in OpenAI's choice order; 400 for a prompt that does not fit."""
@@ -79,38 +90,60 @@ class Server:
         deadline = time.monotonic() + self.settings.request_timeout
         unknown = [token for token, _ in request.sampling.logit_bias if not tokenizer.knows(token)]
         if unknown:
-            raise APIError(f"`logit_bias` names token {unknown[0]}, outside the vocabulary of "
-                           f"{tokenizer.vocab_size} tokens", param="logit_bias")
+            raise APIError(
+                f"`logit_bias` names token {unknown[0]}, outside the vocabulary of {tokenizer.vocab_size} tokens",
+                param="logit_bias",
+            )
         jobs = []
         for prompt in request.prompts:
             prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             if not all(tokenizer.knows(token) for token in prompt_ids):
-                raise APIError(f"`prompt` has token ids outside the vocabulary of {tokenizer.vocab_size} tokens",
-                               param="prompt")
+                raise APIError(
+                    f"`prompt` has token ids outside the vocabulary of {tokenizer.vocab_size} tokens", param="prompt"
+                )
             if len(prompt_ids) + request.sampling.max_tokens > context:
                 raise APIError(
                     f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds "
                     f"the model's context of {context} tokens; shorten the prompt or lower max_tokens",
-                    param="prompt", code="context_length_exceeded")
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
             prompt_text = tokenizer.decode(prompt_ids)
             for choice in range(request.n):
                 index = len(jobs)
-                sampling = dataclasses.replace(request.sampling, seed=protocol.choice_seed(request.sampling.seed, choice))
-                jobs.append(Job(prompt_ids, prompt_text, sampling, request.stop, deadline,
-                                emit=lambda kind, value, index=index: emit(index, kind, value),
-                                top_logprobs=request.logprobs, echo=request.echo))
+                sampling = dataclasses.replace(
+                    request.sampling, seed=protocol.choice_seed(request.sampling.seed, choice)
+                )
+                jobs.append(
+                    Job(
+                        prompt_ids,
+                        prompt_text,
+                        sampling,
+                        request.stop,
+                        deadline,
+                        emit=lambda kind, value, index=index: emit(index, kind, value),
+                        top_logprobs=request.logprobs,
+                        echo=request.echo,
+                    )
+                )
         most = self.settings.max_queue + self.settings.max_batch
         if len(jobs) > most:
-            raise APIError(f"this request needs {len(jobs)} rows (prompts x n); the server holds at most {most}; "
-                           "send fewer prompts or a smaller n", param="n")
+            raise APIError(
+                f"this request needs {len(jobs)} rows (prompts x n); the server holds at most {most}; "
+                "send fewer prompts or a smaller n",
+                param="n",
+            )
         return jobs
 
     def render_chat(self, messages):
         """The prompt of a chat: its messages rendered by the served chat template."""
         if self.settings.chat_template is None:
-            raise APIError("this model has no chat template (no `chat_template` in its tokenizer_config.json); "
-                           "start the server with `tfgen serve --chat-template FILE` (a Jinja2 template, e.g. "
-                           "tfgen/serving/templates/interview.jinja), or use /v1/completions", param="messages")
+            raise APIError(
+                "this model has no chat template (no `chat_template` in its tokenizer_config.json); "
+                "start the server with `tfgen serve --chat-template FILE` (a Jinja2 template, e.g. "
+                "tfgen/serving/templates/interview.jinja), or use /v1/completions",
+                param="messages",
+            )
         try:
             return self.settings.chat_template.render(messages)
         except ChatTemplateError as error:
@@ -154,16 +187,21 @@ async def _answer(server, request, parsed, api):
     try:
         server.engine.scheduler.submit(jobs)
     except QueueFull:
-        raise APIError("the server's queue is full; retry after the Retry-After seconds", status=429,
-                       error_type="rate_limit_exceeded", code="queue_full",
-                       headers={"Retry-After": str(server.settings.retry_after)}) from None
+        raise APIError(
+            "the server's queue is full; retry after the Retry-After seconds",
+            status=429,
+            error_type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": str(server.settings.retry_after)},
+        ) from None
     server.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in jobs))
     answer = _Answer(server, api, parsed, jobs)
     if parsed.stream:
         return EventSourceResponse(
             _stream(answer, events),
             # SIGTERM: let streams in flight finish (uvicorn stops taking new connections meanwhile).
-            shutdown_event=anyio.Event(), shutdown_grace_period=server.settings.request_timeout,
+            shutdown_event=anyio.Event(),
+            shutdown_grace_period=server.settings.request_timeout,
         )
     return await _collect(answer, request, events)
 
@@ -176,11 +214,12 @@ class _Answer:
         self.id, self.created = protocol.response_id(api), int(time.time())
 
     def body(self, choices, usage=None, chunk=False):
-        return protocol.response(self.api, self.id, self.server.settings.model_name, choices, usage, self.created,
-                                 chunk)
+        return protocol.response(
+            self.api, self.id, self.server.settings.model_name, choices, usage, self.created, chunk
+        )
 
     def usage(self):
-        prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs[::self.parsed.n])  # n jobs per prompt
+        prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs[:: self.parsed.n])  # n jobs per prompt
         return protocol.usage(prompt_tokens, sum(len(job.new_ids) for job in self.jobs))
 
     def text(self, job):
@@ -261,8 +300,14 @@ async def health(request):
     if not engine.ready.is_set():
         return JSONResponse({"status": "loading"}, status_code=503)
     scheduler = engine.scheduler
-    return JSONResponse({"status": "ok", "busy_slots": scheduler.busy_slots(), "slots": scheduler.rows.slots,
-                         "queued": len(scheduler.waiting)})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "busy_slots": scheduler.busy_slots(),
+            "slots": scheduler.rows.slots,
+            "queued": len(scheduler.waiting),
+        }
+    )
 
 
 async def metrics(request):
@@ -284,11 +329,12 @@ async def _http_error(request, error):
 
 async def _internal_error(request, error):
     # Never a traceback to the client; the server's log has it.
-    return _error_response(APIError(f"internal error ({type(error).__name__}); see the server log", status=500,
-                                    error_type="server_error"))
+    return _error_response(
+        APIError(f"internal error ({type(error).__name__}); see the server log", status=500, error_type="server_error")
+    )
 
 
-def create_app(load, settings):
+def create_app(load: Callable[[], Any], settings: ServerSettings) -> Starlette:
     """The Starlette app; `load()` returns the model to serve, a serving.models model (called on the engine thread
     at startup)."""
     server = Server(load, settings)

@@ -59,8 +59,12 @@ class ChatTemplate:
     def render(self, messages, add_generation_prompt=True):
         """The prompt of `messages` (a list of {role, content}); ChatTemplateError where the template refuses it."""
         try:
-            return compiled(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token)
+            return compiled(self.source).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
         except jinja2.TemplateError as error:
             raise ChatTemplateError(f"the chat template failed on these messages: {error}") from None
 

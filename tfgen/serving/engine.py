@@ -39,7 +39,7 @@ def token_logprobs(model, prompt_ids, new_ids, top, echo=False):
         top_logprobs.append({tokenizer.token_text(int(t)): float(row[t]) for t in best})
     return protocol.logprobs_object(
         tokens=[tokenizer.token_text(t) for t in ids[first:]],
-        token_logprobs=unscored + [float(row[t]) for row, t in zip(logprobs, ids[max(first, 1):])],
+        token_logprobs=unscored + [float(row[t]) for row, t in zip(logprobs, ids[max(first, 1) :])],
         top_logprobs=unscored + top_logprobs,
         text_offset=offsets,
     )
@@ -76,9 +76,15 @@ class Engine:
         try:
             self.model = self._load()
             rows = self.model.decode_rows(self.max_batch, prefix_cache=PrefixCache(self.prefix_cache_tokens))
-            self.scheduler = Scheduler(rows, self.model.tokenizer, self.max_queue, self.metrics,
-                                       logprobs=lambda job: token_logprobs(self.model, job.prompt_ids, job.new_ids,
-                                                                              job.top_logprobs, job.echo))
+            self.scheduler = Scheduler(
+                rows,
+                self.model.tokenizer,
+                self.max_queue,
+                self.metrics,
+                logprobs=lambda job: token_logprobs(
+                    self.model, job.prompt_ids, job.new_ids, job.top_logprobs, job.echo
+                ),
+            )
             self._warm_up(rows)
         except Exception as error:  # reported by /health and the completions endpoint
             log.exception("the model failed to load")

@@ -39,8 +39,10 @@ def resolve(model, slots):
     if is_litert_dir(path):
         rows = read_config(path)["row_tiers"][-1]
         if slots > rows:
-            raise ValueError(f"{path} decodes at most {rows} rows at once, fewer than --max-batch {slots}; pass "
-                             f"--max-batch {rows} or export with --rows {slots}")
+            raise ValueError(
+                f"{path} decodes at most {rows} rows at once, fewer than --max-batch {slots}; pass "
+                f"--max-batch {rows} or export with --rows {slots}"
+            )
         return path
     from tfgen.model import resolve_model_dir
 

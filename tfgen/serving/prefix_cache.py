@@ -24,7 +24,7 @@ def block_keys(token_ids, block_tokens=BLOCK_TOKENS):
     keys, parent = [], b""
     tokens = np.asarray(token_ids, np.int64)
     for end in range(block_tokens, len(tokens) + 1, block_tokens):
-        parent = hashlib.sha256(parent + tokens[end - block_tokens:end].tobytes()).digest()
+        parent = hashlib.sha256(parent + tokens[end - block_tokens : end].tobytes()).digest()
         keys.append(parent)
     return keys
 

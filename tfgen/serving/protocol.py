@@ -73,14 +73,16 @@ def _number(body, name, default, low=None, high=None, low_open=False, integer=Fa
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         left = "(" if low_open else "["
-        raise APIError(f"`{name}` must be in {left}{low}, {high if high is not None else 'inf'}], got {value!r}",
-                       param=name)
+        raise APIError(
+            f"`{name}` must be in {left}{low}, {high if high is not None else 'inf'}], got {value!r}", param=name
+        )
     return value
 
 
 def _is_token_ids(value):
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _prompts(value):
@@ -94,8 +96,11 @@ def _prompts(value):
     elif isinstance(value, list) and value and all(_is_token_ids(p) for p in value):
         prompts = tuple(tuple(p) for p in value)
     else:
-        raise APIError("`prompt` must be a string, a non-empty list of strings, a list of token ids or a list of "
-                       f"such lists, got {type(value).__name__}", param="prompt")
+        raise APIError(
+            "`prompt` must be a string, a non-empty list of strings, a list of token ids or a list of "
+            f"such lists, got {type(value).__name__}",
+            param="prompt",
+        )
     if any(not p for p in prompts):
         raise APIError("`prompt` must not be empty; give some text", param="prompt")
     if any(t < 0 for p in prompts if not isinstance(p, str) for t in p):
@@ -121,11 +126,13 @@ def _logit_bias(value):
     pairs = []
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise APIError(f"`logit_bias` keys must be token ids written as strings, like \"42\"; got {key!r}",
-                           param="logit_bias")
+            raise APIError(
+                f'`logit_bias` keys must be token ids written as strings, like "42"; got {key!r}', param="logit_bias"
+            )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise APIError(f"`logit_bias` values must be numbers from -100 to 100, got {bias!r} for {key}",
-                           param="logit_bias")
+            raise APIError(
+                f"`logit_bias` values must be numbers from -100 to 100, got {bias!r} for {key}", param="logit_bias"
+            )
         pairs.append((int(key), float(bias)))
     return tuple(pairs)
 
@@ -136,15 +143,34 @@ def _include_usage(body, stream):
         return False
     if not stream:
         raise APIError("`stream_options` is only allowed with `stream: true`", param="stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"} \
-            or not isinstance(options.get("include_usage", False), bool):
-        raise APIError("`stream_options` must be {\"include_usage\": true or false}", param="stream_options")
+    if (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
+        raise APIError('`stream_options` must be {"include_usage": true or false}', param="stream_options")
     return options.get("include_usage", False)
 
 
-_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "seed", "stop", "user", "top_k",
-                    "repetition_penalty", "no_repeat_ngram_size", "min_tokens", "presence_penalty",
-                    "frequency_penalty", "logit_bias", "stream_options"}
+_SAMPLING_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "seed",
+    "stop",
+    "user",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream_options",
+}
 KNOWN_FIELDS = _SAMPLING_FIELDS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 # OpenAI fields tfgen does not implement: accepted only at the value that means "off".
@@ -165,8 +191,12 @@ def _checked_fields(body, known, served_model, neutral):
     if not isinstance(model, str) or not model:
         raise APIError("`model` is required: a string (GET /v1/models lists the served model)", param="model")
     if model != served_model:
-        raise APIError(f"model {model!r} is not served here; this server serves {served_model!r}",
-                       status=404, param="model", code="model_not_found")
+        raise APIError(
+            f"model {model!r} is not served here; this server serves {served_model!r}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
     for name in ("stream", "echo"):
         if body.get(name) is not None and not isinstance(body[name], bool):
             raise APIError(f"`{name}` must be true or false", param=name)
@@ -192,8 +222,10 @@ def _sampling(body, max_tokens):
         logit_bias=_logit_bias(body.get("logit_bias")),
     )
     if sampling.min_tokens > sampling.max_tokens:
-        raise APIError(f"`min_tokens` ({sampling.min_tokens}) must be at most `max_tokens` ({sampling.max_tokens})",
-                       param="min_tokens")
+        raise APIError(
+            f"`min_tokens` ({sampling.min_tokens}) must be at most `max_tokens` ({sampling.max_tokens})",
+            param="min_tokens",
+        )
     return sampling
 
 
@@ -205,16 +237,25 @@ def parse_completion_request(body, served_model):
     logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
     stream, echo = bool(body.get("stream")), bool(body.get("echo"))
     if stream and logprobs is not None:
-        raise APIError("`logprobs` with `stream` is not supported; ask for logprobs without streaming",
-                       param="logprobs")
+        raise APIError(
+            "`logprobs` with `stream` is not supported; ask for logprobs without streaming", param="logprobs"
+        )
     max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, integer=True)
     if max_tokens == 0 and not echo:
-        raise APIError("`max_tokens` must be at least 1 (0 is allowed with `echo`, to score the prompt)",
-                       param="max_tokens")
+        raise APIError(
+            "`max_tokens` must be at least 1 (0 is allowed with `echo`, to score the prompt)", param="max_tokens"
+        )
     return CompletionRequest(
-        model=model, prompts=_prompts(body["prompt"]), n=_number(body, "n", 1, 1, 128, integer=True),
-        stream=stream, stop=_stop(body.get("stop")), logprobs=logprobs, sampling=_sampling(body, max_tokens),
-        user=body.get("user"), echo=echo, include_usage=_include_usage(body, stream),
+        model=model,
+        prompts=_prompts(body["prompt"]),
+        n=_number(body, "n", 1, 1, 128, integer=True),
+        stream=stream,
+        stop=_stop(body.get("stop")),
+        logprobs=logprobs,
+        sampling=_sampling(body, max_tokens),
+        user=body.get("user"),
+        echo=echo,
+        include_usage=_include_usage(body, stream),
     )
 
 
@@ -224,12 +265,14 @@ def _message_text(message, index):
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise APIError(f"`{where}` must be an object with a `role` string and a `content`", param="messages")
     content = message.get("content")
-    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
-                                         and isinstance(part.get("text"), str) for part in content):
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
         content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
-        raise APIError(f"`{where}.content` must be a string or a list of text parts (tfgen serves text only)",
-                       param="messages")
+        raise APIError(
+            f"`{where}.content` must be a string or a list of text parts (tfgen serves text only)", param="messages"
+        )
     return {"role": message["role"], "content": content}
 
 
@@ -247,9 +290,15 @@ def parse_chat_request(body, served_model, render):
     max_tokens = _number(body, limit, DEFAULT_CHAT_MAX_TOKENS, 1, integer=True)
     stream = bool(body.get("stream"))
     return CompletionRequest(
-        model=model, prompts=(render([_message_text(m, i) for i, m in enumerate(messages)]),),
-        n=_number(body, "n", 1, 1, 128, integer=True), stream=stream, stop=_stop(body.get("stop")), logprobs=None,
-        sampling=_sampling(body, max_tokens), user=body.get("user"), include_usage=_include_usage(body, stream),
+        model=model,
+        prompts=(render([_message_text(m, i) for i, m in enumerate(messages)]),),
+        n=_number(body, "n", 1, 1, 128, integer=True),
+        stream=stream,
+        stop=_stop(body.get("stop")),
+        logprobs=None,
+        sampling=_sampling(body, max_tokens),
+        user=body.get("user"),
+        include_usage=_include_usage(body, stream),
     )
 
 
@@ -299,14 +348,22 @@ def completion_opening(index, echoed):
 
 
 def chat_choice(index, text, finish_reason, logprobs=None):
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
 def chat_chunk(index, text, finish_reason):
     """A chat stream's chunk of a choice: a piece of its content, or (with a finish_reason) an empty delta."""
-    return {"index": index, "delta": {"content": text} if finish_reason is None else {}, "logprobs": None,
-            "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "delta": {"content": text} if finish_reason is None else {},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
 
 
 def chat_opening(index, echoed):
@@ -335,14 +392,22 @@ def response_id(api):
 
 
 def usage(prompt_tokens, completion_tokens):
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def response(api, request_id, model, choices, usage=None, created=None, chunk=False):
     """A response of `api`, or (`chunk`) a stream chunk; `usage` where given."""
-    body = {"id": request_id, "object": api.chunk_object if chunk else api.object,
-            "created": int(created or time.time()), "model": model, "choices": choices}
+    body = {
+        "id": request_id,
+        "object": api.chunk_object if chunk else api.object,
+        "created": int(created or time.time()),
+        "model": model,
+        "choices": choices,
+    }
     if usage is not None:
         body["usage"] = usage
     return body
@@ -350,8 +415,12 @@ def response(api, request_id, model, choices, usage=None, created=None, chunk=Fa
 
 def logprobs_object(tokens, token_logprobs, top_logprobs, text_offset):
     """OpenAI's legacy `logprobs`: per token its text, log-probability, best alternatives and character offset."""
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 def models_list(model, created):

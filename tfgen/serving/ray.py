@@ -76,7 +76,9 @@ def application(model, settings, replicas=1, replica_cpus=1.0, replica_gpus=0.0)
     A replica takes as many requests at once as its engine holds (slots plus queue), so that its continuous
     batching, not Ray's router, decides what waits; past that, requests wait in Ray's proxy."""
     deployment = serve.deployment(
-        TfgenReplica, name=APP_NAME, num_replicas=replicas,
+        TfgenReplica,
+        name=APP_NAME,
+        num_replicas=replicas,
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=settings.max_batch + settings.max_queue,
     )
@@ -97,14 +99,20 @@ def app_builder(args):
     known = _SETTINGS_FIELDS.keys() | _APPLICATION_ARGS.keys()
     unknown = sorted(args.keys() - known)
     if unknown:
-        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the known ones are model, "
-                         f"{', '.join(sorted(known))}")
-    settings = ServerSettings(**{"model_name": served_model_name(model),
-                                 **{k: _SETTINGS_FIELDS[k](v) for k, v in args.items() if k in _SETTINGS_FIELDS}})
+        raise ValueError(
+            f"unknown argument(s) {', '.join(unknown)}; the known ones are model, {', '.join(sorted(known))}"
+        )
+    settings = ServerSettings(
+        **{
+            "model_name": served_model_name(model),
+            **{k: _SETTINGS_FIELDS[k](v) for k, v in args.items() if k in _SETTINGS_FIELDS},
+        }
+    )
     directory = models.resolve(model, settings.max_batch)  # a missing model fails here, before any replica starts
     settings = dataclasses.replace(settings, chat_template=chat.load(directory, template_file))
-    return application(model, settings, **{k: _APPLICATION_ARGS[k](v) for k, v in args.items()
-                                           if k in _APPLICATION_ARGS})
+    return application(
+        model, settings, **{k: _APPLICATION_ARGS[k](v) for k, v in args.items() if k in _APPLICATION_ARGS}
+    )
 
 
 def _wait_for_stop():
@@ -115,8 +123,9 @@ def _wait_for_stop():
     stop.wait()
 
 
-def serve_on_ray(model, host, port, settings, chat_template=None, replicas=1, ray_address=None, replica_cpus=1.0,
-                 replica_gpus=0.0):
+def serve_on_ray(
+    model, host, port, settings, chat_template=None, replicas=1, ray_address=None, replica_cpus=1.0, replica_gpus=0.0
+):
     """`tfgen serve --ray`: joins the Ray cluster `ray.init(ray_address)` finds or starts, runs `replicas` replicas
     behind Ray Serve's proxy on host:port, says so once they are ready, then serves until SIGTERM or Ctrl-C; then
     deletes the application and leaves the cluster (a cluster it started stops). Chats are rendered by the template
@@ -127,13 +136,17 @@ def serve_on_ray(model, host, port, settings, chat_template=None, replicas=1, ra
     try:
         serve.start(http_options={"host": host, "port": port})
         try:
-            serve.run(application(model, settings, replicas, replica_cpus, replica_gpus), name=APP_NAME,
-                      route_prefix="/")
+            serve.run(
+                application(model, settings, replicas, replica_cpus, replica_gpus), name=APP_NAME, route_prefix="/"
+            )
         except RuntimeError as error:  # Ray's "Deploying application ... failed", after retrying the replicas
-            raise ValueError(f"the replicas did not start (their log under /tmp/ray/session_latest/logs/serve/ "
-                             f"says why): {error}") from None
-        print(f"tfgen: {replicas} replica(s) of {settings.model_name} ready on http://{host}:{port} (Ray Serve)",
-              flush=True)
+            raise ValueError(
+                f"the replicas did not start (their log under /tmp/ray/session_latest/logs/serve/ says why): {error}"
+            ) from None
+        print(
+            f"tfgen: {replicas} replica(s) of {settings.model_name} ready on http://{host}:{port} (Ray Serve)",
+            flush=True,
+        )
         _wait_for_stop()
         serve.delete(APP_NAME)
     finally:

@@ -35,8 +35,9 @@ class StateRows:
         """`prefix_cache`: a `serving.prefix_cache.PrefixCache` that rows take prompt prefixes from and give theirs
         to (None: none, as a cache of 0 tokens)."""
         config = lm.config
-        options = resolve_options(1, max_new_tokens=1, eos_token_id=config.eos_token_id,
-                                  pad_token_id=config.pad_token_id)
+        options = resolve_options(
+            1, max_new_tokens=1, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
         self.slots = slots
         self.prefix_cache = PrefixCache(0) if prefix_cache is None else prefix_cache
         self.capacity = lm.net.context  # a prompt with its max_tokens must fit (the server checks before queuing)
@@ -72,8 +73,10 @@ class StateRows:
             if slot in self._sent or not 0 <= slot < self.slots:
                 raise ValueError(f"slot {slot} is taken or out of range")
             if len(prompt_ids) + sampling.max_tokens > self.capacity:
-                raise ValueError(f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
-                                 f"capacity {self.capacity}")
+                raise ValueError(
+                    f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the "
+                    f"capacity {self.capacity}"
+                )
         slots = [slot for slot, _, _ in starts]
         lengths = [len(prompt_ids) for _, prompt_ids, _ in starts]
         limits = [length + sampling.max_tokens for length, (_, _, sampling) in zip(lengths, starts)]
@@ -106,8 +109,10 @@ class StateRows:
     def _cache_prefix(self, slot, prompt_ids):
         """Hands the prefix cache the prefilled slot's prompt blocks."""
         cache = self._programs.state.cache
-        self.prefix_cache.add(prompt_ids, lambda start, end: tuple(
-            np.stack([kv[i][slot, :, start:end].numpy() for kv in cache]) for i in (0, 1)))
+        self.prefix_cache.add(
+            prompt_ids,
+            lambda start, end: tuple(np.stack([kv[i][slot, :, start:end].numpy() for kv in cache]) for i in (0, 1)),
+        )
 
     def free_row(self, slot):
         """Ends the row at once: its slot is finished, so the next step leaves it alone."""
@@ -121,12 +126,11 @@ class StateRows:
             return {}
         sampled = any(self._settings["temperature"][slot] > 0 for slot in self._sent)
         rows = self.rows_tier(max(self._sent) + 1)
-        advance = self._programs.advance("sample" if sampled else "greedy", self.span(max(self._limits.values())),
-                                         rows)
+        advance = self._programs.advance("sample" if sampled else "greedy", self.span(max(self._limits.values())), rows)
         now = {name: value.numpy() for name, value in advance(tf.constant(k), self._settings_tensors(rows)).items()}
         out = {}
         for slot, sent in self._sent.items():
-            new_ids = now["tokens"][slot, sent: now["lengths"][slot]].tolist()
+            new_ids = now["tokens"][slot, sent : now["lengths"][slot]].tolist()
             self._sent[slot] = sent + len(new_ids)
             out[slot] = (new_ids, bool(new_ids) and bool(now["finished"][slot]) and new_ids[-1] in self._eos_ids)
         return out

@@ -6,7 +6,7 @@ from pathlib import Path
 import uvicorn
 
 from tfgen.serving import chat, models
-from tfgen.serving.app import ServerSettings, create_app
+from tfgen.serving.app import create_app
 
 
 def served_model_name(name_or_path):
@@ -23,5 +23,6 @@ def serve(model, host, port, settings, log_level="info", chat_template=None):
     directory = models.resolve(model, settings.max_batch)
     settings = dataclasses.replace(settings, chat_template=chat.load(directory, chat_template))
     app = create_app(lambda: models.load_model(directory), settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout) + 5)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(settings.request_timeout) + 5
+    )

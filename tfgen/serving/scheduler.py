@@ -228,7 +228,7 @@ class Scheduler:
         job.text = text
         end = settled_text(text, job.stop, job.finish_reason is not None)
         if end > job.sent:
-            job.emit("text", text[job.sent:end])
+            job.emit("text", text[job.sent : end])
             job.sent = end
 
     def _finish(self, job, finish_reason):
@@ -236,7 +236,7 @@ class Scheduler:
         self.metrics.finished_rows.labels(finish_reason).inc()
         if finish_reason not in ("cancelled", "error"):
             if len(job.text) > job.sent:
-                job.emit("text", job.text[job.sent:])
+                job.emit("text", job.text[job.sent :])
                 job.sent = len(job.text)
             if job.top_logprobs is not None:
                 job.logprobs = self.logprobs(job)
