@@ -94,6 +94,9 @@ def load_recording_assigns(load, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.variable, name)
 
+        def __getitem__(self, key):  # a slice, assigned a block of rows at a time
+            return Recording(self.variable[key])
+
         def assign(self, value):
             assigned.append(tf.as_dtype(value.dtype))
             return self.variable.assign(value)

@@ -312,9 +312,9 @@ def read_weights(variables, path, rename=None):
 def _assign(variable, stored, transposed, where):
     """variable <- a stored tensor (transposed: a PyTorch Linear weight for a Dense kernel), in the variable's dtype.
 
-    The value is built in the variable's dtype and layout from blocks of the
-    tensor's rows (`_BLOCK_BYTES` each), so besides the variables only this
-    tensor is held, once. Returns the bytes read.
+    The tensor's rows are read and written into the variable a block at a time
+    (`_BLOCK_BYTES` each), in the variable's dtype, so besides the variables
+    only a block is held. Returns the bytes read.
     """
     shape = variable.shape.as_list()
     expected = shape[::-1] if transposed else shape
@@ -325,15 +325,20 @@ def _assign(variable, stored, transposed, where):
         raise ValueError(
             f"{where} has shape {stored_shape}, the model expects {expected}; does config.json belong to these weights?"
         )
-    value = np.empty(shape, variable.dtype.as_numpy_dtype)
-    rows = value.T if transposed else value.reshape(stored_shape)  # a view of value in the stored tensor's layout
+    dtype = variable.dtype.as_numpy_dtype
     if not stored_shape:
-        rows[()] = stored[()]
-    else:
-        step = max(1, _BLOCK_BYTES // max(1, stored.nbytes // stored_shape[0]))
-        for start in range(0, stored_shape[0], step):
-            rows[start : start + step] = stored[start : start + step]  # numpy casts into the variable's dtype
-    variable.assign(value)
+        variable.assign(np.asarray(stored[()], dtype).reshape(shape))
+        return stored.nbytes
+    step = max(1, _BLOCK_BYTES // max(1, stored.nbytes // stored_shape[0]))
+    for start in range(0, stored_shape[0], step):
+        block = np.asarray(stored[start : start + step], dtype)  # numpy casts into the variable's dtype
+        if transposed:  # the block's rows are columns of the variable
+            variable[:, start : start + step].assign(block.T)
+        elif len(stored_shape) == len(shape):
+            variable[start : start + step].assign(block)
+        else:  # a stored vector for a [1, n] variable, or the like: rows of the flattened variable
+            variable.assign(np.asarray(stored[:], dtype).reshape(shape))
+            break
     return stored.nbytes
 
 

@@ -69,11 +69,13 @@ def layers_in_memory(lm, part):
 
 
 def load_part(family, config, weights_path, part):
-    """(family, blocks, variables) of a part read from a checkpoint: a float32 model of the part's blocks only (and
-    a one-token vocabulary where it has neither embeddings nor head), its weights read from `weights_path`."""
-    fields = config.to_dict()
-    fields.update(n_layer=part.stop - part.start, vocab_size=config.vocab_size if part.first or part.last else 1)
-    net = family(family.build(family.config_class(**fields)))
+    """(family, blocks, variables) of a part read from a checkpoint: a float32 model of the part's blocks only (the
+    embeddings and the head only where the part has them: the others are never built), its weights read from
+    `weights_path`."""
+    fields = {**config.to_dict(), "n_layer": part.stop - part.start}
+    needed = (family.embedding_layers if part.first else ()) + (family.head_layers if part.last else ())
+    unbuilt = set(family.embedding_layers + family.head_layers) - set(needed)
+    net = family(family.build(family.config_class(**fields), unbuilt, zeros=True))
     blocks = list(net.model.transformer.h)
     variables = part_weights(net, part, blocks)
     checkpoint.read_weights(variables, weights_path, rename=lambda name: shift_block(name, part.start))

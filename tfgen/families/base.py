@@ -67,15 +67,27 @@ class Family:
     config_class = None
     transformers_class = None
     lora_targets = ()  # the attention projections of each block that LoRA adapts: PEFT's defaults for the family
+    # The layers `embed` and `head` read, as (owner attribute, name) of the transformers model ("": the model).
+    embedding_layers: tuple = ()
+    head_layers: tuple = ()
 
     def __init__(self, model):
         self.model = model
         self.adapters = None  # the `lora.Adapters` once LoRA is enabled
 
     @classmethod
-    def build(cls, config):
-        """A fresh transformers model of this family, its weights created (in the global dtype policy)."""
+    def build(cls, config, unbuilt=(), zeros=False):
+        """A fresh transformers model of this family, its weights created (in the global dtype policy), but for the
+        layers named in `unbuilt` ((owner, name) pairs as `embedding_layers` gives them), which transformers' build
+        skips once they are None. `zeros`: Keras layers' matrices start at zero, for weights read from a checkpoint
+        next (a random normal draw of a 64512 x 2048 matrix takes three times its memory)."""
         model = cls.transformers_class(config)
+        for owner, name in unbuilt:
+            setattr(getattr(model, owner) if owner else model, name, None)
+        for layer in model.submodules if zeros else ():
+            for initializer in ("kernel_initializer", "embeddings_initializer"):
+                if hasattr(layer, initializer):
+                    setattr(layer, initializer, tf.keras.initializers.Zeros())
         # Built in its own name scope, its weights get the names transformers' h5 loader expects.
         model.build_in_name_scope()
         return model

@@ -15,6 +15,8 @@ class GPT2(Family):
     config_class = GPT2Config
     transformers_class = TFGPT2LMHeadModel
     lora_targets = ("c_attn",)  # the fused q/k/v Conv1D
+    embedding_layers = (("transformer", "wte"), ("transformer", "wpe"))
+    head_layers = (("transformer", "wte"),)  # tied to the token embeddings
 
     def embed(self, token_ids, columns):
         main = self.model.transformer

@@ -38,6 +38,8 @@ class GPTJ(Family):
     config_class = GPTJConfig
     transformers_class = TFGPTJForCausalLM
     lora_targets = ("q_proj", "v_proj")
+    embedding_layers = (("transformer", "wte"),)
+    head_layers = (("", "lm_head"),)
 
     def embed(self, token_ids, columns):
         main = self.model.transformer
