@@ -185,6 +185,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32, help="new tokens of the batch-1 run")
     parser.add_argument("--new-tokens-b8", type=int, default=16, help="new tokens of the batch-8 run")
     parser.add_argument("--checkpoint", type=Path, help="reuse this checkpoint directory (one this script wrote)")
+    parser.add_argument("--keep", type=Path, help="keep the converted models in this directory, and reuse those there")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -210,8 +211,8 @@ def main():
         print(f"checkpoint: {checkpoint_bytes / 2**30:.2f} GiB of fp16 shards", file=sys.stderr, flush=True)
         for engine in args.engines:
             row = {"engine": engine}
-            artifact = Path(scratch) / engine
-            if engine in CONVERTERS:
+            artifact = (args.keep or Path(scratch)) / engine
+            if engine in CONVERTERS and not artifact.exists():
                 converted = run_child(
                     args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact", str(artifact), "--convert"
                 )
@@ -250,7 +251,8 @@ def main():
             row["bandwidth_fraction"] = size * row["b1_tokens_per_s"] / 1e9 / bandwidth
             rows.append(row)
             print(format_table([row], COLUMNS), file=sys.stderr, flush=True)
-            subprocess.run(["rm", "-rf", str(artifact)], check=True)
+            if not args.keep:
+                subprocess.run(["rm", "-rf", str(artifact)], check=True)
             write_results(
                 path,
                 {
