@@ -26,17 +26,8 @@ from _harness import (
     results_path,
     write_results,
 )
+from serve_speed import PROMPTS  # the same prompts as the single server's benchmark
 
-PROMPTS = [
-    "안녕하세요",
-    "근육이 커지기 위해서는",
-    "이때",
-    "대한민국의 수도는",
-    "오늘 날씨가",
-    "옛날 옛적에",
-    "인공지능은",
-    "서울에서 부산까지",
-]
 STARTUP_SECONDS = 900
 
 
