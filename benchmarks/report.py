@@ -342,6 +342,15 @@ def litert_big(record):
         f"({record['checkpoint_bytes'] / 2**30:.1f} GiB fp16 checkpoint; memory read bandwidth "
         f"{record['bandwidth_gb_s']:.1f} GB/s)"
     )
+    if not any(row.get("convert_s") is not None for row in record["rows"]):
+        return [
+            (
+                "litert_big_decode",
+                f"{shape['n_layer']}x{shape['n_embd']}",
+                title + ", decoding models converted before",
+                markdown_table(record["rows"], columns),
+            )
+        ]
     return [("litert_big", f"{shape['n_layer']}x{shape['n_embd']}", title, markdown_table(record["rows"], columns))]
 
 
@@ -389,9 +398,9 @@ PARTS = {
 
 
 def script_name(record):
-    """The benchmark a record comes from: `python benchmarks/NAME.py ...` -> NAME."""
-    word = next(part for part in record["command"].split() if part.startswith("benchmarks/"))
-    return Path(word).stem
+    """The benchmark a record comes from: `python benchmarks/NAME.py ...` (or `python NAME.py`, run from
+    benchmarks/) -> NAME."""
+    return next(Path(word).stem for word in record["command"].split() if word.endswith(".py"))
 
 
 def is_quiet(machine):
