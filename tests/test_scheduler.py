@@ -23,6 +23,7 @@ class RecordingRows:
     def start_rows(self, starts):
         self.admissions.append([slot for slot, _, _ in starts])
         self._started.update(slot for slot, _, _ in starts)
+        return [0] * len(starts)  # no prompt token taken from a prefix cache
 
     def free_row(self, slot):
         self._started.discard(slot)
@@ -101,8 +102,8 @@ class CountingRows(RecordingRows):
         self.steps, self.admitted_before_step = [], []
 
     def start_rows(self, starts):
-        super().start_rows(starts)
         self.admitted_before_step.append(len(self.steps))
+        return super().start_rows(starts)
 
     def step(self, k):
         self.steps.append(k)
