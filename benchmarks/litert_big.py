@@ -212,10 +212,9 @@ def main():
         for engine in args.engines:
             row = {"engine": engine}
             artifact = (args.keep or Path(scratch)) / engine
+            on_artifact = ["--engine", engine, "--child", str(checkpoint_dir), "--artifact", str(artifact)]
             if engine in CONVERTERS and not artifact.exists():
-                converted = run_child(
-                    args, "--engine", engine, "--child", str(checkpoint_dir), "--artifact", str(artifact), "--convert"
-                )
+                converted = run_child(args, *on_artifact, "--convert")
                 row.update(
                     convert_s=converted["convert_s"],
                     convert_peak_rss_mib=converted["peak_rss_mib"],
@@ -224,30 +223,10 @@ def main():
                     / checkpoint_bytes,
                 )
             if engine.startswith("litert"):
-                row.update(
-                    run_child(
-                        args,
-                        "--engine",
-                        engine,
-                        "--child",
-                        str(checkpoint_dir),
-                        "--artifact",
-                        str(artifact),
-                        "--load-only",
-                    )
-                )
+                row.update(run_child(args, *on_artifact, "--load-only"))
             size = artifact_bytes(artifact) if engine in CONVERTERS else checkpoint_bytes
             row.update(size_gb=size / 1e9)
-            row.update(
-                run_child(
-                    args,
-                    "--engine",
-                    engine,
-                    "--child",
-                    str(checkpoint_dir),
-                    *(["--artifact", str(artifact)] if engine in CONVERTERS else []),
-                )
-            )
+            row.update(run_child(args, *(on_artifact if engine in CONVERTERS else on_artifact[:4])))
             row["bandwidth_fraction"] = size * row["b1_tokens_per_s"] / 1e9 / bandwidth
             rows.append(row)
             print(format_table([row], COLUMNS), file=sys.stderr, flush=True)
