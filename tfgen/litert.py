@@ -267,14 +267,7 @@ class LiteRTLM:
         if self._scratch is None:
             layers, heads, capacity, head_dim = self._chain.cache_shape
             keys, values = (aligned_zeros([layers, 1, heads, capacity, head_dim]) for _ in range(2))
-            self._scratch = self._chain.bind(
-                "extend",
-                aligned_zeros([1, self._chain.chunk], np.int32),
-                aligned_zeros([1], np.int32),
-                keys,
-                values,
-                slice(0, 1),
-            )
+            self._scratch = self._chain.bind_extend(keys, values, 0)
         logits = np.concatenate(list(extend_chunks(self._scratch, ids)))
         shifted = logits - logits.max(axis=-1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -65,9 +65,12 @@ class Chain:
         self.parts, self.layers = parts, layers
         cache = next(part.input_details("extend") for part, (start, stop) in zip(parts, layers) if stop > start)
         self.cache_shape = [layers[-1][1], *cache["key_cache_0"]["shape"][1:]]  # [layers, heads, capacity, head_dim]
-        self.chunk = next(
-            details["shape"][1] for name, details in parts[0].input_details("extend").items() if name == "token"
-        )
+        self.chunk = parts[0].input_details("extend")["token"]["shape"][1]
+
+    def bind_extend(self, keys, values, row):
+        """A `ChainCall` of `extend` (one chunk of tokens) over cache row `row` of `keys` and `values`."""
+        token, positions = aligned_zeros([1, self.chunk], np.int32), aligned_zeros([1], np.int32)
+        return self.bind("extend", token, positions, keys, values, slice(row, row + 1))
 
     def bind(self, name, token, positions, keys, values, rows):
         """A `ChainCall` of `name` ("extend" or "decode_R") over the int32 arrays `token` [R, n] and `positions` [R]
@@ -290,14 +293,7 @@ class LiteRTRows:
         """The prompt's keys and values from column `start` on into the slot's cache, its last token's logits into
         the slot's."""
         if slot not in self._extenders:
-            self._extenders[slot] = self._chain.bind(
-                "extend",
-                aligned_zeros([1, self._chain.chunk], np.int32),
-                aligned_zeros([1], np.int32),
-                self._keys,
-                self._values,
-                slice(slot, slot + 1),
-            )
+            self._extenders[slot] = self._chain.bind_extend(self._keys, self._values, slot)
         *_, last_chunk = extend_chunks(self._extenders[slot], prompt_ids[start:], start)
         self._logits[slot] = last_chunk[-1]
 
