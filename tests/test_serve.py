@@ -207,10 +207,16 @@ def test_stop_sequence_cuts_the_text(client, model_name):
 
 def test_prompt_list_n_and_seed(client, model_name):
     response = client.completions.create(
-        model=model_name, prompt=PROMPTS[:2], n=3, max_tokens=12, temperature=1.0, top_p=0.9, extra_body={"top_k": 40}
+        model=model_name,
+        prompt=PROMPTS[:2],
+        n=3,
+        max_tokens=12,
+        temperature=1.0,
+        top_p=0.9,
+        extra_body={"top_k": 40, "min_tokens": 12},  # an unseeded sample may otherwise end at once
     )
     assert [c.index for c in response.choices] == list(range(6))
-    assert all(c.text for c in response.choices)
+    assert all(c.text and c.finish_reason == "length" for c in response.choices)
     seeded = [
         [
             c.text

@@ -326,19 +326,19 @@ def _assign(variable, stored, transposed, where):
             f"{where} has shape {stored_shape}, the model expects {expected}; does config.json belong to these weights?"
         )
     dtype = variable.dtype.as_numpy_dtype
-    if not stored_shape:
-        variable.assign(np.asarray(stored[()], dtype).reshape(shape))
+    if len(stored_shape) != len(shape) or not stored_shape or not hasattr(variable[:0], "assign"):
+        # a scalar, a stored vector for a [1, n] variable, or a variable that takes no slice writes (mirrored,
+        # autocast): written whole
+        whole = np.asarray(stored[:] if stored_shape else stored[()], dtype)
+        variable.assign((whole.T if transposed else whole).reshape(shape))
         return stored.nbytes
     step = max(1, _BLOCK_BYTES // max(1, stored.nbytes // stored_shape[0]))
     for start in range(0, stored_shape[0], step):
         block = np.asarray(stored[start : start + step], dtype)  # numpy casts into the variable's dtype
         if transposed:  # the block's rows are columns of the variable
             variable[:, start : start + step].assign(block.T)
-        elif len(stored_shape) == len(shape):
+        else:
             variable[start : start + step].assign(block)
-        else:  # a stored vector for a [1, n] variable, or the like: rows of the flattened variable
-            variable.assign(np.asarray(stored[:], dtype).reshape(shape))
-            break
     return stored.nbytes
 
 
