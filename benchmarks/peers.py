@@ -91,7 +91,8 @@ def convert_litert(quantize):
     return convert
 
 
-def convert_ct2(model_dir, path, args):
+def convert_ct2(model_dir, path, args, **options):
+    """CTranslate2's int8 conversion; `options` go to its TransformersConverter."""
     from types import SimpleNamespace
 
     import ctranslate2
@@ -105,7 +106,7 @@ def convert_ct2(model_dir, path, args):
                 get_vocab=lambda: {str(i): i for i in range(vocab_size)}, bos_token="0", eos_token="1", unk_token="2"
             )
 
-    IdsConverter(str(model_dir)).convert(str(path), quantization="int8")
+    IdsConverter(str(model_dir), **options).convert(str(path), quantization="int8")
 
 
 def convert_openvino(model_dir, path, args):

@@ -53,6 +53,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # In Jupyter without ipywidgets, tqdm.auto (imported by transformers) warns that it falls back to text bars.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
+
+def return_freed_memory():
+    """Has TensorFlow give freed tensors' memory back to the system, if it is not imported yet.
+
+    On x86, TF's oneDNN allocator keeps the memory of every freed tensor for
+    reuse and never returns it, so a LiteRT export, which converts a model one
+    part after another, would hold the largest parts' weights and the
+    converter's copies to the end. `tfgen export` calls this; the user's own
+    setting wins.
+    """
+    if "tensorflow" not in sys.modules:  # after, it would only reach the processes this one starts
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 COMPILE_CACHE_VARIABLE = "TFGEN_COMPILE_CACHE"
 _CACHE_FLAG = "--tf_xla_persistent_cache_directory"
 _PASSES_FLAG = "--xla_disable_hlo_passes"

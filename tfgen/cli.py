@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from tfgen import __version__
+from tfgen import __version__, _env
 
 EXIT_USAGE = 2
 _BATCH = 16  # prompts decoded together
@@ -203,6 +203,7 @@ def _export(args):
 
 
 def _export_litert(model, output, args):
+    _env.return_freed_memory()
     from tfgen.export import export_litert
     from tfgen.export.litert import DEFAULT_CHUNK, DEFAULT_ROWS
     from tfgen.export.parts import PART_BYTES

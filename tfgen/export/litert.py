@@ -47,6 +47,7 @@ weights, float computation) or "none" (float32).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -120,10 +121,10 @@ def export_litert(
     files = [MODEL_FILE] if len(plan) == 1 else [f"part_{index}.tflite" for index in range(len(plan))]
     with checkpoint.atomic_directory(path) as staging:
         for part, file in zip(plan, files):  # one part in memory at a time
-            net, blocks, variables = layers_of(part)
-            module = PartModule(Stage(net, blocks, part), variables, capacity, chunk, tiers)
-            (staging / file).write_bytes(convert(module, quantize))
-            del net, blocks, variables, module
+            with tempfile.TemporaryDirectory() as saved:
+                keys = _save_part(layers_of(part), part, capacity, chunk, tiers, saved)
+                gc.collect()  # a part read from a checkpoint is gone before the converter's copies of its weights
+                (staging / file).write_bytes(convert(saved, keys, quantize))
         if tokenizer is not None:  # without one, the runtime generates from ids only
             tokenizer.save_pretrained(staging)
         litert_config = {
@@ -167,18 +168,24 @@ def _source(model):
     return family, config, tokenizer, lambda part: model_parts.load_part(family, config, directory / weights, part)
 
 
-def convert(module, quantize):
-    """The LiteRT flatbuffer of a PartModule's signatures, with weights as `quantize` says."""
+def _save_part(layers, part, capacity, chunk, tiers, directory):
+    """Writes a part's signatures as a SavedModel in `directory`; returns their names."""
+    net, blocks, variables = layers
+    module = PartModule(Stage(net, blocks, part), variables, capacity, chunk, tiers)
+    tf.saved_model.save(module, directory, signatures=module.signatures())
+    return list(module.signatures())
+
+
+def convert(saved_model, signature_keys, quantize):
+    """The LiteRT flatbuffer of a SavedModel's signatures, with weights as `quantize` says."""
     if quantize == "int4":
-        return int4.quantize_int4(convert(module, "none"))
-    with tempfile.TemporaryDirectory() as saved:
-        tf.saved_model.save(module, saved, signatures=module.signatures())
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(module.signatures()))
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "fp16":
-            converter.target_spec.supported_types = [tf.float16]
-        return converter.convert()
+        return int4.quantize_int4(convert(saved_model, signature_keys, "none"))
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=signature_keys)
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    return converter.convert()
 
 
 def row_tiers(rows):
