@@ -2,6 +2,9 @@
 scores within tolerance, and int8 / int4 perplexity near fp32 on a GPT-J trained briefly (tests/tiny_gptj.py)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -59,6 +62,26 @@ def test_block_names_shift_in_both_conventions():
     assert parts.shift_block("transformer.h.0.attn.q_proj.weight", 3) == "transformer.h.3.attn.q_proj.weight"
     assert parts.shift_block("transformer/h_._1/ln_1/gamma:0", 10) == "transformer/h_._11/ln_1/gamma:0"
     assert parts.shift_block("transformer.wte.weight", 5) == "transformer.wte.weight"
+
+
+FREED_MEMORY_SETTING = """
+import os, sys
+from tfgen import _env
+if sys.argv[1] == "after":
+    import tensorflow
+_env.return_freed_memory()
+print(os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
+"""
+
+
+@pytest.mark.parametrize("when, expected", [("before", "0"), ("after", "None")])
+def test_the_export_turns_the_allocator_that_keeps_memory_off_only_before_tensorflow_starts(when, expected):
+    env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    run = subprocess.run(
+        [sys.executable, "-c", FREED_MEMORY_SETTING, when], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == expected
 
 
 @pytest.mark.slow
