@@ -91,7 +91,9 @@ def export_litert(
 
     model: a `CausalLM` (GPT2LM or GPTJLM, with its tokenizer), or a checkpoint
     directory (or hub id), which is read part by part, so a model bigger than
-    memory in float32 exports. quantize: "int8", "int4", "fp16" or "none"
+    memory in float32 exports (with TF_ENABLE_ONEDNN_OPTS=0 set before
+    TensorFlow starts, as `tfgen export` sets it, the memory of each part is
+    given back before the next). quantize: "int8", "int4", "fp16" or "none"
     (float32 weights); capacity: the most tokens a request may use, prompt
     plus new tokens (default 256, at most the model's context); rows: the most
     rows decoded at once (tiers 1, 2, 4, ... up to it), or a list of the row
