@@ -126,7 +126,7 @@ def export_litert(
             with tempfile.TemporaryDirectory() as saved:
                 keys = _save_part(layers_of(part), part, capacity, chunk, tiers, saved)
                 gc.collect()  # a part read from a checkpoint is gone before the converter's copies of its weights
-                (staging / file).write_bytes(convert(saved, keys, quantize))
+                (staging / file).write_bytes(convert(saved, keys, _part_quantize(part, quantize)))
         if tokenizer is not None:  # without one, the runtime generates from ids only
             tokenizer.save_pretrained(staging)
         litert_config = {
@@ -176,6 +176,14 @@ def _save_part(layers, part, capacity, chunk, tiers, directory):
     module = PartModule(Stage(net, blocks, part), variables, capacity, chunk, tiers)
     tf.saved_model.save(module, directory, signatures=module.signatures())
     return list(module.signatures())
+
+
+def _part_quantize(part, quantize):
+    """How a part's weights are stored. A part of the token embeddings alone has nothing that int4 quantizes
+    (ai-edge-quantizer leaves the table's GATHER in float32), so it skips the quantizer, which would hold a copy of the
+    table per signature."""
+    embeddings_alone = part.first and part.start == part.stop and not part.last
+    return "none" if quantize == "int4" and embeddings_alone else quantize
 
 
 def convert(saved_model, signature_keys, quantize):
