@@ -549,22 +549,6 @@ def _rss_mb(server):
     return psutil.Process(server.process.pid).memory_info().rss / 2**20
 
 
-def test_dropped_stream_frees_its_slot(server, client, model_name):
-    cancelled = server.metric("tfgen_finished_rows_total", reason="cancelled")
-    stream = client.completions.create(
-        model=model_name, prompt=PROMPTS[4], max_tokens=100, temperature=0, stream=True, extra_body={"min_tokens": 100}
-    )
-    chunks = iter(stream)
-    next(chunks), next(chunks)
-    stream.close()
-    deadline = time.monotonic() + 20
-    while server.metric("tfgen_finished_rows_total", reason="cancelled") == cancelled:
-        assert time.monotonic() < deadline, "the dropped stream's row was not cancelled"
-        time.sleep(0.05)
-    assert server.metric("tfgen_busy_slots") == 0
-    assert json.loads(_get(server.url, "/health")[1])["busy_slots"] == 0
-
-
 @pytest.mark.slow
 def test_200_requests_leave_memory_flat(server, client, model_name):
     def run(count):
@@ -586,8 +570,34 @@ def long_context_dir(tiny_lm, tmp_path_factory):
     return directory
 
 
+def _dropped_stream_frees_its_slot(server, client, model_name):
+    """A stream dropped after two chunks has its row cancelled and its slot freed. Its request asks for a thousand
+    tokens, so the row is still running when the server sees the client go (a tiny model's hundred tokens could
+    all be sent before that)."""
+    cancelled = server.metric("tfgen_finished_rows_total", reason="cancelled")
+    stream = client.completions.create(
+        model=model_name,
+        prompt=PROMPTS[4],
+        max_tokens=1000,
+        temperature=0,
+        stream=True,
+        extra_body={"min_tokens": 1000},
+    )
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 20
+    while server.metric("tfgen_finished_rows_total", reason="cancelled") == cancelled:
+        assert time.monotonic() < deadline, "the dropped stream's row was not cancelled"
+        time.sleep(0.05)
+    assert server.metric("tfgen_busy_slots") == 0
+    assert json.loads(_get(server.url, "/health")[1])["busy_slots"] == 0
+
+
 @pytest.mark.slow
-def test_full_queue_is_429_and_sigterm_drains(engine, long_context_dir, tmp_path_factory, tmp_path):
+def test_a_dropped_stream_frees_its_slot_a_full_queue_is_429_and_sigterm_drains(
+    engine, long_context_dir, tmp_path_factory, tmp_path
+):
     served = served_dir(engine, long_context_dir, tmp_path_factory)
     small = ServerProcess(
         served, tmp_path / "server.log", "--max-batch", "1", "--max-queue", "0", without_tensorflow=engine == "litert"
@@ -595,6 +605,7 @@ def test_full_queue_is_429_and_sigterm_drains(engine, long_context_dir, tmp_path
     model_name = served.name
     try:
         client = small.client()
+        _dropped_stream_frees_its_slot(small, client, model_name)
         stream = client.completions.create(
             model=model_name,
             prompt=PROMPTS[0],
