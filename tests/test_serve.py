@@ -570,19 +570,19 @@ def long_context_dir(tiny_lm, tmp_path_factory):
     return directory
 
 
+def _thousand_token_stream(client, model_name, prompt):
+    """A greedy stream that holds its slot for a thousand steps."""
+    return client.completions.create(
+        model=model_name, prompt=prompt, max_tokens=1000, temperature=0, stream=True, extra_body={"min_tokens": 1000}
+    )
+
+
 def _dropped_stream_frees_its_slot(server, client, model_name):
     """A stream dropped after two chunks has its row cancelled and its slot freed. Its request asks for a thousand
     tokens, so the row is still running when the server sees the client go (a tiny model's hundred tokens could
     all be sent before that)."""
     cancelled = server.metric("tfgen_finished_rows_total", reason="cancelled")
-    stream = client.completions.create(
-        model=model_name,
-        prompt=PROMPTS[4],
-        max_tokens=1000,
-        temperature=0,
-        stream=True,
-        extra_body={"min_tokens": 1000},
-    )
+    stream = _thousand_token_stream(client, model_name, PROMPTS[4])
     chunks = iter(stream)
     next(chunks), next(chunks)
     stream.close()
@@ -606,14 +606,7 @@ def test_a_dropped_stream_frees_its_slot_a_full_queue_is_429_and_sigterm_drains(
     try:
         client = small.client()
         _dropped_stream_frees_its_slot(small, client, model_name)
-        stream = client.completions.create(
-            model=model_name,
-            prompt=PROMPTS[0],
-            max_tokens=1000,
-            temperature=0,
-            stream=True,
-            extra_body={"min_tokens": 1000},
-        )
+        stream = _thousand_token_stream(client, model_name, PROMPTS[0])
         chunks = iter(stream)
         pieces = [next(chunks).choices[0].text]
         with pytest.raises(openai.RateLimitError) as raised:
